@@ -1,0 +1,116 @@
+"""Command line: `jaxreshard convert|plan|inspect|quickstart ...` and `jaxreshard --config job.yaml`.
+
+Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the file, parameter or rank);
+1 an internal error (with a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import JobOptions, add_arguments, options_from, read_job
+from .errors import ConfigError, JaxreshardError
+
+log = logging.getLogger("jaxreshard")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jaxreshard",
+        description="Split, reshard and merge checkpoints between parallel layouts (JAX meshes).",
+    )
+    parser.add_argument("--config", help="YAML job file: task (convert|plan|inspect|quickstart) + option keys")
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bar")
+    sub = parser.add_subparsers(dest="task")
+    for task, help_text in (
+        ("convert", "convert a checkpoint into another layout (split, reshard or merge)"),
+        ("plan", "print what convert would read and write, per rank; writes nothing"),
+        ("inspect", "list parameters, shapes, dtypes, bytes, and which rank holds which block"),
+        ("quickstart", "run the built-in example: split, reshard, merge and check the bytes"),
+    ):
+        p = sub.add_parser(task, help=help_text, description=help_text)
+        if task == "inspect":
+            p.add_argument("src", help="checkpoint to inspect")
+            add_arguments(p, skip=("src",))
+        else:
+            add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse usage errors exit 2 already; keep --help's 0
+        return int(e.code or 0)
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "task")}
+    quiet = bool(values.get("quiet"))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    try:
+        if args.config:
+            if args.task:
+                raise ConfigError("give either --config or a subcommand, not both")
+            task, opts = read_job(args.config)
+            if quiet:
+                opts = options_from({**_fields(opts), "quiet": True}, args.config)
+        elif args.task:
+            task, opts = args.task, options_from(values, "command line")
+        else:
+            _parser().print_help(sys.stderr)
+            return 2
+        return run(task, opts)
+    except JaxreshardError as e:
+        print(f"jaxreshard: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxreshard: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+
+
+def _fields(opts: JobOptions) -> dict[str, object]:
+    return {name: getattr(opts, name) for name in JobOptions.__dataclass_fields__}
+
+
+def _require(opts: JobOptions, *names: str) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(opts, n) is None]
+    if missing:
+        raise ConfigError(f"missing required option(s) {', '.join(missing)}")
+
+
+def run(task: str, opts: JobOptions) -> int:
+    from . import api, describe
+
+    if task == "quickstart":
+        from .quickstart import run_quickstart
+
+        return run_quickstart(opts)
+    _require(opts, "src")
+    if task == "inspect":
+        from .formats import open_source
+
+        src_layout = api.as_layout(opts.src_layout)
+        for line in describe.describe_source(open_source(opts.src), src_layout):
+            print(line)
+        return 0
+    if task == "plan":
+        plan, _ = api.plan_conversion(
+            opts.src, src_layout=opts.src_layout, dst_layout=opts.dst_layout, prefix=opts.prefix, dtype=opts.dtype
+        )
+        for line in describe.describe_plan(plan):
+            print(line)
+        return 0
+    _require(opts, "dst")
+    report = api.convert(
+        opts.src, opts.dst, src_layout=opts.src_layout, dst_layout=opts.dst_layout, prefix=opts.prefix,
+        dtype=opts.dtype, hf=opts.hf, max_file_size=opts.max_file_size, overwrite=opts.overwrite,
+        progress=not opts.quiet,
+    )  # fmt: skip
+    rate = report.stats.write_bytes / max(report.seconds, 1e-9)
+    print(
+        f"wrote {len(report.files)} file(s), {describe.human_bytes(report.stats.write_bytes)} to {report.dst} "
+        f"in {report.seconds:.2f} s ({describe.human_bytes(rate)}/s)"
+    )
+    return 0

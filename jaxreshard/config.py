@@ -1,0 +1,92 @@
+"""Job options: one frozen dataclass whose fields are both the CLI flags and the YAML config keys.
+
+`--src-layout` on the command line is `src_layout:` in a config file; help texts live in the field metadata,
+so the two can never drift apart. Unknown config keys are rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+TASKS = ("convert", "plan", "inspect", "quickstart")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    src: str | None = _opt(None, "source checkpoint: a file, a Hugging Face directory, or a folder of rank_<n>/")
+    dst: str | None = _opt(None, "destination directory (written as DST/rank_<r>/<prefix><r>.safetensors)")
+    src_layout: str | None = _opt(None, "native layout YAML the source was saved with (none = complete source)")
+    dst_layout: str | None = _opt(None, "native layout YAML to produce (none = one complete checkpoint)")
+    prefix: str = _opt("checkpoint_", "output file name prefix: rank_<r>/<prefix><r>.safetensors")
+    dtype: str | None = _opt(None, "cast floating-point tensors to this dtype (bf16, fp16, fp32, fp64); default: copy bytes")
+    hf: bool = _opt(False, "write a complete destination as Hugging Face model-0000i-of-0000n.safetensors + index")
+    max_file_size: str | None = _opt(None, "with --hf: largest part file, e.g. 5GB or 500MiB")
+    overwrite: bool = _opt(False, "replace an existing non-empty destination (only after the new one is complete)")
+    quiet: bool = _opt(False, "no progress bar", short="-q")
+    workdir: str = _opt("quickstart_output", "quickstart only: where the example and its conversions go")
+    layouts: tuple[str, ...] = _opt((), "quickstart only: the layouts to convert through, in order", nargs="+")
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one `--flag` per `JobOptions` field (defaults are suppressed so YAML values are not masked)."""
+    for f in dataclasses.fields(JobOptions):
+        if f.name in skip:
+            continue
+        flags = [f"--{f.name.replace('_', '-')}"]
+        if "short" in f.metadata:
+            flags.insert(0, f.metadata["short"])
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": argparse.SUPPRESS, "dest": f.name}
+        if f.type in ("bool",):
+            kwargs["action"] = "store_true"
+        elif "nargs" in f.metadata:
+            kwargs["nargs"] = f.metadata["nargs"]
+        parser.add_argument(*flags, **kwargs)
+
+
+def options_from(values: dict[str, Any], source: str) -> JobOptions:
+    """Build options from a dict of field values (CLI namespace or YAML), rejecting unknown keys."""
+    valid = {f.name: f for f in dataclasses.fields(JobOptions)}
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {unknown}; valid keys are task, {', '.join(valid)}")
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        kind = valid[key].type
+        if kind == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        if kind == "tuple[str, ...]":
+            value = tuple(str(v) for v in ([value] if isinstance(value, str) else value or ()))
+        elif value is not None and kind != "bool":
+            value = str(value)
+        clean[key] = value
+    return JobOptions(**clean)
+
+
+def read_job(path: str | Path) -> tuple[str, JobOptions]:
+    """Read a YAML job file: `task:` (convert, plan, inspect, quickstart) plus option keys."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job config must be a mapping of option names to values")
+    data = dict(data)
+    task = data.pop("task", "convert")
+    if task not in TASKS:
+        raise ConfigError(f"{path}: task {task!r} is unknown; use one of {', '.join(TASKS)}")
+    return task, options_from(data, str(path))

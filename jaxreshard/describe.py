@@ -1,0 +1,83 @@
+"""Text renderings for people: the dry-run plan (`jaxreshard plan`) and a checkpoint's contents (`inspect`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .formats import SourceCheckpoint
+from .layout import format_spec
+from .plan import LayoutLike, Plan, make_plan, plan_stats
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def describe_plan(plan: Plan) -> Iterator[str]:
+    """Per destination rank: file, source files, parameters, bytes to read and write; then totals."""
+    stats = plan_stats(plan)
+    yield f"{len(stats.ranks)} destination rank(s), {len(plan.params)} parameter(s)"
+    for rank in stats.ranks:
+        yield (
+            f"rank {rank.dst_rank}: {rank.dst_file}  params {rank.params}  read {human_bytes(rank.read_bytes)}  "
+            f"write {human_bytes(rank.write_bytes)}"
+        )
+        for src in rank.src_files:
+            yield f"    from {src}"
+    yield f"total: read {human_bytes(stats.read_bytes)} once, write {human_bytes(stats.write_bytes)}"
+    yield (
+        f"predicted peak tensor memory: {human_bytes(stats.peak_buffer_bytes)} "
+        f"(largest parameter in flight: {stats.peak_param or '-'})"
+    )
+
+
+def describe_source(source: SourceCheckpoint, src_layout: LayoutLike | None) -> Iterator[str]:
+    """Parameters with shape, dtype and bytes; with a layout, the full shape and each rank's block."""
+    kind = "distributed" if source.distributed else "complete"
+    yield f"{source.path}: {kind} {source.suffix} checkpoint, {len(source.entries)} rank file(s)"
+    if src_layout is None:
+        for rank in source.ranks:
+            files = ", ".join(str(p) for p in source.files[rank])
+            yield f"rank {rank}: {files}"
+            for entry in source.entries[rank].values():
+                yield f"    {entry.param:<48} {str(entry.dtype):<9} {list(entry.shape)!s:<18} {human_bytes(entry.nbytes)}"
+        return
+    plan = make_plan(source.entries, src_layout, None)  # validates the layout against the files
+    total = 0
+    for info in plan.params.values():
+        nbytes = info.src_dtype.itemsize * _prod(info.shape)
+        total += nbytes
+        layout = info.src_layout
+        yield (
+            f"{info.param:<48} {str(info.src_dtype):<9} {list(info.shape)!s:<18} {human_bytes(nbytes):>11}  "
+            f"spec {format_spec(layout.spec)} stages {list(layout.stages)}"
+        )
+        boxes: dict[str, list[int]] = {}
+        for rank in layout.global_ranks():
+            boxes.setdefault(str(layout.box(info.shape, rank % layout.devices_per_stage)), []).append(rank)
+        if len(boxes) > 1 or len(layout.global_ranks()) > 1:
+            yield "    " + "  ".join(f"{box} on ranks {_ranges(ranks)}" for box, ranks in boxes.items())
+    yield f"total: {len(plan.params)} parameters, {human_bytes(total)}"
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _ranges(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    parts, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            parts.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ",".join(parts)

@@ -1,0 +1,167 @@
+"""Execution: follow a plan one parameter at a time, through `jax.make_array_from_callback`.
+
+For each parameter the destination array is built on the destination mesh; the callback reads only the
+source regions its device's box needs, into a 64-byte-aligned buffer that JAX aliases instead of copying,
+and caches it by box so data-parallel replicas share one read and one buffer. Each addressable shard is then
+handed to the writer of every rank that holds it. Only one parameter's boxes are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .box import Box
+from .errors import FormatError, LayoutError
+from .formats.base import FileHandles, RankWriter, aligned_empty, read_box
+from .layout import ParamLayout
+from .plan import Plan, ShardPlan
+
+log = logging.getLogger(__name__)
+
+WriterFactory = Callable[[Path, list[tuple[str, np.dtype, tuple[int, ...]]]], RankWriter]
+
+
+def ensure_cpu_devices(count: int) -> None:
+    """Make sure JAX will have at least `count` CPU devices (fake ones on a plain CPU host).
+
+    Must run before JAX initialises its backends; afterwards only a check is possible, and a clear error
+    tells the user how to get enough devices.
+    """
+    if "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(count, 1)}".strip()
+    import jax
+
+    try:
+        have = len(jax.devices("cpu"))
+    except RuntimeError:
+        have = 0
+    if have < count:
+        try:  # possible only while no backend has been initialised yet
+            jax.config.update("jax_num_cpu_devices", count)
+            have = len(jax.devices("cpu"))
+        except Exception:  # noqa: BLE001 - the check below reports the real problem
+            pass
+    if have < count:
+        raise LayoutError(
+            f"the destination layout needs {count} devices per stage but JAX has {have} CPU devices; set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before importing jax, or run the CLI"
+        )
+
+
+def _mesh(layout: ParamLayout, devices: Sequence[Any]) -> Any:
+    from jax.sharding import Mesh
+
+    n = layout.devices_per_stage
+    arr = np.empty(n, dtype=object)
+    arr[:] = list(devices[:n])
+    return Mesh(arr.reshape(layout.mesh_shape), layout.axis_names)
+
+
+def execute(
+    plan: Plan,
+    dst_dir: Path,
+    make_writer: WriterFactory,
+    *,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Write every rank file of `plan` under `dst_dir` (which the caller has made and will commit)."""
+    n_needed = max((info.dst_layout.devices_per_stage for info in plan.params.values()), default=1)
+    ensure_cpu_devices(n_needed)  # before JAX is imported, so fake CPU devices can still be created
+    import jax
+    from jax.sharding import NamedSharding
+
+    devices = jax.devices("cpu")
+    writers: dict[int, RankWriter] = {}
+    shards_of: dict[str, dict[Box, ShardPlan]] = {p: {} for p in plan.params}
+    ranks_of: dict[tuple[str, Box], list[int]] = {}
+    for rank in plan.ranks:
+        entries = [(s.param, plan.params[s.param].dst_dtype, s.dst_box.shape) for s in rank.shards]
+        writers[rank.dst_rank] = make_writer(dst_dir / rank.dst_file, entries)
+        for shard in rank.shards:
+            shards_of[shard.param][shard.dst_box] = shard
+            ranks_of.setdefault((shard.param, shard.dst_box), []).append(rank.dst_rank)
+    meshes: dict[tuple[tuple[str, int], ...], Any] = {}
+    with FileHandles() as handles:
+        for param, info in plan.params.items():
+            if not shards_of[param]:
+                continue
+            layout = info.dst_layout
+            mesh = meshes.get(layout.mesh_axes)
+            if mesh is None:
+                mesh = meshes[layout.mesh_axes] = _mesh(layout, devices)
+            try:
+                array = _build(plan, param, shards_of[param], NamedSharding(mesh, layout.partition_spec()), handles)
+            except OSError as e:
+                raise FormatError(f"parameter {param!r}: reading the source failed: {e}") from e
+            for shard in array.addressable_shards:
+                data = _from_jax(np.asarray(shard.data), info.src_dtype)
+                box = Box.from_index(shard.index[: len(info.shape)], info.shape)
+                for rank in ranks_of.get((param, box), []):
+                    out = data if info.dst_dtype == info.src_dtype else data.astype(info.dst_dtype)
+                    writers[rank].write(param, out)
+                    on_bytes(out.nbytes)
+            del array
+    for writer in writers.values():
+        writer.close()
+
+
+def _jax_dtype(dtype: np.dtype) -> tuple[np.dtype, tuple[int, ...]]:
+    """JAX canonicalises 64-bit types to 32 bits unless x64 is on: carry them as uint32 pairs instead, so
+    bytes are never converted and the user's global `jax_enable_x64` setting is left alone."""
+    if dtype.itemsize == 8:
+        return np.dtype(np.uint32), (2,)
+    return dtype, ()
+
+
+def _from_jax(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype.itemsize == 8:
+        return data.reshape(-1).view(dtype).reshape(data.shape[:-1])
+    return data
+
+
+def _build(plan: Plan, param: str, shards: dict[Box, ShardPlan], sharding: Any, handles: FileHandles) -> Any:
+    import jax
+
+    info = plan.params[param]
+    jax_dtype, tail = _jax_dtype(info.src_dtype)
+    cache: dict[Box, np.ndarray] = {}
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        box = Box.from_index(index[: len(info.shape)], info.shape)
+        buf = cache.get(box)
+        if buf is None:
+            buf = aligned_empty(box.shape, info.src_dtype)
+            shard = shards.get(box)
+            if shard is not None:  # boxes no planned rank needs (with --ranks) stay untouched memory
+                _fill(plan, shard, buf, handles)
+            cache[box] = buf
+        return buf.reshape(-1).view(jax_dtype).reshape(buf.shape + tail) if tail else buf
+
+    return jax.make_array_from_callback(info.shape + tail, sharding, callback, dtype=jax_dtype)
+
+
+def _fill(plan: Plan, shard: ShardPlan, buf: np.ndarray, handles: FileHandles) -> None:
+    """Read every source region of `shard` into its place in `buf`."""
+    for item in shard.reads:
+        entry = plan.src_entries[item.src_rank][shard.param]
+        src_region = item.region.relative_to(item.src_box)
+        dst_region = item.region.relative_to(shard.dst_box)
+        if dst_region == Box.full(buf.shape):
+            read_box(handles, entry, src_region, buf)
+            continue
+        view = buf[dst_region.to_slices()]
+        if view.flags.c_contiguous:  # e.g. a block of leading rows: read in place, no extra copy
+            read_box(handles, entry, src_region, view)
+        else:
+            tmp = aligned_empty(src_region.shape, buf.dtype)
+            read_box(handles, entry, src_region, tmp)
+            view[...] = tmp

@@ -1,0 +1,276 @@
+"""Layouts: which box of each parameter every rank holds.
+
+A layout is a device mesh (ordered axis -> size), a number of pipeline stages, and per parameter a
+`PartitionSpec`-like spec plus the stages that hold it. Local rank r is device r of the mesh in row-major
+order over the axes as written (`np.arange(n).reshape(sizes)`); global rank = stage * devices_per_stage +
+local rank. This module is pure: it neither imports JAX nor touches files, so planning runs anywhere; the
+executor turns a `ParamLayout` into a `jax.sharding.NamedSharding` with `mesh_shape`/`partition_spec`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .box import Box
+from .errors import LayoutError
+
+Spec = tuple[tuple[str, ...], ...]  # per tensor dim: mesh axes splitting it, major first; () = whole
+
+
+@dataclass(frozen=True, slots=True)
+class ParamLayout:
+    """How one parameter is laid out: the mesh it lives on, its spec, and the pipeline stages holding it.
+
+    Each parameter carries its own mesh shape because MindSpore strategies give every parameter its own
+    device matrix (same device count per stage, different factorisations).
+    """
+
+    mesh_axes: tuple[tuple[str, int], ...]
+    spec: Spec
+    stages: tuple[int, ...]
+
+    @property
+    def devices_per_stage(self) -> int:
+        return math.prod(size for _, size in self.mesh_axes)
+
+    def blocks_per_dim(self, ndim: int) -> tuple[int, ...]:
+        """How many blocks each tensor dim is cut into."""
+        sizes = dict(self.mesh_axes)
+        return tuple(math.prod(sizes[a] for a in self.spec[i]) if i < len(self.spec) else 1 for i in range(ndim))
+
+    def check_shape(self, param: str, shape: Sequence[int]) -> None:
+        """Raise `LayoutError` unless the spec fits `shape` and divides every split dimension evenly."""
+        if len(self.spec) > len(shape):
+            raise LayoutError(
+                f"parameter {param!r} has shape {list(shape)} ({len(shape)} dims) but its spec "
+                f"{format_spec(self.spec)} has {len(self.spec)} entries; shorten the spec"
+            )
+        for dim, (size, k) in enumerate(zip(shape, self.blocks_per_dim(len(shape)))):
+            if size % k:
+                raise LayoutError(
+                    f"parameter {param!r} dim {dim} of size {size} cannot be split {k} ways by spec "
+                    f"{format_spec(self.spec)} on mesh {dict(self.mesh_axes)}; use a layout whose split divides it"
+                )
+
+    def block_coords(self, local_rank: int, ndim: int) -> tuple[int, ...]:
+        """Block index per tensor dim held by `local_rank` (mixed radix over the dim's axes, major first)."""
+        names = [name for name, _ in self.mesh_axes]
+        sizes = [size for _, size in self.mesh_axes]
+        coord = dict(zip(names, _unravel(local_rank, sizes)))
+        out = []
+        for i in range(ndim):
+            c = 0
+            for axis in self.spec[i] if i < len(self.spec) else ():
+                c = c * dict(self.mesh_axes)[axis] + coord[axis]
+            out.append(c)
+        return tuple(out)
+
+    def box(self, shape: Sequence[int], local_rank: int) -> Box:
+        """The box of a parameter of full `shape` held by `local_rank` (shape must be checked first)."""
+        coords = self.block_coords(local_rank, len(shape))
+        blocks = self.blocks_per_dim(len(shape))
+        start = tuple(c * (s // k) for c, s, k in zip(coords, shape, blocks))
+        stop = tuple(a + s // k for a, s, k in zip(start, shape, blocks))
+        return Box(start, stop)
+
+    def global_ranks(self) -> list[int]:
+        n = self.devices_per_stage
+        return [stage * n + local for stage in self.stages for local in range(n)]
+
+    @property
+    def mesh_shape(self) -> tuple[int, ...]:
+        return tuple(size for _, size in self.mesh_axes)
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.mesh_axes)
+
+    def partition_spec(self) -> Any:
+        """The equivalent `jax.sharding.PartitionSpec` (imports JAX)."""
+        from jax.sharding import PartitionSpec
+
+        return PartitionSpec(*[None if not axes else axes[0] if len(axes) == 1 else axes for axes in self.spec])
+
+
+COMPLETE = ParamLayout(mesh_axes=(), spec=(), stages=(0,))  # a whole tensor on a single rank
+
+
+def _unravel(index: int, sizes: Sequence[int]) -> list[int]:
+    out = []
+    for size in reversed(sizes):
+        out.append(index % size)
+        index //= size
+    return out[::-1]
+
+
+def format_spec(spec: Spec) -> str:
+    parts = ["null" if not axes else axes[0] if len(axes) == 1 else "[" + ", ".join(axes) + "]" for axes in spec]
+    return "[" + ", ".join(parts) + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One `params:` entry of a layout file: the first rule whose `match` fullmatches a name wins."""
+
+    match: str
+    spec: Spec
+    stage: int | str | None  # int (negative from the last stage), "by_layer", or None (= stage 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A layout as written (rules over names); `resolve` applies it to a checkpoint's parameter names.
+
+    A name that matches no rule is replicated on every rank of every stage (like MindSpore's pass-through of
+    parameters absent from a strategy, e.g. `global_step`).
+    """
+
+    mesh_axes: tuple[tuple[str, int], ...]
+    pipeline_stages: int
+    rules: tuple[Rule, ...]
+    source: str = "<layout>"
+
+    @property
+    def devices_per_stage(self) -> int:
+        return math.prod(size for _, size in self.mesh_axes)
+
+    @property
+    def num_ranks(self) -> int:
+        return self.devices_per_stage * self.pipeline_stages
+
+    def resolve(self, params: Iterable[str]) -> dict[str, ParamLayout]:
+        """`ParamLayout` of every name, in the given order."""
+        params = list(params)
+        compiled = [re.compile(rule.match) for rule in self.rules]
+        matched: dict[str, tuple[Rule, re.Match[str]] | None] = {}
+        layers: set[int] = set()
+        for param in params:
+            matched[param] = None
+            for rule, regex in zip(self.rules, compiled):
+                m = regex.fullmatch(param)
+                if m:
+                    matched[param] = (rule, m)
+                    if rule.stage == "by_layer":
+                        layers.add(_layer_index(self.source, rule, m, param))
+                    break
+        num_layers = len(layers)
+        out = {}
+        all_stages = tuple(range(self.pipeline_stages))
+        for param in params:
+            hit = matched[param]
+            if hit is None:
+                out[param] = ParamLayout(self.mesh_axes, (), all_stages)
+                continue
+            rule, m = hit
+            if rule.stage == "by_layer":
+                stage = _layer_index(self.source, rule, m, param) * self.pipeline_stages // num_layers
+            elif rule.stage is None:
+                stage = 0
+            else:
+                stage = int(rule.stage) % self.pipeline_stages
+            out[param] = ParamLayout(self.mesh_axes, rule.spec, (stage,))
+        return out
+
+
+def _layer_index(source: str, rule: Rule, m: re.Match[str], param: str) -> int:
+    try:
+        return int(m.group(1))
+    except (IndexError, TypeError, ValueError):
+        raise LayoutError(
+            f"{source}: rule {rule.match!r} has stage: by_layer but its first capture group does not capture an "
+            f"integer layer index in {param!r}; write the layer number as (\\d+)"
+        ) from None
+
+
+def parse_spec(raw: Any, axes: Mapping[str, int], where: str) -> Spec:
+    """Parse a YAML/PartitionSpec-style spec: each entry an axis name, null, or a list of names (major first)."""
+    if raw is None:
+        raw = []
+    if not isinstance(raw, (list, tuple)):
+        raise LayoutError(f"{where}: spec must be a list like [mp, null], got {raw!r}")
+    spec: list[tuple[str, ...]] = []
+    used: set[str] = set()
+    for entry in raw:
+        names: tuple[str, ...]
+        if entry is None:
+            names = ()
+        elif isinstance(entry, str):
+            names = (entry,)
+        elif isinstance(entry, (list, tuple)) and all(isinstance(e, str) for e in entry):
+            names = tuple(entry)
+        else:
+            raise LayoutError(f"{where}: spec entry {entry!r} must be an axis name, null, or a list of axis names")
+        for name in names:
+            if name not in axes:
+                raise LayoutError(f"{where}: unknown mesh axis {name!r} in spec; the mesh has axes {list(axes)}")
+            if name in used:
+                raise LayoutError(f"{where}: mesh axis {name!r} is used twice in one spec")
+            used.add(name)
+        spec.append(names)
+    return tuple(spec)
+
+
+def layout_from_dict(data: Any, source: str = "<layout>") -> Layout:
+    """Build a `Layout` from the parsed native layout file (see README, "Layout files")."""
+    if not isinstance(data, dict):
+        raise LayoutError(f"{source}: a layout file must be a mapping with keys mesh, pipeline_stages, params")
+    unknown = set(data) - {"mesh", "pipeline_stages", "params"}
+    if unknown:
+        raise LayoutError(f"{source}: unknown keys {sorted(unknown)}; valid keys are mesh, pipeline_stages, params")
+    mesh = data.get("mesh") or {}
+    if not isinstance(mesh, dict) or not all(isinstance(v, int) and v >= 1 for v in mesh.values()):
+        raise LayoutError(f"{source}: mesh must map axis names to positive integers, e.g. {{dp: 2, mp: 4}}")
+    mesh_axes = tuple((str(k), int(v)) for k, v in mesh.items())
+    stages = data.get("pipeline_stages", 1)
+    if not isinstance(stages, int) or stages < 1:
+        raise LayoutError(f"{source}: pipeline_stages must be a positive integer, got {stages!r}")
+    rules = []
+    for i, item in enumerate(data.get("params") or []):
+        where = f"{source}: params[{i}]"
+        if not isinstance(item, dict) or "match" not in item:
+            raise LayoutError(f"{where}: each rule needs a 'match' regex and a 'spec'")
+        extra = set(item) - {"match", "spec", "stage"}
+        if extra:
+            raise LayoutError(f"{where}: unknown keys {sorted(extra)}; valid keys are match, spec, stage")
+        try:
+            re.compile(item["match"])
+        except re.error as e:
+            raise LayoutError(f"{where}: bad regex {item['match']!r}: {e}") from None
+        stage = item.get("stage")
+        if not (stage is None or stage == "by_layer" or (isinstance(stage, int) and -stages <= stage < stages)):
+            raise LayoutError(
+                f"{where}: stage must be an integer in [{-stages}, {stages - 1}] or by_layer, got {stage!r}"
+            )
+        rules.append(Rule(str(item["match"]), parse_spec(item.get("spec"), dict(mesh_axes), where), stage))
+    return Layout(mesh_axes, stages, tuple(rules), source)
+
+
+def read_layout(path: str | Path) -> Layout:
+    """Read a native layout YAML file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise LayoutError(f"{path}: cannot read layout file: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise LayoutError(f"{path}: not valid YAML: {e}") from None
+    return layout_from_dict(data, str(path))
+
+
+def layout_from_mesh(mesh: Any, specs: Mapping[str, Any], pipeline_stages: int = 1) -> Layout:
+    """A `Layout` from a `jax.sharding.Mesh` and a mapping of name regexes to `PartitionSpec`s (or lists)."""
+    mesh_axes = tuple((str(name), int(size)) for name, size in zip(mesh.axis_names, mesh.devices.shape))
+    rules = tuple(
+        Rule(pattern, parse_spec(list(spec), dict(mesh_axes), f"spec for {pattern!r}"), None)
+        for pattern, spec in specs.items()
+    )
+    return Layout(mesh_axes, pipeline_stages, rules, "<mesh layout>")
