@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from .formats import SourceCheckpoint
 from .layout import format_spec
-from .plan import LayoutLike, Plan, make_plan, plan_stats
+from .plan import LayoutLike, Plan, format_ranks, make_plan, plan_stats
 
 
 def human_bytes(n: float) -> str:
@@ -60,7 +60,7 @@ def describe_source(source: SourceCheckpoint, src_layout: LayoutLike | None) -> 
         for rank in layout.global_ranks():
             boxes.setdefault(str(layout.box(info.shape, rank % layout.devices_per_stage)), []).append(rank)
         if len(boxes) > 1 or len(layout.global_ranks()) > 1:
-            yield "    " + "  ".join(f"{box} on ranks {_ranges(ranks)}" for box, ranks in boxes.items())
+            yield "    " + "  ".join(f"{box} on ranks {format_ranks(ranks)}" for box, ranks in boxes.items())
     yield f"total: {len(plan.params)} parameters, {human_bytes(total)}"
 
 
@@ -69,15 +69,3 @@ def _prod(shape: tuple[int, ...]) -> int:
     for s in shape:
         out *= s
     return out
-
-
-def _ranges(ranks: list[int]) -> str:
-    """[0, 1, 2, 5] -> '0-2,5'."""
-    parts, start = [], None
-    for i, r in enumerate(ranks):
-        if start is None:
-            start = r
-        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
-            parts.append(f"{start}" if start == r else f"{start}-{r}")
-            start = None
-    return ",".join(parts)

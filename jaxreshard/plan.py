@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import ml_dtypes
 import numpy as np
 
 from .box import Box
@@ -108,11 +109,17 @@ def make_plan(
             f"the source has rank folders {extra} but its layout has only {src_total} ranks; "
             "pass the source layout it was saved with"
         )
+    missing = [r for r in range(src_total) if r not in src_entries]
+    if missing and dst_ranks is None:  # with dst_ranks (one node's share) only the ranks actually read matter
+        raise PlanError(
+            f"the source layout has {src_total} ranks but rank folders {format_ranks(missing)} are missing; "
+            "copy them in (or convert only some destination ranks)"
+        )
     infos = {}
     for param in names:
         shape, src_dtype = _full_shape(param, src_params[param], src_entries)
         dst_params[param].check_shape(param, shape)
-        out_dtype = dst_dtype if dst_dtype is not None and np.issubdtype(src_dtype, np.floating) else src_dtype
+        out_dtype = dst_dtype if dst_dtype is not None and is_floating(src_dtype) else src_dtype
         infos[param] = ParamInfo(param, shape, src_dtype, np.dtype(out_dtype), src_params[param], dst_params[param])
 
     dst_total = dst_layout.num_ranks if dst_layout is not None else 1
@@ -136,6 +143,11 @@ def make_plan(
             shards.append(covers[key])
         ranks.append(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", tuple(shards)))
     return Plan(infos, tuple(ranks), src_entries)
+
+
+def is_floating(dtype: np.dtype) -> bool:
+    """Floating point, bfloat16 included (ml_dtypes types are not np.floating subtypes)."""
+    return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
 
 
 def merge_orders(orders: Sequence[Sequence[str]]) -> list[str]:
@@ -218,6 +230,12 @@ def _src_grid(info: ParamInfo, src_entries: Mapping[int, Mapping[str, TensorEntr
         expected.setdefault(cell, []).append(rank)
         if info.param in src_entries.get(rank, {}):
             holders.setdefault(cell, []).append(rank)
+        elif rank in src_entries:
+            path = next(iter(src_entries[rank].values())).path if src_entries[rank] else f"rank {rank}"
+            raise PlanError(
+                f"{path}: parameter {info.param!r} is missing on source rank {rank}, which its layout says holds "
+                f"block {layout.box(info.shape, rank % n)}; the file is incomplete or the layout is wrong"
+            )
     owner = {cell: choose(info.param, cell, sorted(ranks)) for cell, ranks in holders.items()}
     missing = {cell: ranks for cell, ranks in expected.items() if cell not in holders}
     block = tuple(s // k for s, k in zip(info.shape, blocks))
@@ -244,6 +262,18 @@ def _cover(info: ParamInfo, dst_box: Box, grid: _Grid) -> tuple[ReadItem, ...]:
             reads.append(ReadItem(grid.owner[cell], region, src_box))
     check_exact_cover(info.param, dst_box, [r.region for r in reads])
     return tuple(reads)
+
+
+def format_ranks(ranks: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (for messages and listings)."""
+    parts, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            parts.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ",".join(parts)
 
 
 def check_exact_cover(param: str, box: Box, regions: Sequence[Box]) -> None:

@@ -9,7 +9,7 @@ from jaxreshard.box import Box
 from jaxreshard.errors import LayoutError, PlanError
 from jaxreshard.formats.base import TensorEntry
 from jaxreshard.layout import layout_from_dict
-from jaxreshard.plan import ReadItem, check_exact_cover, make_plan, merge_orders, plan_stats
+from jaxreshard.plan import ReadItem, check_exact_cover, format_ranks, make_plan, merge_orders, plan_stats
 
 F32 = np.dtype(np.float32)
 
@@ -99,14 +99,32 @@ def test_indivisible_split_names_param():
 
 def test_missing_source_rank_named():
     src = {r: {"w": entry("w", (2, 6), r)} for r in (0, 1, 3)}
-    with pytest.raises(PlanError, match=r"missing source ranks \[2\]"):
+    with pytest.raises(PlanError, match=r"rank folders 2 are missing"):
         make_plan(src, MP4, None)
+    # converting only some destination ranks: an error only when a missing rank is actually needed
+    with pytest.raises(PlanError, match=r"missing source ranks \[2\]"):
+        make_plan(src, MP4, MP4, dst_ranks=[2])
+    assert make_plan(src, MP4, MP4, dst_ranks=[3]).ranks[0].shards[0].reads[0].src_rank == 3
 
 
-def test_dp_replica_may_be_missing():
+def test_missing_dp_replica_is_an_error_unless_converting_some_ranks():
     src = {r: {"w": entry("w", (8, 3), r)} for r in (0, 1)}  # ranks 2, 3 are dp copies
-    plan = make_plan(src, DP2MP2, None)
-    assert {r.src_rank for r in plan.ranks[0].shards[0].reads} == {0, 1}
+    with pytest.raises(PlanError, match="rank folders 2-3 are missing"):
+        make_plan(src, DP2MP2, None)
+    plan = make_plan(src, DP2MP2, DP2MP2, dst_ranks=[0, 1, 2, 3])
+    assert {r.src_rank for r in plan.ranks[3].shards[0].reads} == {1}
+
+
+def test_param_missing_on_a_holder_rank():
+    src = {r: {"w": entry("w", (8, 3), r), "s": entry("s", (), r)} for r in range(4)}
+    del src[2]["s"]
+    with pytest.raises(PlanError, match="'s' is missing on source rank 2"):
+        make_plan(src, DP2MP2, None)
+
+
+def test_format_ranks():
+    assert format_ranks([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert format_ranks([]) == ""
 
 
 def test_extra_source_ranks_rejected():

@@ -69,6 +69,8 @@ def read_safetensors_index(path: Path) -> tuple[list[TensorEntry], dict[str, str
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupt safetensors header: not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{path}: corrupt safetensors header: __metadata__ must be an object of strings")
     data_start = 8 + header_len
     data_bytes = file_size - data_start
     entries = []
@@ -123,15 +125,19 @@ def read_hf_index(dir_path: Path) -> list[TensorEntry]:
         weight_map = index["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{index_path}: unreadable index ({e}); it needs a 'weight_map' object") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FormatError(f"{index_path}: 'weight_map' must map parameter names to file names")
     files = list(dict.fromkeys(weight_map.values()))
     entries: dict[str, TensorEntry] = {}
+    seen: dict[str, Path] = {}
     for name in files:
         for entry in read_safetensors_index(index_path.parent / name)[0]:
-            if entry.param in entries:
+            if entry.param in seen:
                 raise FormatError(
-                    f"{index_path.parent / name}: parameter {entry.param!r} is also in {entries[entry.param].path}; "
+                    f"{entry.path}: parameter {entry.param!r} is also in {seen[entry.param]}; "
                     "duplicate parameter names"
                 )
+            seen[entry.param] = entry.path
             if weight_map.get(entry.param) == name:
                 entries[entry.param] = entry
     missing = [p for p in weight_map if p not in entries]
