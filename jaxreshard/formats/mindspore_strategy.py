@@ -1,0 +1,340 @@
+"""MindSpore parallel strategy files (spec §2): per-rank, merged-pipeline and JSON flavours, read into pure data.
+
+Decoding uses the protobuf runtime with message classes built at import time from a descriptor written here in
+Python (`node_strategy.proto` is the same schema, checked in for reference): MindSpore itself parses these files
+with the runtime, so required-field checks, unknown fields and repeated-field merging behave exactly as there,
+and the writer's bytes match those of MindSpore's own classes. No protoc, no generated code to version-pin.
+
+A directory is merged in memory exactly like `merge_pipeline_strategys` (byte-identical files skipped, the first
+file of each stage wins, `.ckpt` and `.json` never mixed); it is only read, never written to. Files are taken in
+natural name order (rank_2 before rank_10) instead of MindSpore's unordered glob, so the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+
+from ..errors import FormatError
+
+_F = descriptor_pb2.FieldDescriptorProto
+_SCHEMA: dict[str, list[tuple[str, int, int, Any]]] = {  # message -> (field, number, label, type or message)
+    "ParallelStrategy": [("dim", 1, _F.LABEL_REPEATED, _F.TYPE_UINT32)],
+    "ParallelStrategys": [("stage", 1, _F.LABEL_REQUIRED, _F.TYPE_UINT32),
+                          ("parallel_strategy", 2, _F.LABEL_REPEATED, "ParallelStrategy")],
+    "ParallelStrategyItem": [("node_name", 1, _F.LABEL_REQUIRED, _F.TYPE_STRING),
+                             ("parallel_strategys", 2, _F.LABEL_REQUIRED, "ParallelStrategys")],
+    "DevMatrix": [("dim", 1, _F.LABEL_REPEATED, _F.TYPE_UINT32)],
+    "TensorMap": [("dim", 1, _F.LABEL_REPEATED, _F.TYPE_INT32)],
+    "ParamSplitShape": [("dim", 1, _F.LABEL_REPEATED, _F.TYPE_INT64)],
+    "IndicesOffset": [("dim", 1, _F.LABEL_REPEATED, _F.TYPE_INT64)],
+    "ParallelLayouts": [("dev_matrix", 1, _F.LABEL_REPEATED, "DevMatrix"),
+                        ("tensor_map", 2, _F.LABEL_REPEATED, "TensorMap"),
+                        ("param_split_shape", 3, _F.LABEL_REPEATED, "ParamSplitShape"),
+                        ("indices_offset", 4, _F.LABEL_REPEATED, "IndicesOffset"),
+                        ("field", 5, _F.LABEL_REQUIRED, _F.TYPE_INT32),
+                        ("opt_weight_shard_step", 6, _F.LABEL_REQUIRED, _F.TYPE_INT32),
+                        ("opt_weight_shard_size", 7, _F.LABEL_REQUIRED, _F.TYPE_INT32)],
+    "ParallelLayoutItem": [("param_name", 1, _F.LABEL_REQUIRED, _F.TYPE_STRING),
+                           ("parallel_layouts", 2, _F.LABEL_REQUIRED, "ParallelLayouts")],
+    "ParallelStrategyMap": [("current_stage", 1, _F.LABEL_REQUIRED, _F.TYPE_UINT32),
+                            ("parallel_strategy_item", 2, _F.LABEL_REPEATED, "ParallelStrategyItem"),
+                            ("parallel_layout_item", 3, _F.LABEL_REPEATED, "ParallelLayoutItem")],
+}  # fmt: skip
+
+
+def _message_classes() -> dict[str, type]:
+    proto = descriptor_pb2.FileDescriptorProto(name="jaxreshard/node_strategy.proto", package="mindspore.straspb")
+    proto.syntax = "proto2"
+    for name, fields in _SCHEMA.items():
+        message = proto.message_type.add(name=name)
+        for fname, number, label, kind in fields:
+            f = message.field.add(name=fname, number=number, label=label)
+            if isinstance(kind, str):
+                f.type, f.type_name = _F.TYPE_MESSAGE, f".mindspore.straspb.{kind}"
+            else:
+                f.type = kind
+    pool = descriptor_pool.DescriptorPool()  # private: MindSpore's own classes may be loaded beside ours
+    pool.Add(proto)
+    get_class = getattr(message_factory, "GetMessageClass", None) or message_factory.MessageFactory(pool).GetPrototype
+    return {n: get_class(pool.FindMessageTypeByName(f"mindspore.straspb.{n}")) for n in _SCHEMA}
+
+
+_MSG = _message_classes()
+ParallelStrategyMap = _MSG["ParallelStrategyMap"]
+TensorMapEntry = int | tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ParamStrategy:
+    """One parameter's layout as MindSpore's `_convert_to_list` sees it."""
+
+    dev_matrix: tuple[int, ...]
+    tensor_map: tuple[TensorMapEntry, ...]  # a multi-axis (Layout) entry is a tuple; one-axis entries are ints
+    opt_shard_step: int
+    opt_shard_size: int  # as stored: 0, -1 (whole repeated group) or k
+    stages: tuple[int, ...]  # every pipeline stage listing the parameter, ascending
+
+
+class FrozenMap(Mapping):
+    """An immutable, hashable, ordered mapping, so that `Strategy` stays a frozen value."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self, items: Any = ()) -> None:
+        self._d = dict(items)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._d[key]
+
+    def __iter__(self) -> Iterator:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._d.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._d!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """A whole strategy: `params` holds the layout MindSpore uses without a rank (the lowest stage's, §2.3);
+    `entries` keeps every stage's own layout, in file order, for the per-rank and per-stage choices."""
+
+    params: FrozenMap  # name -> ParamStrategy, in first-seen order
+    stage_device_num: int  # prod(dev_matrix of the first parameter): devices per pipeline stage
+    stage_num: int
+    source: str = field(compare=False)  # the file or directory it came from, for messages
+    entries: FrozenMap  # name -> ((stage, ParamStrategy), ...) in file order
+    file_stage: int = 0  # stage of the first strategy item (MindSpore's by-stage path, §5.4)
+
+    def layout_for_stage(self, name: str, stage: int) -> ParamStrategy:
+        """The layout of `name` in pipeline `stage` (shared parameters may differ per stage)."""
+        for s, layout in self.entries[name]:
+            if s == stage:
+                return layout
+        raise KeyError(f"{self.source}: {name!r} is not in pipeline stage {stage} (only {self.params[name].stages})")
+
+    def layout_for_rank(self, name: str, rank: int) -> ParamStrategy:
+        """`_convert_to_list(strategy, rank_id=rank)`'s choice: the stage-0 entry for ranks of the first stage,
+        else the last entry of a later stage (the first entry when no later one qualifies)."""
+        entries = self.entries[name]
+        chosen = entries[0][1]
+        for stage, layout in entries[1:]:
+            first = rank // math.prod(layout.dev_matrix) == 0
+            if (first and stage == 0) or (not first and stage > 0):
+                chosen = layout
+        return chosen
+
+    def stage_params(self, stage: int) -> dict[str, ParamStrategy]:
+        """Every parameter of one stage with that stage's own layout (what that stage's file held)."""
+        return {n: layout for n, e in self.entries.items() for s, layout in e if s == stage}
+
+
+def _tensor_map(maps: Sequence[Sequence[int]]) -> tuple[TensorMapEntry, ...]:
+    """Several TensorMaps = one per tensor dim, each a list of axes, empty ones dropped (§2.2)."""
+    if len(maps) > 1:
+        return tuple(m[0] if len(m) == 1 else tuple(m) for m in (list(m) for m in maps) if m)
+    return tuple(int(x) if isinstance(x, int) else (x[0] if len(x) == 1 else tuple(x)) for x in maps[0])
+
+
+def _natural(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def _parse_proto(data: bytes, source: Any) -> Any:
+    message = ParallelStrategyMap()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as e:
+        raise FormatError(f"{source}: not a MindSpore strategy file, or a truncated one ({e}); a name not ending in "
+                          f".json must hold the protobuf ParallelStrategyMap MindSpore saves; save it again") from e
+    if not message.IsInitialized():
+        raise FormatError(f"{source}: the strategy file lacks required fields {message.FindInitializationErrors()}; "
+                          f"it is truncated or corrupt, save it again with MindSpore")
+    return message
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: cannot read the JSON strategy file: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("parallel_layout_item", {}), dict):
+        raise FormatError(f"{path}: not a MindSpore JSON strategy (no parallel_layout_item object)")
+    return doc
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read the strategy file: {e.strerror}") from e
+    if not data:
+        raise FormatError(f"{path}: the strategy file is empty; save it again with MindSpore")
+    return data
+
+
+def _first_stage(doc: Any, source: Any) -> int | None:
+    """The pipeline stage of a file: that of its first strategy item, as MindSpore reads it (None without one)."""
+    if not isinstance(doc, dict):
+        return doc.parallel_strategy_item[0].parallel_strategys.stage if doc.parallel_strategy_item else None
+    try:
+        items = doc.get("parallel_strategy_item") or {}
+        return int(next(iter(items.values()))["stage"]) if items else None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{source}: malformed parallel_strategy_item, no stage in its first item ({e!r})") from e
+
+
+def merge_pipeline_strategies(directory: Path) -> tuple[str, Any]:
+    """`merge_pipeline_strategys` without writing: `("proto", ParallelStrategyMap)` or `("json", dict)`."""
+    directory = Path(directory)
+    kinds = {s: sorted((p for p in directory.glob(f"*.{s}") if p.is_file()), key=_natural) for s in ("ckpt", "json")}
+    if kinds["ckpt"] and kinds["json"]:
+        raise FormatError(f"{directory}: mixes .ckpt and .json strategy files; keep one kind (as MindSpore requires)")
+    files = kinds["ckpt"] or kinds["json"]
+    if not files:
+        raise FormatError(f"{directory}: no strategy files (*.ckpt or *.json) in this directory")
+    merged: Any = ParallelStrategyMap() if kinds["ckpt"] else {"current_stage": 1, "parallel_strategy_item": {},
+                                                               "parallel_layout_item": {}}
+    seen: set[bytes] = set()
+    stages: list[int] = []
+    for path in files:
+        data = _read_bytes(path)
+        if data in seen:
+            continue
+        seen.add(data)
+        doc = _parse_proto(data, path) if kinds["ckpt"] else _load_json(path)
+        stage = _first_stage(doc, path)
+        layouts = doc.get("parallel_layout_item") if isinstance(doc, dict) else doc.parallel_layout_item
+        if stage is None or not layouts:
+            raise FormatError(f"{path}: has no strategy items or no parameter layouts, so its pipeline stage is "
+                              f"unknown; remove it from {directory} or save it again with MindSpore")
+        if stage in stages:
+            continue
+        stages.append(stage)
+        if isinstance(doc, dict):
+            merged["parallel_layout_item"].update({f"{stage}-{n}": v for n, v in layouts.items()})
+            merged["parallel_strategy_item"].update(doc["parallel_strategy_item"])
+        else:
+            for item in layouts:
+                item.param_name = f"{stage}-{item.param_name}"
+            merged.parallel_strategy_item.extend(doc.parallel_strategy_item)
+            merged.parallel_layout_item.extend(layouts)
+    if not isinstance(merged, dict):
+        merged.current_stage = 1
+    return ("json" if kinds["json"] else "proto"), merged
+
+
+def _raw_layouts(doc: Any, source: Any) -> Iterator[tuple[str, tuple, tuple, int, int]]:
+    """(name as stored, dev_matrix, tensor_map, opt step, opt size) per layout item, as a dict keeps them."""
+    if isinstance(doc, dict):
+        for name, item in doc.get("parallel_layout_item", {}).items():
+            try:
+                yield (name, tuple(int(d) for d in item["dev_matrix"]), _tensor_map([item["tensor_map"]]),
+                       int(item.get("opt_weight_shard_step", 0)), int(item.get("opt_weight_shard_size", 0)))
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise FormatError(f"{source}: parameter {name!r}: malformed JSON layout ({e!r})") from e
+        return
+    items = {item.param_name: item.parallel_layouts for item in doc.parallel_layout_item}  # later duplicates win
+    for name, layout in items.items():
+        if not layout.dev_matrix or not layout.tensor_map:
+            raise FormatError(f"{source}: parameter {name!r} has no dev_matrix or no tensor_map; the file is corrupt")
+        yield (name, tuple(layout.dev_matrix[0].dim), _tensor_map([list(t.dim) for t in layout.tensor_map]),
+               layout.opt_weight_shard_step, layout.opt_weight_shard_size)
+
+
+def _build(doc: Any, source: str) -> Strategy:
+    per_name: dict[str, list[tuple[int, tuple]]] = {}
+    for raw, dev, tmap, step, size in _raw_layouts(doc, source):
+        stage, name = 0, raw
+        if "-" in raw:  # "<stage>-<name>" of a merged file; MindSpore cannot read other names with "-"
+            head, name = raw.split("-", 1)
+            if not head.isdecimal():
+                raise FormatError(f"{source}: parameter {raw!r}: MindSpore reads a '-' in a strategy name as "
+                                  f"'<stage>-<name>', and {head!r} is no stage; rename the parameter")
+            stage = int(head)
+        per_name.setdefault(name, []).append((stage, (dev, tmap, step, size)))
+    if not per_name:
+        raise FormatError(f"{source}: the strategy has no parameter layouts, so there is nothing to convert")
+    params, entries = {}, {}
+    for name, found in per_name.items():
+        stages = tuple(sorted({s for s, _ in found}))
+        entries[name] = tuple((s, ParamStrategy(*fields, stages)) for s, fields in found)
+        chosen, seen = entries[name][0][1], [found[0][0]]
+        for stage, layout in entries[name][1:]:  # _convert_to_list(rank_id=None): the lowest stage's entry
+            seen.append(stage)
+            if stage <= min(seen):
+                chosen = layout
+        params[name] = chosen
+    all_stages = sorted({s for p in params.values() for s in p.stages})
+    if all_stages != list(range(len(all_stages))):
+        raise FormatError(f"{source}: pipeline stages {all_stages} are not 0..{len(all_stages) - 1}: a stage's "
+                          f"strategy is missing; merge the files of every stage (pass their directory)")
+    first = next(iter(params))
+    if not params[first].dev_matrix:
+        raise FormatError(f"{source}: parameter {first!r} has an empty dev_matrix: the strategy only contains "
+                          f"pipeline-parallelism, which MindSpore cannot convert either")
+    return Strategy(FrozenMap(params), math.prod(params[first].dev_matrix), len(all_stages), source,
+                    FrozenMap(entries), _first_stage(doc, source) or 0)
+
+
+def read_strategy(path: Path) -> Strategy:
+    """A strategy file (`.json` by name, else protobuf) or a directory of per-rank/per-stage files."""
+    path = Path(path)
+    if path.is_dir():
+        _, merged = merge_pipeline_strategies(path)
+        return _build(merged, str(path))
+    if path.name.endswith(".json"):
+        return _build(_load_json(path), str(path))
+    return _build(_parse_proto(_read_bytes(path), path), str(path))
+
+
+def _add_layout(message: Any, name: str, p: ParamStrategy) -> None:
+    """Fill one ParallelLayoutItem as MindSpore's C++ writer does: every field present, one DevMatrix, one
+    TensorMap (or one per dim plus a trailing empty one for a 1-D multi-axis map), empty split shape/offsets."""
+    layouts = message.parallel_layout_item.add(param_name=name).parallel_layouts
+    layouts.dev_matrix.add().dim.extend(p.dev_matrix)
+    if any(isinstance(e, tuple) for e in p.tensor_map):
+        for e in p.tensor_map:
+            layouts.tensor_map.add().dim.extend(e if isinstance(e, tuple) else (e,))
+        if len(p.tensor_map) == 1:
+            layouts.tensor_map.add()
+    else:
+        layouts.tensor_map.add().dim.extend(p.tensor_map)
+    layouts.param_split_shape.add()
+    layouts.indices_offset.add()
+    layouts.field, layouts.opt_weight_shard_step, layouts.opt_weight_shard_size = 0, p.opt_shard_step, p.opt_shard_size
+
+
+def strategy_bytes(stages: Mapping[int, Mapping[str, ParamStrategy]], *, merged: bool) -> bytes:
+    """A serialized ParallelStrategyMap holding `stages[s]`, stage s's layouts, with one strategy item per stage
+    carrying `s`. Merged names every layout `"<stage>-<name>"`, as merge_pipeline_strategys does."""
+    message = ParallelStrategyMap(current_stage=1)
+    for stage, params in stages.items():
+        message.parallel_strategy_item.add(node_name=f"jaxreshard/stage{stage}").parallel_strategys.stage = stage
+        for name, p in params.items():
+            _add_layout(message, f"{stage}-{name}" if merged else name, p)
+    return message.SerializeToString()
+
+
+def write_strategy_file(path: Path, params: Mapping[str, ParamStrategy], stage: int = 0) -> None:
+    """One stage's strategy file, like the `ckpt_strategy_rank_x.ckpt` a training job saves."""
+    Path(path).write_bytes(strategy_bytes({stage: params}, merged=False))
+
+
+def write_merged_strategy_file(path: Path, stages: Sequence[Mapping[str, ParamStrategy]]) -> None:
+    """A merged pipeline strategy (what `merge_pipeline_strategys` writes); `stages[s]` = stage s's layouts."""
+    Path(path).write_bytes(strategy_bytes(dict(enumerate(stages)), merged=True))
