@@ -8,7 +8,6 @@ and the executor only follows it (mergekit's planner/executor split, DCP's `Read
 from __future__ import annotations
 
 import heapq
-import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from .box import Box
+from .coverage import ReadItem, check_exact_cover, cover, source_grid
 from .errors import FormatError, LayoutError, PlanError
 from .formats.base import TensorEntry
 from .layout import COMPLETE, ParamLayout
@@ -40,15 +40,7 @@ class ParamInfo:
     dst_dtype: np.dtype
     src_layout: ParamLayout
     dst_layout: ParamLayout
-
-
-@dataclass(frozen=True, slots=True)
-class ReadItem:
-    """Copy `region` (global coordinates) from the tensor of `src_rank`, which holds `src_box`."""
-
-    src_rank: int
-    region: Box
-    src_box: Box
+    direct: bool = False  # written rank by rank without JAX: per-rank copies that are not one sharded array
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +55,8 @@ class RankPlan:
     dst_rank: int
     dst_file: str  # relative to the destination directory
     shards: tuple[ShardPlan, ...]
+    extras: tuple[tuple[str, str], ...] = ()  # text entries (MindSpore `str` records) copied as they are
+    order: tuple[str, ...] = ()  # output order of shards and extras when it matters (empty: shards, then extras)
 
 
 @dataclass(frozen=True)
@@ -75,14 +69,6 @@ class Plan:
         return self.src_entries[read.src_rank][param].path
 
 
-ReplicaChooser = Callable[[str, tuple[int, ...], Sequence[int]], int]
-
-
-def lowest_rank(param: str, cell: tuple[int, ...], holders: Sequence[int]) -> int:
-    """Default replica choice: the lowest global source rank holding the block."""
-    return holders[0]
-
-
 def make_plan(
     src_entries: Mapping[int, Mapping[str, TensorEntry]],
     src_layout: LayoutLike | None,
@@ -92,7 +78,6 @@ def make_plan(
     suffix: str = ".safetensors",
     dst_dtype: np.dtype | None = None,
     dst_ranks: Iterable[int] | None = None,
-    choose_replica: ReplicaChooser = lowest_rank,
 ) -> Plan:
     """Plan a conversion; raises `PlanError`/`LayoutError`/`FormatError` before anything is written.
 
@@ -117,7 +102,7 @@ def make_plan(
         )
     infos = {}
     for param in names:
-        shape, src_dtype = _full_shape(param, src_params[param], src_entries)
+        shape, src_dtype = full_shape(param, src_params[param], src_entries)
         dst_params[param].check_shape(param, shape)
         out_dtype = dst_dtype if dst_dtype is not None and is_floating(src_dtype) else src_dtype
         infos[param] = ParamInfo(param, shape, src_dtype, np.dtype(out_dtype), src_params[param], dst_params[param])
@@ -127,7 +112,7 @@ def make_plan(
     bad = [r for r in wanted if not 0 <= r < dst_total]
     if bad:
         raise PlanError(f"destination ranks {bad} do not exist; the destination layout has ranks 0-{dst_total - 1}")
-    grids = {p: _src_grid(info, src_entries, choose_replica) for p, info in infos.items()}
+    grids = {p: source_grid(p, info.shape, info.src_layout, src_entries) for p, info in infos.items()}
     covers: dict[tuple[str, Box], ShardPlan] = {}
     ranks = []
     for rank in wanted:
@@ -139,7 +124,7 @@ def make_plan(
             box = info.dst_layout.box(info.shape, rank % n)
             key = (param, box)
             if key not in covers:
-                covers[key] = ShardPlan(param, box, _cover(info, box, grids[param]))
+                covers[key] = ShardPlan(param, box, cover(grids[param], box))
             shards.append(covers[key])
         ranks.append(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", tuple(shards)))
     return Plan(infos, tuple(ranks), src_entries)
@@ -185,7 +170,7 @@ def merge_orders(orders: Sequence[Sequence[str]]) -> list[str]:
     return out
 
 
-def _full_shape(
+def full_shape(
     param: str, layout: ParamLayout, src_entries: Mapping[int, Mapping[str, TensorEntry]]
 ) -> tuple[tuple[int, ...], np.dtype]:
     """Infer the full shape from the first source rank holding `param` and check every other holder."""
@@ -211,59 +196,6 @@ def _full_shape(
     return shape, first.dtype
 
 
-@dataclass(frozen=True, slots=True)
-class _Grid:
-    block: tuple[int, ...]  # block size per dim (0 for empty dims)
-    owner: dict[tuple[int, ...], int]  # block coords -> chosen source rank
-    missing: dict[tuple[int, ...], list[int]]  # block coords with no file -> ranks that should hold it
-
-
-def _src_grid(info: ParamInfo, src_entries: Mapping[int, Mapping[str, TensorEntry]], choose: ReplicaChooser) -> _Grid:
-    layout = info.src_layout
-    ndim = len(info.shape)
-    blocks = layout.blocks_per_dim(ndim)
-    n = layout.devices_per_stage
-    holders: dict[tuple[int, ...], list[int]] = {}
-    expected: dict[tuple[int, ...], list[int]] = {}
-    for rank in layout.global_ranks():
-        cell = layout.block_coords(rank % n, ndim)
-        expected.setdefault(cell, []).append(rank)
-        if info.param in src_entries.get(rank, {}):
-            holders.setdefault(cell, []).append(rank)
-        elif rank in src_entries:
-            path = next(iter(src_entries[rank].values())).path if src_entries[rank] else f"rank {rank}"
-            raise PlanError(
-                f"{path}: parameter {info.param!r} is missing on source rank {rank}, which its layout says holds "
-                f"block {layout.box(info.shape, rank % n)}; the file is incomplete or the layout is wrong"
-            )
-    owner = {cell: choose(info.param, cell, sorted(ranks)) for cell, ranks in holders.items()}
-    missing = {cell: ranks for cell, ranks in expected.items() if cell not in holders}
-    block = tuple(s // k for s, k in zip(info.shape, blocks))
-    return _Grid(block, owner, missing)
-
-
-def _cover(info: ParamInfo, dst_box: Box, grid: _Grid) -> tuple[ReadItem, ...]:
-    if dst_box.size == 0:
-        return ()
-    ranges = [range(a // b, (z - 1) // b + 1) for a, z, b in zip(dst_box.start, dst_box.stop, grid.block)]
-    reads = []
-    for cell in itertools.product(*ranges):
-        src_box = Box(
-            tuple(c * b for c, b in zip(cell, grid.block)), tuple((c + 1) * b for c, b in zip(cell, grid.block))
-        )
-        if cell not in grid.owner:
-            wanted = grid.missing.get(cell, [])
-            raise PlanError(
-                f"parameter {info.param!r}: block {src_box} is needed for destination box {dst_box} but no source "
-                f"file holds it; missing source ranks {wanted} (their rank_<n> folder or the parameter is absent)"
-            )
-        region = src_box.intersect(dst_box)
-        if region is not None:
-            reads.append(ReadItem(grid.owner[cell], region, src_box))
-    check_exact_cover(info.param, dst_box, [r.region for r in reads])
-    return tuple(reads)
-
-
 def format_ranks(ranks: Sequence[int]) -> str:
     """[0, 1, 2, 5] -> '0-2,5' (for messages and listings)."""
     parts, start = [], None
@@ -274,19 +206,6 @@ def format_ranks(ranks: Sequence[int]) -> str:
             parts.append(f"{start}" if start == r else f"{start}-{r}")
             start = None
     return ",".join(parts)
-
-
-def check_exact_cover(param: str, box: Box, regions: Sequence[Box]) -> None:
-    """Raise `PlanError` unless `regions` tile `box` exactly: inside it, no overlap, no gap."""
-    for region in regions:
-        if not box.contains(region):
-            raise PlanError(f"parameter {param!r}: region {region} lies outside destination box {box}")
-    for a, b in itertools.combinations(regions, 2):
-        if a.intersect(b) is not None:
-            raise PlanError(f"parameter {param!r}: source regions {a} and {b} overlap in destination box {box}")
-    covered = sum(r.size for r in regions)
-    if covered != box.size:
-        raise PlanError(f"parameter {param!r}: source regions cover {covered} of {box.size} elements of {box}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ from jaxreshard.box import Box
 from jaxreshard.errors import LayoutError, PlanError
 from jaxreshard.formats.base import TensorEntry
 from jaxreshard.layout import layout_from_dict
-from jaxreshard.plan import ReadItem, check_exact_cover, format_ranks, make_plan, merge_orders, plan_stats
+from jaxreshard.coverage import ReadItem, check_exact_cover
+from jaxreshard.plan import format_ranks, make_plan, merge_orders, plan_stats
 
 F32 = np.dtype(np.float32)
 

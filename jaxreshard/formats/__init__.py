@@ -18,18 +18,33 @@ from pathlib import Path
 
 from ..errors import FormatError
 from .base import TensorEntry
+from .mindspore_ckpt import read_ckpt_index
 from .safetensors_io import HF_INDEX, read_hf_index, read_safetensors_index
 
 log = logging.getLogger(__name__)
 
-IndexReader = Callable[[Path], list[TensorEntry]]
+
+@dataclass(frozen=True)
+class FileIndex:
+    """What a format reader finds in one file: tensors in file order, text entries, file metadata."""
+
+    entries: list[TensorEntry]
+    extras: dict[str, str] = field(default_factory=dict)  # MindSpore `str` records (append_dict strings)
+    order: tuple[str, ...] = ()  # every name in file order, extras included
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _safetensors_entries(path: Path) -> list[TensorEntry]:
-    return read_safetensors_index(path)[0]
+def _safetensors_index(path: Path) -> FileIndex:
+    entries, metadata = read_safetensors_index(path)
+    return FileIndex(entries, {}, tuple(e.param for e in entries), metadata)
 
 
-READERS: dict[str, IndexReader] = {".safetensors": _safetensors_entries}  # by file suffix
+def _ckpt_index(path: Path) -> FileIndex:
+    index = read_ckpt_index(path)
+    return FileIndex(list(index.tensors.values()), dict(index.extras), index.names)
+
+
+READERS: dict[str, Callable[[Path], FileIndex]] = {".safetensors": _safetensors_index, ".ckpt": _ckpt_index}
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,9 @@ class SourceCheckpoint:
     distributed: bool
     files: dict[int, tuple[Path, ...]]
     entries: dict[int, dict[str, TensorEntry]] = field(repr=False)
+    extras: dict[int, dict[str, str]] = field(default_factory=dict, repr=False)  # per rank, MindSpore str entries
+    orders: dict[int, tuple[str, ...]] = field(default_factory=dict, repr=False)  # per rank, names incl. extras
+    metadata: dict[int, dict[str, str]] = field(default_factory=dict, repr=False)
 
     @property
     def ranks(self) -> list[int]:
@@ -68,14 +86,25 @@ def _pick_file(rank_dir: Path) -> Path:
     return candidates[-1]
 
 
-def _index(path: Path) -> dict[str, TensorEntry]:
-    entries = READERS[path.suffix](path)
-    out: dict[str, TensorEntry] = {}
-    for entry in entries:
-        if entry.param in out:
+def _index(path: Path) -> FileIndex:
+    index = READERS[path.suffix](path)
+    seen: set[str] = set()
+    for entry in index.entries:
+        if entry.param in seen:
             raise FormatError(f"{path}: parameter {entry.param!r} appears twice; the file is corrupt")
-        out[entry.param] = entry
-    return out
+        seen.add(entry.param)
+    return index
+
+
+def _source(path: Path, suffix: str, distributed: bool, files: dict[int, Path]) -> SourceCheckpoint:
+    indexes = {rank: _index(p) for rank, p in files.items()}
+    return SourceCheckpoint(
+        path, suffix, distributed, {r: (p,) for r, p in files.items()},
+        {r: {e.param: e for e in i.entries} for r, i in indexes.items()},
+        {r: i.extras for r, i in indexes.items()},
+        {r: i.order for r, i in indexes.items()},
+        {r: i.metadata for r, i in indexes.items()},
+    )  # fmt: skip
 
 
 def open_source(path: str | Path) -> SourceCheckpoint:
@@ -86,11 +115,13 @@ def open_source(path: str | Path) -> SourceCheckpoint:
     if path.is_file():
         if path.suffix not in READERS:
             raise FormatError(f"{path}: unknown checkpoint format {path.suffix!r}; supported: {sorted(READERS)}")
-        return SourceCheckpoint(path, path.suffix, False, {0: (path,)}, {0: _index(path)})
+        return _source(path, path.suffix, False, {0: path})
     if (path / HF_INDEX).is_file():
         entries = read_hf_index(path)
         files = tuple(dict.fromkeys(e.path for e in entries))
-        return SourceCheckpoint(path, ".safetensors", False, {0: files}, {0: {e.param: e for e in entries}})
+        order = tuple(e.param for e in entries)
+        return SourceCheckpoint(path, ".safetensors", False, {0: files}, {0: {e.param: e for e in entries}},
+                                {0: {}}, {0: order}, {0: {}})
     rank_dirs = _rank_dirs(path)
     if not rank_dirs:
         files = sorted(p for p in path.iterdir() if p.suffix in READERS and p.is_file())
@@ -104,6 +135,5 @@ def open_source(path: str | Path) -> SourceCheckpoint:
     suffixes = {p.suffix for p in picked.values()}
     if len(suffixes) > 1:
         raise FormatError(f"{path}: rank folders mix formats {sorted(suffixes)}; convert them separately")
-    entries = {rank: _index(p) for rank, p in picked.items()}
     distributed = len(picked) > 1 or 0 not in picked
-    return SourceCheckpoint(path, suffixes.pop(), distributed, {r: (p,) for r, p in picked.items()}, entries)
+    return _source(path, suffixes.pop(), distributed, picked)
