@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ import numpy as np
 from .errors import ConfigError, JaxreshardError
 from .execute import execute
 from .formats import SourceCheckpoint, open_source
-from .formats.safetensors_io import HF_INDEX, SafetensorsWriter, split_into_files
+from .formats.writers import OUTPUT_FORMATS, writer_factory
 from .fsutil import atomic_output, check_destination
 from .layout import Layout, layout_from_mesh, read_layout
-from .plan import LayoutLike, Plan, PlanStats, make_plan, plan_stats
+from .plan import LayoutLike, Plan, PlanStats, make_plan, plan_stats, with_dtype
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +68,65 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * scale[unit])
 
 
+@dataclass(frozen=True)
+class Job:
+    """A planned conversion: the plan, its source, and how the output is written."""
+
+    plan: Plan
+    source: SourceCheckpoint
+    output_format: str  # "safetensors" or "ckpt"
+    mindspore: bool  # MindSpore strategies on both sides: transform_checkpoints semantics and file flavour
+
+
 def plan_conversion(
     src: str | Path,
     *,
     src_layout: LayoutArg = None,
     dst_layout: LayoutArg = None,
+    src_strategy: str | Path | None = None,
+    dst_strategy: str | Path | None = None,
     prefix: str = "checkpoint_",
     dtype: str | None = None,
+    output_format: str | None = None,
     ranks: Iterable[int] | None = None,
-) -> tuple[Plan, SourceCheckpoint]:
-    """Index the source and plan the conversion; reads headers only and writes nothing."""
+    exact_replicas: bool = False,
+) -> Job:
+    """Index the source and plan the conversion; reads headers only and writes nothing.
+
+    With MindSpore strategies (and no native layouts) the plan follows `mindspore.transform_checkpoints`
+    exactly; a strategy on one side and a native layout on the other mixes them with native semantics.
+    """
+    from .formats.mindspore_strategy import read_strategy
+    from .mindspore import plan_mindspore
+    from .strategy import StrategyLayout
+
+    for side, layout, strategy in (("src", src_layout, src_strategy), ("dst", dst_layout, dst_strategy)):
+        if layout is not None and strategy is not None:
+            raise ConfigError(f"give --{side}-layout or --{side}-strategy, not both")
     source = open_source(src)
-    src_l, dst_l = as_layout(src_layout), as_layout(dst_layout)
-    if source.distributed and src_l is None:
-        raise ConfigError(
-            f"{source.path}: this is a distributed checkpoint ({len(source.entries)} rank folders); pass the "
-            "layout it was saved with as --src-layout"
-        )
-    plan = make_plan(
-        source.entries, src_l, dst_l, prefix=prefix, suffix=".safetensors", dst_dtype=parse_dtype(dtype),
-        dst_ranks=ranks,
-    )  # fmt: skip
-    return plan, source
+    fmt = output_format or source.suffix.lstrip(".")
+    if fmt not in OUTPUT_FORMATS:
+        raise ConfigError(f"--output-format {fmt!r} is not supported; use one of {', '.join(OUTPUT_FORMATS)}")
+    src_s = read_strategy(Path(src_strategy)) if src_strategy is not None else None
+    dst_s = read_strategy(Path(dst_strategy)) if dst_strategy is not None else None
+    mindspore = (src_s is not None or dst_s is not None) and src_layout is None and dst_layout is None
+    if mindspore:
+        plan = plan_mindspore(source, src_s, dst_s, prefix=prefix, suffix="." + fmt, dst_ranks=ranks,
+                              exact_replicas=exact_replicas)
+    else:
+        ndims = {p: len(e.shape) for entries in source.entries.values() for p, e in entries.items()}
+        src_l = StrategyLayout(src_s, ndims) if src_s is not None else as_layout(src_layout)
+        dst_l = StrategyLayout(dst_s, ndims) if dst_s is not None else as_layout(dst_layout)
+        if source.distributed and src_l is None:
+            raise ConfigError(
+                f"{source.path}: this is a distributed checkpoint ({len(source.entries)} rank folders); pass the "
+                "layout it was saved with as --src-layout (or --src-strategy)"
+            )
+        plan = make_plan(source.entries, src_l, dst_l, prefix=prefix, suffix="." + fmt, dst_ranks=ranks)
+        extras = source.extras.get(min(source.entries), {})
+        if extras:  # text entries go to every rank, as MindSpore's pass-through does
+            plan = replace(plan, ranks=tuple(replace(r, extras=tuple(extras.items())) for r in plan.ranks))
+    return Job(with_dtype(plan, parse_dtype(dtype)), source, fmt, mindspore)
 
 
 @dataclass(frozen=True)
@@ -107,68 +143,42 @@ def convert(
     *,
     src_layout: LayoutArg = None,
     dst_layout: LayoutArg = None,
+    src_strategy: str | Path | None = None,
+    dst_strategy: str | Path | None = None,
     prefix: str = "checkpoint_",
     dtype: str | None = None,
+    output_format: str | None = None,
     hf: bool = False,
     max_file_size: str | int | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    exact_replicas: bool = False,
 ) -> ConvertReport:
-    """Convert `src` (complete or per-rank) into `dst` laid out by `dst_layout` (None = complete).
+    """Convert `src` (complete or per-rank) into `dst` laid out by `dst_layout` / `dst_strategy` (none = complete).
 
-    Layouts are YAML paths, `Layout`s, or `(mesh, {name regex: PartitionSpec})`. Output goes to a temporary
-    sibling of `dst` and is renamed into place when complete; an existing non-empty `dst` needs `overwrite`.
+    Layouts are YAML paths, `Layout`s, or `(mesh, {name regex: PartitionSpec})`; strategies are MindSpore
+    strategy files or directories. Output goes to a temporary sibling of `dst` and is renamed into place when
+    complete; an existing non-empty `dst` needs `overwrite`.
     """
     start = time.perf_counter()
     dst = Path(dst)
-    plan, source = plan_conversion(src, src_layout=src_layout, dst_layout=dst_layout, prefix=prefix, dtype=dtype)
-    check_destination(dst, [source.path], overwrite=overwrite)
-    if hf and len(plan.ranks) != 1:
-        raise ConfigError("--hf writes a complete Hugging Face checkpoint; it cannot be combined with --dst-layout")
-    max_file_bytes = parse_size(max_file_size)
-    stats = plan_stats(plan)
+    job = plan_conversion(
+        src, src_layout=src_layout, dst_layout=dst_layout, src_strategy=src_strategy, dst_strategy=dst_strategy,
+        prefix=prefix, dtype=dtype, output_format=output_format, exact_replicas=exact_replicas,
+    )  # fmt: skip
+    check_destination(dst, [job.source.path], overwrite=overwrite)
+    if hf and (len(job.plan.ranks) != 1 or job.output_format != "safetensors"):
+        raise ConfigError("--hf writes one complete safetensors checkpoint; it cannot be combined with a "
+                          "destination layout or strategy, or with --output-format ckpt")
+    stats = plan_stats(job.plan)
     from .progress import Progress
 
     with atomic_output(dst, overwrite=overwrite) as tmp, Progress(stats.write_bytes, enabled=progress) as bar:
-        if hf:
-            writer_factory = lambda path, params: HfWriter(tmp, params, max_file_bytes)  # noqa: E731
-        else:
-            writer_factory = lambda path, params: SafetensorsWriter(path, params)  # noqa: E731
-        execute(plan, tmp, writer_factory, on_bytes=bar.update)
+        factory = writer_factory(job.output_format, tmp, hf=hf, max_file_bytes=parse_size(max_file_size),
+                                 mindspore=job.mindspore)
+        execute(job.plan, tmp, factory, on_bytes=bar.update)
         files = tuple(sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file()))
     return ConvertReport(dst, tuple(dst / f for f in files), stats, time.perf_counter() - start)
 
 
-class HfWriter:
-    """A complete checkpoint as `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`.
-
-    File boundaries are fixed up front from the sizes (no renames at the end); the index is written last,
-    after every part is complete, so a reader never sees an index pointing at a missing part.
-    """
-
-    def __init__(self, dst_dir: Path, params: list[tuple[str, np.dtype, tuple[int, ...]]], max_file_bytes: int | None):
-        sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize for _, dt, shape in params]
-        groups = split_into_files(sizes, max_file_bytes)
-        self._dst_dir = dst_dir
-        self._total = sum(sizes)
-        self._writers: list[SafetensorsWriter] = []
-        self._file_of: dict[str, int] = {}
-        n = len(groups)
-        for i, group in enumerate(groups):
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            self._writers.append(SafetensorsWriter(dst_dir / name, [params[j] for j in group]))
-            for j in group:
-                self._file_of[params[j][0]] = i
-
-    def write(self, param: str, array: np.ndarray) -> None:
-        self._writers[self._file_of[param]].write(param, array)
-
-    def close(self) -> None:
-        for writer in self._writers:
-            writer.close()
-        weight_map = {p: self._writers[i].path.name for p, i in self._file_of.items()}
-        index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
-        (self._dst_dir / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-__all__ = ["convert", "plan_conversion", "ConvertReport", "JaxreshardError"]
+__all__ = ["convert", "plan_conversion", "Job", "ConvertReport", "JaxreshardError"]

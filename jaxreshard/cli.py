@@ -95,18 +95,19 @@ def run(task: str, opts: JobOptions) -> int:
         for line in describe.describe_source(open_source(opts.src), src_layout):
             print(line)
         return 0
+    common = dict(
+        src_layout=opts.src_layout, dst_layout=opts.dst_layout, src_strategy=opts.src_strategy,
+        dst_strategy=opts.dst_strategy, prefix=opts.prefix, dtype=opts.dtype, output_format=opts.output_format,
+        exact_replicas=opts.exact_replicas,
+    )  # fmt: skip
     if task == "plan":
-        plan, _ = api.plan_conversion(
-            opts.src, src_layout=opts.src_layout, dst_layout=opts.dst_layout, prefix=opts.prefix, dtype=opts.dtype
-        )
-        for line in describe.describe_plan(plan):
+        for line in describe.describe_plan(api.plan_conversion(opts.src, **common).plan):
             print(line)
         return 0
     _require(opts, "dst")
     report = api.convert(
-        opts.src, opts.dst, src_layout=opts.src_layout, dst_layout=opts.dst_layout, prefix=opts.prefix,
-        dtype=opts.dtype, hf=opts.hf, max_file_size=opts.max_file_size, overwrite=opts.overwrite,
-        progress=not opts.quiet,
+        opts.src, opts.dst, hf=opts.hf, max_file_size=opts.max_file_size, overwrite=opts.overwrite,
+        progress=not opts.quiet, **common,
     )  # fmt: skip
     rate = report.stats.write_bytes / max(report.seconds, 1e-9)
     print(

@@ -21,11 +21,11 @@ from .box import Box
 from .errors import FormatError, LayoutError
 from .formats.base import FileHandles, RankWriter, aligned_empty, read_box
 from .layout import ParamLayout
-from .plan import Plan, ShardPlan
+from .plan import Plan, RankPlan, ShardPlan
 
 log = logging.getLogger(__name__)
 
-WriterFactory = Callable[[Path, list[tuple[str, np.dtype, tuple[int, ...]]]], RankWriter]
+WriterFactory = Callable[[Path, list[tuple[str, np.dtype, tuple[int, ...]]], RankPlan], RankWriter]
 
 
 def ensure_cpu_devices(count: int) -> None:
@@ -81,34 +81,50 @@ def execute(
 
     devices = jax.devices("cpu")
     writers: dict[int, RankWriter] = {}
-    shards_of: dict[str, dict[Box, ShardPlan]] = {p: {} for p in plan.params}
-    ranks_of: dict[tuple[str, Box], list[int]] = {}
+    users: dict[str, dict[ShardPlan, list[int]]] = {p: {} for p in plan.params}
     for rank in plan.ranks:
         entries = [(s.param, plan.params[s.param].dst_dtype, s.dst_box.shape) for s in rank.shards]
-        writers[rank.dst_rank] = make_writer(dst_dir / rank.dst_file, entries)
+        writers[rank.dst_rank] = make_writer(dst_dir / rank.dst_file, entries, rank)
         for shard in rank.shards:
-            shards_of[shard.param][shard.dst_box] = shard
-            ranks_of.setdefault((shard.param, shard.dst_box), []).append(rank.dst_rank)
+            users[shard.param].setdefault(shard, []).append(rank.dst_rank)
     meshes: dict[tuple[tuple[str, int], ...], Any] = {}
+
+    def emit(param: str, data: np.ndarray, ranks: list[int]) -> None:
+        info = plan.params[param]
+        out = data if info.dst_dtype == info.src_dtype else data.astype(info.dst_dtype)
+        for rank in ranks:
+            writers[rank].write(param, out)
+            on_bytes(out.nbytes)
+
     with FileHandles() as handles:
         for param, info in plan.params.items():
-            if not shards_of[param]:
+            shards = users[param]
+            if not shards:
                 continue
-            layout = info.dst_layout
-            mesh = meshes.get(layout.mesh_axes)
-            if mesh is None:
-                mesh = meshes[layout.mesh_axes] = _mesh(layout, devices)
             try:
-                array = _build(plan, param, shards_of[param], NamedSharding(mesh, layout.partition_spec()), handles)
+                if info.direct or len({s.dst_box for s in shards}) < len(shards):
+                    # per-rank copies (MindSpore pass-through, or replicas deliberately read from different
+                    # source ranks): not one consistent sharded array, so written directly, one box at a time
+                    for shard, ranks in shards.items():
+                        buf = aligned_empty(shard.dst_box.shape, info.src_dtype)
+                        _fill(plan, shard, buf, handles)
+                        emit(param, buf, ranks)
+                    continue
+                layout = info.dst_layout
+                mesh = meshes.get(layout.mesh_axes)
+                if mesh is None:
+                    mesh = meshes[layout.mesh_axes] = _mesh(layout, devices)
+                by_box = {s.dst_box: s for s in shards}
+                array = _build(plan, param, by_box, NamedSharding(mesh, layout.partition_spec()), handles)
             except OSError as e:
                 raise FormatError(f"parameter {param!r}: reading the source failed: {e}") from e
-            for shard in array.addressable_shards:
-                data = _from_jax(np.asarray(shard.data), info.src_dtype)
-                box = Box.from_index(shard.index[: len(info.shape)], info.shape)
-                for rank in ranks_of.get((param, box), []):
-                    out = data if info.dst_dtype == info.src_dtype else data.astype(info.dst_dtype)
-                    writers[rank].write(param, out)
-                    on_bytes(out.nbytes)
+            n = layout.devices_per_stage
+            local_of = {d.id: i for i, d in enumerate(mesh.devices.flat)}
+            for piece in array.addressable_shards:  # each rank gets the shard of its own device
+                shard = by_box.get(Box.from_index(piece.index[: len(info.shape)], info.shape))
+                if shard is not None:
+                    ranks = [r for r in shards[shard] if r % n == local_of[piece.device.id]]
+                    emit(param, _from_jax(np.asarray(piece.data), info.src_dtype), ranks)
             del array
     for writer in writers.values():
         writer.close()

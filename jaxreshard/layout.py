@@ -61,7 +61,7 @@ class ParamLayout:
         """Block index per tensor dim held by `local_rank` (mixed radix over the dim's axes, major first)."""
         names = [name for name, _ in self.mesh_axes]
         sizes = [size for _, size in self.mesh_axes]
-        coord = dict(zip(names, _unravel(local_rank, sizes)))
+        coord = dict(zip(names, unravel(local_rank, sizes)))
         out = []
         for i in range(ndim):
             c = 0
@@ -100,7 +100,7 @@ class ParamLayout:
 COMPLETE = ParamLayout(mesh_axes=(), spec=(), stages=(0,))  # a whole tensor on a single rank
 
 
-def _unravel(index: int, sizes: Sequence[int]) -> list[int]:
+def unravel(index: int, sizes: Sequence[int]) -> list[int]:
     out = []
     for size in reversed(sizes):
         out.append(index % size)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -76,7 +76,6 @@ def make_plan(
     *,
     prefix: str = "checkpoint_",
     suffix: str = ".safetensors",
-    dst_dtype: np.dtype | None = None,
     dst_ranks: Iterable[int] | None = None,
 ) -> Plan:
     """Plan a conversion; raises `PlanError`/`LayoutError`/`FormatError` before anything is written.
@@ -104,8 +103,7 @@ def make_plan(
     for param in names:
         shape, src_dtype = full_shape(param, src_params[param], src_entries)
         dst_params[param].check_shape(param, shape)
-        out_dtype = dst_dtype if dst_dtype is not None and is_floating(src_dtype) else src_dtype
-        infos[param] = ParamInfo(param, shape, src_dtype, np.dtype(out_dtype), src_params[param], dst_params[param])
+        infos[param] = ParamInfo(param, shape, src_dtype, src_dtype, src_params[param], dst_params[param])
 
     dst_total = dst_layout.num_ranks if dst_layout is not None else 1
     wanted = range(dst_total) if dst_ranks is None else sorted(set(dst_ranks))
@@ -128,6 +126,14 @@ def make_plan(
             shards.append(covers[key])
         ranks.append(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", tuple(shards)))
     return Plan(infos, tuple(ranks), src_entries)
+
+
+def with_dtype(plan: Plan, dtype: np.dtype | None) -> Plan:
+    """The plan with floating-point parameters cast to `dtype` on write (integers and bools untouched)."""
+    if dtype is None:
+        return plan
+    params = {p: replace(i, dst_dtype=np.dtype(dtype)) if is_floating(i.src_dtype) else i for p, i in plan.params.items()}
+    return replace(plan, params=params)
 
 
 def is_floating(dtype: np.dtype) -> bool:

@@ -10,7 +10,7 @@ from jaxreshard.errors import LayoutError, PlanError
 from jaxreshard.formats.base import TensorEntry
 from jaxreshard.layout import layout_from_dict
 from jaxreshard.coverage import ReadItem, check_exact_cover
-from jaxreshard.plan import format_ranks, make_plan, merge_orders, plan_stats
+from jaxreshard.plan import format_ranks, make_plan, merge_orders, plan_stats, with_dtype
 
 F32 = np.dtype(np.float32)
 
@@ -71,8 +71,8 @@ def test_stats_count_replicas_once():
 
 
 def test_cast_only_floats():
-    plan = make_plan({0: {"w": entry("w", (4,)), "i": entry("i", (4,), dtype=np.int32)}}, None, None,
-                     dst_dtype=np.dtype(np.float16))
+    plan = with_dtype(make_plan({0: {"w": entry("w", (4,)), "i": entry("i", (4,), dtype=np.int32)}}, None, None),
+                      np.dtype(np.float16))
     assert plan.params["w"].dst_dtype == np.float16 and plan.params["i"].dst_dtype == np.int32
     assert plan_stats(plan).peak_buffer_bytes == 16 + 8  # f32 source buffer + its f16 cast
 
