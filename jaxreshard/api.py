@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, JaxreshardError
-from .execute import execute
 from .formats import SourceCheckpoint, open_source
-from .formats.writers import OUTPUT_FORMATS, writer_factory
-from .fsutil import atomic_output, check_destination
+from .formats.writers import OUTPUT_FORMATS
+from .fsutil import check_destination
 from .layout import Layout, layout_from_mesh, read_layout
 from .plan import LayoutLike, Plan, PlanStats, make_plan, plan_stats, with_dtype
+from .run import Output, parse_ranks, run_plan
 
 log = logging.getLogger(__name__)
 
@@ -153,32 +153,38 @@ def convert(
     overwrite: bool = False,
     progress: bool = False,
     exact_replicas: bool = False,
+    ranks: str | Iterable[int] | None = None,
+    process_num: int = 1,
 ) -> ConvertReport:
     """Convert `src` (complete or per-rank) into `dst` laid out by `dst_layout` / `dst_strategy` (none = complete).
 
     Layouts are YAML paths, `Layout`s, or `(mesh, {name regex: PartitionSpec})`; strategies are MindSpore
     strategy files or directories. Output goes to a temporary sibling of `dst` and is renamed into place when
-    complete; an existing non-empty `dst` needs `overwrite`.
+    complete; an existing non-empty `dst` needs `overwrite`. `ranks` ("0-3,8") writes only those destination
+    ranks, each rank folder committed on its own; `process_num` splits the ranks over that many processes.
     """
     start = time.perf_counter()
     dst = Path(dst)
+    wanted = parse_ranks(ranks) if isinstance(ranks, str) or ranks is None else sorted(set(ranks))
     job = plan_conversion(
         src, src_layout=src_layout, dst_layout=dst_layout, src_strategy=src_strategy, dst_strategy=dst_strategy,
-        prefix=prefix, dtype=dtype, output_format=output_format, exact_replicas=exact_replicas,
+        prefix=prefix, dtype=dtype, output_format=output_format, exact_replicas=exact_replicas, ranks=wanted,
     )  # fmt: skip
-    check_destination(dst, [job.source.path], overwrite=overwrite)
-    if hf and (len(job.plan.ranks) != 1 or job.output_format != "safetensors"):
+    check_destination(dst, [job.source.path], overwrite=overwrite or wanted is not None)
+    if hf and (len(job.plan.ranks) != 1 or job.output_format != "safetensors" or wanted is not None):
         raise ConfigError("--hf writes one complete safetensors checkpoint; it cannot be combined with a "
-                          "destination layout or strategy, or with --output-format ckpt")
+                          "destination layout or strategy, --ranks, or --output-format ckpt")
     stats = plan_stats(job.plan)
+    output = Output(job.output_format, hf, parse_size(max_file_size), job.mindspore)
     from .progress import Progress
 
-    with atomic_output(dst, overwrite=overwrite) as tmp, Progress(stats.write_bytes, enabled=progress) as bar:
-        factory = writer_factory(job.output_format, tmp, hf=hf, max_file_bytes=parse_size(max_file_size),
-                                 mindspore=job.mindspore)
-        execute(job.plan, tmp, factory, on_bytes=bar.update)
-        files = tuple(sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file()))
-    return ConvertReport(dst, tuple(dst / f for f in files), stats, time.perf_counter() - start)
+    with Progress(stats.write_bytes, enabled=progress) as bar:
+        run_plan(job.plan, dst, output, overwrite=overwrite, some_ranks=wanted is not None,
+                 process_num=process_num, on_bytes=bar.update)
+    folders = {r.dst_file.split("/")[0] for r in job.plan.ranks} if not hf else {p.name for p in dst.iterdir()}
+    files = sorted(p for f in folders for p in ([dst / f] if (dst / f).is_file() else (dst / f).rglob("*"))
+                   if p.is_file())
+    return ConvertReport(dst, tuple(files), stats, time.perf_counter() - start)
 
 
 __all__ = ["convert", "plan_conversion", "Job", "ConvertReport", "JaxreshardError"]

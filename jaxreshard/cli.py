@@ -80,6 +80,15 @@ def _require(opts: JobOptions, *names: str) -> None:
         raise ConfigError(f"missing required option(s) {', '.join(missing)}")
 
 
+def _int(value: str | None, flag: str, default: int = 1) -> int:
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{flag} must be an integer, got {value!r}") from None
+
+
 def run(task: str, opts: JobOptions) -> int:
     from . import api, describe
 
@@ -101,13 +110,15 @@ def run(task: str, opts: JobOptions) -> int:
         exact_replicas=opts.exact_replicas,
     )  # fmt: skip
     if task == "plan":
-        for line in describe.describe_plan(api.plan_conversion(opts.src, **common).plan):
+        from .run import parse_ranks
+
+        for line in describe.describe_plan(api.plan_conversion(opts.src, ranks=parse_ranks(opts.ranks), **common).plan):
             print(line)
         return 0
     _require(opts, "dst")
     report = api.convert(
         opts.src, opts.dst, hf=opts.hf, max_file_size=opts.max_file_size, overwrite=opts.overwrite,
-        progress=not opts.quiet, **common,
+        progress=not opts.quiet, ranks=opts.ranks, process_num=_int(opts.process_num, "--process-num"), **common,
     )  # fmt: skip
     rate = report.stats.write_bytes / max(report.seconds, 1e-9)
     print(

@@ -34,6 +34,8 @@ class JobOptions:
     dtype: str | None = _opt(None, "cast floating-point tensors to this dtype (bf16, fp16, fp32, fp64); default: copy bytes")
     hf: bool = _opt(False, "write a complete destination as Hugging Face model-0000i-of-0000n.safetensors + index")
     max_file_size: str | None = _opt(None, "with --hf: largest part file, e.g. 5GB or 500MiB")
+    ranks: str | None = _opt(None, "write only these destination ranks, e.g. 0-3,8 (each node its own share)")
+    process_num: str | None = _opt(None, "convert with N processes, each a contiguous block of ranks (N divides them)")
     overwrite: bool = _opt(False, "replace an existing non-empty destination (only after the new one is complete)")
     exact_replicas: bool = _opt(False, "read every block from the replica MindSpore would (only matters when "
                                 "data-parallel copies differ); default: each block read once")

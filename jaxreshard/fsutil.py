@@ -42,7 +42,7 @@ def atomic_output(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if dst.exists():
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             os.rename(dst, old)
@@ -56,7 +56,7 @@ def atomic_output(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     for dirpath, _, _ in os.walk(root):
         _fsync_dir(Path(dirpath))
 
