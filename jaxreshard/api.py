@@ -15,7 +15,7 @@ import numpy as np
 from .errors import ConfigError, JaxreshardError
 from .formats import SourceCheckpoint, open_source
 from .formats.writers import OUTPUT_FORMATS
-from .fsutil import check_destination
+from .fsutil import atomic_output, check_destination
 from .layout import Layout, layout_from_mesh, read_layout
 from .plan import LayoutLike, Plan, PlanStats, make_plan, plan_stats, with_dtype
 from .run import Output, parse_ranks, run_plan
@@ -187,4 +187,27 @@ def convert(
     return ConvertReport(dst, tuple(files), stats, time.perf_counter() - start)
 
 
-__all__ = ["convert", "plan_conversion", "Job", "ConvertReport", "JaxreshardError"]
+def save_strategy(src: str | Path, layout: LayoutArg, out: str | Path, *, overwrite: bool = False) -> list[Path]:
+    """MindSpore strategy files for a native layout applied to `src`'s parameters (MindSpore's
+    `only_save_strategy` without launching a job): `ckpt_strategy_rank_<r>.ckpt` per global rank (identical
+    within a pipeline stage, like a training job's) and `merged_ckpt_strategy.ckpt`."""
+    from .formats.mindspore_strategy import write_merged_strategy_file, write_strategy_file
+    from .strategy import strategies_by_stage
+
+    native = as_layout(layout)
+    if not isinstance(native, Layout):
+        raise ConfigError("--layout must be a native layout (YAML file, Layout, or (mesh, specs))")
+    source = open_source(src)
+    shapes = {p: e.shape for entries in source.entries.values() for p, e in entries.items()}
+    stages = strategies_by_stage(native.resolve(list(shapes)), shapes, native.pipeline_stages)
+    out = Path(out)
+    check_destination(out, [source.path], overwrite=overwrite)
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        for rank in range(native.num_ranks):
+            write_strategy_file(tmp / f"ckpt_strategy_rank_{rank}.ckpt", stages[rank // native.devices_per_stage],
+                                rank // native.devices_per_stage)
+        write_merged_strategy_file(tmp / "merged_ckpt_strategy.ckpt", stages)
+    return sorted(out.iterdir())
+
+
+__all__ = ["convert", "save_strategy", "plan_conversion", "Job", "ConvertReport", "JaxreshardError"]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .config import JobOptions, add_arguments, options_from, read_job
 from .errors import ConfigError, JaxreshardError
@@ -29,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         ("convert", "convert a checkpoint into another layout (split, reshard or merge)"),
         ("plan", "print what convert would read and write, per rank; writes nothing"),
         ("inspect", "list parameters, shapes, dtypes, bytes, and which rank holds which block"),
+        ("strategy", "write MindSpore strategy files for a native layout and a checkpoint's parameters"),
         ("quickstart", "run the built-in example: split, reshard, merge and check the bytes"),
     ):
         p = sub.add_parser(task, help=help_text, description=help_text)
@@ -65,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JaxreshardError as e:
         print(f"jaxreshard: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `jaxreshard inspect ... | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
     except KeyboardInterrupt:
         print("jaxreshard: interrupted; no output was left behind", file=sys.stderr)
         return 130
@@ -89,6 +95,29 @@ def _int(value: str | None, flag: str, default: int = 1) -> int:
         raise ConfigError(f"{flag} must be an integer, got {value!r}") from None
 
 
+def _inspect(opts: JobOptions):
+    """Lines describing a checkpoint (with its layout or strategy, if given) or a strategy file."""
+    from . import api, describe
+    from .errors import FormatError
+    from .formats import open_source
+    from .formats.mindspore_strategy import read_strategy
+    from .strategy import StrategyLayout
+
+    try:
+        source = open_source(opts.src)
+    except FormatError:
+        try:  # not a checkpoint: perhaps a strategy file (also named *.ckpt) or folder
+            strategy = read_strategy(Path(opts.src))
+        except FormatError:
+            raise
+        return describe.describe_strategy(strategy)
+    layout = api.as_layout(opts.src_layout)
+    if opts.src_strategy:
+        ndims = {p: len(e.shape) for entries in source.entries.values() for p, e in entries.items()}
+        layout = StrategyLayout(read_strategy(Path(opts.src_strategy)), ndims)
+    return describe.describe_source(source, layout)
+
+
 def run(task: str, opts: JobOptions) -> int:
     from . import api, describe
 
@@ -97,11 +126,13 @@ def run(task: str, opts: JobOptions) -> int:
 
         return run_quickstart(opts)
     _require(opts, "src")
+    if task == "strategy":
+        _require(opts, "layout", "out")
+        files = api.save_strategy(opts.src, opts.layout, opts.out, overwrite=opts.overwrite)
+        print(f"wrote {len(files)} strategy file(s) to {opts.out}")
+        return 0
     if task == "inspect":
-        from .formats import open_source
-
-        src_layout = api.as_layout(opts.src_layout)
-        for line in describe.describe_source(open_source(opts.src), src_layout):
+        for line in _inspect(opts):
             print(line)
         return 0
     common = dict(

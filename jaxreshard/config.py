@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-TASKS = ("convert", "plan", "inspect", "quickstart")
+TASKS = ("convert", "plan", "inspect", "strategy", "quickstart")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -40,6 +40,8 @@ class JobOptions:
     exact_replicas: bool = _opt(False, "read every block from the replica MindSpore would (only matters when "
                                 "data-parallel copies differ); default: each block read once")
     quiet: bool = _opt(False, "no progress bar", short="-q")
+    layout: str | None = _opt(None, "strategy only: the native layout YAML to write MindSpore strategy files for")
+    out: str | None = _opt(None, "strategy only: the directory to write the strategy files into")
     workdir: str = _opt("quickstart_output", "quickstart only: where the example and its conversions go")
     layouts: tuple[str, ...] = _opt((), "quickstart only: the layouts to convert through, in order", nargs="+")
 

@@ -69,3 +69,17 @@ def _prod(shape: tuple[int, ...]) -> int:
     for s in shape:
         out *= s
     return out
+
+
+def describe_strategy(strategy) -> Iterator[str]:
+    """A MindSpore strategy file: per parameter, its layout as mesh axes + PartitionSpec and its stages."""
+    from .strategy import param_layout
+
+    yield (f"{strategy.source}: MindSpore strategy, {len(strategy.params)} parameters, {strategy.stage_num} "
+           f"stage(s) x {strategy.stage_device_num} devices")
+    for name, p in strategy.params.items():
+        layout = param_layout(name, p, len(p.tensor_map), p.stages, strategy.source)
+        mesh = "{" + ", ".join(f"{a}: {n}" for a, n in layout.mesh_axes) + "}"
+        opt = f" opt_shard {p.opt_shard_step}/{p.opt_shard_size}" if p.opt_shard_step else ""
+        yield (f"{name:<48} dev_matrix {list(p.dev_matrix)} tensor_map {list(p.tensor_map)}{opt}  ->  mesh {mesh} "
+               f"spec {format_spec(layout.spec)} stages {list(p.stages)}")

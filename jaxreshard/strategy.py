@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import LayoutError
 from .formats.mindspore_strategy import ParamStrategy, Strategy, TensorMapEntry
@@ -192,3 +192,28 @@ class StrategyLayout:
             else:
                 out[param] = param_layout(param, p, self.ndims[param], p.stages, self.strategy.source)
         return out
+
+
+def to_param_strategy(layout: ParamLayout) -> ParamStrategy:
+    """A native layout as MindSpore writes it: the mesh is the device matrix, axes counted from the right."""
+    names = layout.axis_names
+    index = {name: len(names) - 1 - j for j, name in enumerate(names)}
+    tmap: list[TensorMapEntry] = []
+    for axes in layout.spec:
+        if not axes:
+            tmap.append(-1)
+        else:
+            tmap.append(index[axes[0]] if len(axes) == 1 else tuple(index[a] for a in axes))
+    return ParamStrategy(layout.mesh_shape or (1,), tuple(tmap), 0, 0, layout.stages)
+
+
+def strategies_by_stage(params: dict[str, ParamLayout], shapes: dict[str, tuple[int, ...]],
+                        num_stages: int) -> list[dict[str, ParamStrategy]]:
+    """Per pipeline stage, the strategy entries of the parameters it holds (spec padded to the tensor rank)."""
+    stages: list[dict[str, ParamStrategy]] = [{} for _ in range(num_stages)]
+    for name, layout in params.items():
+        layout.check_shape(name, shapes[name])
+        padded = replace(layout, spec=layout.spec + ((),) * (len(shapes[name]) - len(layout.spec)))
+        for stage in layout.stages:
+            stages[stage][name] = to_param_strategy(padded)
+    return stages

@@ -1,0 +1,107 @@
+"""MindFormers' offline conversion semantics, for the drop-in scripts under `tools/`.
+
+`transform_checkpoint.py` takes a complete `.ckpt` file, a folder of complete `.ckpt` files (each converted on
+its own), or a folder of `rank_<n>/`, and writes `<dst>/<stem>/rank_<r>/<prefix><r>.ckpt` (stem: the file name
+up to its first dot, or the folder's name). Its multi-process mode gives converting rank `i * world/n` the
+destination ranks `[i * world/n, (i + 1) * world/n)`. We keep those results and drop the bugs: booleans parse
+as booleans, nothing is deleted or written into input folders, the file picked in a rank folder is logged,
+and every failure is an exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import ConfigError, JaxreshardError
+
+log = logging.getLogger(__name__)
+
+
+def parse_bool(text: str | bool) -> bool:
+    """'True'/'false'/'1'/'0'/'yes'/'no' -> bool (argparse's `type=bool` makes 'False' true)."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "y", "on"):
+        return True
+    if value in ("false", "0", "no", "n", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def strategy_arg(value: str | None) -> str | None:
+    """MindFormers spells 'no strategy' as an empty value or the string 'None'."""
+    return None if value in (None, "", "None", "none") else value
+
+
+def legacy_jobs(src_checkpoint: Path, dst_dir: Path) -> list[tuple[Path, Path]]:
+    """(source, destination) per conversion job, named like MindFormers' `<dst>/<stem>/`."""
+    src = Path(src_checkpoint)
+    if not src.exists():
+        raise ConfigError(f"{src}: --src_checkpoint does not exist")
+    if src.is_file():
+        if src.suffix != ".ckpt":
+            raise ConfigError(f"{src}: --src_checkpoint must be a .ckpt file or a folder")
+        return [(src, dst_dir / src.name.split(".")[0])]
+    if (src / "rank_0").is_dir():
+        return [(src, dst_dir / src.name)]
+    files = sorted(p for p in src.glob("*.ckpt") if p.is_file())
+    if not files:
+        raise ConfigError(f"{src}: no rank_0/ folder and no .ckpt files")
+    stems: dict[str, Path] = {}
+    for path in files:
+        stem = path.name.split(".")[0]
+        if stem in stems:  # MindFormers silently converts only one of them
+            raise ConfigError(f"{src}: {stems[stem].name} and {path.name} would both be written to {stem}/; rename one")
+        stems[stem] = path
+    return [(path, dst_dir / stem) for stem, path in stems.items()]
+
+
+def rank_block(rank_id: int | None, world_size: int, process_num: int) -> str | None:
+    """The destination ranks converting rank `rank_id` writes ('a-b'), or None if it converts none."""
+    if process_num < 1 or world_size % process_num:
+        raise ConfigError(f"--transform_process_num {process_num} must divide --world_size {world_size}")
+    size = world_size // process_num
+    if rank_id is None or rank_id % size:
+        return None
+    return f"{rank_id}-{rank_id + size - 1}"
+
+
+def transform_checkpoint(
+    src_checkpoint: str, dst_dir: str, src_strategy: str | None, dst_strategy: str | None, prefix: str,
+    rank_id: int | None, world_size: int | None, process_num: int, overwrite: bool = False,
+) -> int:  # fmt: skip
+    """`transform_checkpoint.py`: returns the exit code."""
+    from . import api
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jaxreshard").setLevel(logging.INFO)
+    try:
+        if not dst_dir:
+            dst_dir = str(Path.cwd() / "transformed_checkpoint")
+            log.warning("--dst_checkpoint_dir not given; writing to %s", dst_dir)
+        if rank_id is None and os.environ.get("RANK_ID", "").isdigit() and process_num > 1:
+            rank_id = int(os.environ["RANK_ID"])
+        for src, dst in legacy_jobs(Path(src_checkpoint), Path(dst_dir)):
+            job = api.plan_conversion(src, src_strategy=strategy_arg(src_strategy),
+                                      dst_strategy=strategy_arg(dst_strategy), prefix=prefix)
+            total = len(job.plan.ranks)
+            if world_size not in (None, 1, total):
+                raise ConfigError(f"--world_size {world_size} differs from the destination strategy's {total} ranks")
+            ranks = rank_block(rank_id, total, process_num) if rank_id is not None and process_num > 1 else None
+            if rank_id is not None and process_num > 1 and ranks is None:
+                log.info("rank %d converts nothing: converting ranks are multiples of %d", rank_id, total // process_num)
+                continue
+            report = api.convert(
+                src, dst, src_strategy=strategy_arg(src_strategy), dst_strategy=strategy_arg(dst_strategy),
+                prefix=prefix, ranks=ranks, process_num=process_num if ranks is None else 1,
+                overwrite=overwrite,
+            )  # fmt: skip
+            log.info("wrote %d file(s) under %s", len(report.files), dst)
+    except JaxreshardError as e:
+        print(f"transform_checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    return 0
