@@ -19,7 +19,8 @@ import numpy as np
 
 from .box import Box
 from .errors import FormatError, LayoutError
-from .formats.base import FileHandles, RankWriter, aligned_empty, read_box
+from .fill import fill_boxes
+from .formats.base import FileHandles, RankWriter, aligned_empty
 from .layout import ParamLayout
 from .plan import Plan, RankPlan, ShardPlan
 
@@ -107,7 +108,7 @@ def execute(
                     # source ranks): not one consistent sharded array, so written directly, one box at a time
                     for shard, ranks in shards.items():
                         buf = aligned_empty(shard.dst_box.shape, info.src_dtype)
-                        _fill(plan, shard, buf, handles)
+                        fill_boxes(plan, [(shard, buf)], handles)
                         emit(param, buf, ranks)
                     continue
                 layout = info.dst_layout
@@ -145,39 +146,20 @@ def _from_jax(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _build(plan: Plan, param: str, shards: dict[Box, ShardPlan], sharding: Any, handles: FileHandles) -> Any:
+    """The destination array of `param`: every needed box read up front (few large reads, see fill.py), then
+    handed to `make_array_from_callback` as aligned buffers JAX aliases instead of copying."""
     import jax
 
     info = plan.params[param]
     jax_dtype, tail = _jax_dtype(info.src_dtype)
-    cache: dict[Box, np.ndarray] = {}
+    bufs = {box: aligned_empty(box.shape, info.src_dtype) for box in shards}
+    fill_boxes(plan, [(shard, bufs[box]) for box, shard in shards.items()], handles)
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         box = Box.from_index(index[: len(info.shape)], info.shape)
-        buf = cache.get(box)
-        if buf is None:
-            buf = aligned_empty(box.shape, info.src_dtype)
-            shard = shards.get(box)
-            if shard is not None:  # boxes no planned rank needs (with --ranks) stay untouched memory
-                _fill(plan, shard, buf, handles)
-            cache[box] = buf
+        buf = bufs.get(box)
+        if buf is None:  # a box no planned rank needs (with --ranks): untouched memory, never written out
+            buf = bufs[box] = aligned_empty(box.shape, info.src_dtype)
         return buf.reshape(-1).view(jax_dtype).reshape(buf.shape + tail) if tail else buf
 
     return jax.make_array_from_callback(info.shape + tail, sharding, callback, dtype=jax_dtype)
-
-
-def _fill(plan: Plan, shard: ShardPlan, buf: np.ndarray, handles: FileHandles) -> None:
-    """Read every source region of `shard` into its place in `buf`."""
-    for item in shard.reads:
-        entry = plan.src_entries[item.src_rank][shard.param]
-        src_region = item.region.relative_to(item.src_box)
-        dst_region = item.region.relative_to(shard.dst_box)
-        if dst_region == Box.full(buf.shape):
-            read_box(handles, entry, src_region, buf)
-            continue
-        view = buf[dst_region.to_slices()]
-        if view.flags.c_contiguous:  # e.g. a block of leading rows: read in place, no extra copy
-            read_box(handles, entry, src_region, view)
-        else:
-            tmp = aligned_empty(src_region.shape, buf.dtype)
-            read_box(handles, entry, src_region, tmp)
-            view[...] = tmp

@@ -650,11 +650,11 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path, capsys, ckpt):
 @pytest.mark.parametrize(("exc", "code"), [(OSError(5, "Input/output error"), 2), (KeyboardInterrupt(), 130)])
 def test_failure_during_execution_leaves_no_output(tmp_path, capsys, monkeypatch, ckpt, layouts, exc, code):
     """A read failing after the temporary output exists (an I/O error, Ctrl-C): nothing is left behind.
-    Patches the executor's box reader (jaxreshard.execute.read_box) to fail on the third read."""
-    import jaxreshard.execute
+    Patches the executor's box reader (jaxreshard.fill.read_box) to fail on the third read."""
+    import jaxreshard.fill
 
     src, _ = ckpt
-    real = jaxreshard.execute.read_box
+    real = jaxreshard.fill.read_box
     calls = []
 
     def failing(*args, **kwargs):
@@ -663,7 +663,7 @@ def test_failure_during_execution_leaves_no_output(tmp_path, capsys, monkeypatch
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(jaxreshard.execute, "read_box", failing)
+    monkeypatch.setattr(jaxreshard.fill, "read_box", failing)
     before = sha_tree(src.parent)
     dst = tmp_path / "out"
     got = main(["convert", "--src", str(src), "--dst", str(dst), "--dst-layout", str(layouts["dp2mp4"])])

@@ -1,0 +1,66 @@
+"""Filling destination buffers from source files with few, large reads.
+
+A region that is contiguous both in its source file and in its destination buffer (row blocks) is read
+straight into place with one `preadv`. Strided regions (column blocks) would cost one small read per row,
+which is slow on a cold disk (1 MiB reads: 0.97 GB/s vs 64 MiB: 1.7 GB/s, spec/jax_and_io_notes.md), so
+when a parameter's strided regions cover most of their source rows, those rows are read once in slabs of
+`SLAB_BYTES` and every destination box cuts its columns from the slab: each source byte is read once, in big
+requests, and the extra memory is one slab.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from .box import Box, is_contiguous
+from .formats.base import FileHandles, TensorEntry, aligned_empty, read_box
+from .plan import Plan, ShardPlan
+
+SLAB_BYTES = 64 << 20  # reads this big run at full disk speed cold; small next to any tensor worth slabbing
+DENSE_ENOUGH = 0.5  # read whole slabs when at least this share of their bytes is wanted
+
+
+def fill_boxes(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]], handles: FileHandles) -> None:
+    """Read every source region of each `(shard, buffer)` into its place in the buffer."""
+    strided: dict[tuple[int, str], list[tuple[Box, np.ndarray]]] = defaultdict(list)
+    for shard, buf in targets:
+        for item in shard.reads:
+            entry = plan.src_entries[item.src_rank][shard.param]
+            src_region = item.region.relative_to(item.src_box)
+            dst_region = item.region.relative_to(shard.dst_box)
+            view = buf if dst_region == Box.full(buf.shape) else buf[dst_region.to_slices()]
+            if view.flags.c_contiguous and is_contiguous(src_region, entry.shape):
+                read_box(handles, entry, src_region, view)  # one read, straight into place
+            else:
+                strided[(item.src_rank, shard.param)].append((src_region, view))
+    for (src_rank, param), pieces in strided.items():
+        _read_strided(handles, plan.src_entries[src_rank][param], pieces)
+
+
+def _read_strided(handles: FileHandles, entry: TensorEntry, pieces: list[tuple[Box, np.ndarray]]) -> None:
+    lo = min(region.start[0] for region, _ in pieces)
+    hi = max(region.stop[0] for region, _ in pieces)
+    row_bytes = int(np.prod(entry.shape[1:], dtype=np.int64)) * entry.dtype.itemsize
+    wanted = sum(region.size for region, _ in pieces) * entry.dtype.itemsize
+    if wanted < DENSE_ENOUGH * (hi - lo) * row_bytes:  # sparse: read just the regions, run by run
+        for region, view in pieces:
+            tmp = aligned_empty(region.shape, entry.dtype)
+            read_box(handles, entry, region, tmp)
+            view[...] = tmp
+        return
+    rows = max(1, SLAB_BYTES // max(row_bytes, 1))
+    slab_buf = aligned_empty((min(rows, hi - lo), *entry.shape[1:]), entry.dtype)
+    rest = tuple(0 for _ in entry.shape[1:]), tuple(entry.shape[1:])
+    for r0 in range(lo, hi, rows):
+        r1 = min(hi, r0 + rows)
+        slab = slab_buf[: r1 - r0]
+        read_box(handles, entry, Box((r0, *rest[0]), (r1, *rest[1])), slab)
+        for region, view in pieces:
+            a, b = max(region.start[0], r0), min(region.stop[0], r1)
+            if a >= b:
+                continue
+            cols = tuple(slice(s, e) for s, e in zip(region.start[1:], region.stop[1:]))
+            view[a - region.start[0] : b - region.start[0]] = slab[(slice(a - r0, b - r0), *cols)]
