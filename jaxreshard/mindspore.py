@@ -25,6 +25,7 @@ from .formats import SourceCheckpoint
 from .formats.mindspore_strategy import Strategy
 from .layout import COMPLETE, ParamLayout, unravel
 from .plan import ParamInfo, Plan, RankPlan, ShardPlan, full_shape
+from .ranklist import rank_list_for_transform
 from .strategy import param_layout
 
 OPTIMIZER_PREFIXES = ("accu_grads", "adam_v", "adam_m")  # ignored when choosing the by-stage path
@@ -52,6 +53,14 @@ def plan_mindspore(
     """Plan a conversion with `transform_checkpoints` semantics (see the module docstring)."""
     if src is None and source.distributed:
         raise PlanError(f"{source.path}: a distributed source needs its strategy (--src-strategy)")
+    if src is not None and not uses_by_stage_path(src, dst):  # by stage: the other stages' folders are expected
+        total = src.stage_device_num * src.stage_num
+        extra = sorted(r for r in source.entries if r >= total)
+        if extra:
+            raise PlanError(
+                f"{source.path}: rank folders {extra} lie beyond the {total} ranks of the source strategy "
+                f"{src.source}; is it the strategy this checkpoint was saved with?"
+            )
     planner = _Planner(source, src, dst, exact_replicas)
     if uses_by_stage_path(src, dst):
         n_dst = dst.stage_device_num  # type: ignore[union-attr]
@@ -88,8 +97,8 @@ class _Planner:
         for rank in load_ranks:
             if rank not in self.source.orders:
                 raise PlanError(
-                    f"{self.source.path}: the checkpoint of source rank {rank} (folder rank_{rank}) is needed for "
-                    f"destination rank {dst_rank} but it is missing"
+                    f"{self.source.path}: the checkpoint file of rank {rank} (folder rank_{rank}) is needed for "
+                    f"converting rank {dst_rank}'s checkpoint, but it is missing"
                 )
             for name in self.source.orders[rank]:
                 order.setdefault(name)
@@ -104,11 +113,8 @@ class _Planner:
             for name in self.dst.params:
                 if name not in dst_map:
                     src_map.pop(name, None)
-        if self.src is None:
-            load = [0]
-        else:
-            stages = sorted({s for p in src_map.values() for s in p.stages}, reverse=True)  # type: ignore[union-attr]
-            load = [s * self.n_src + local % self.n_src for s in stages]
+        load = rank_list_for_transform(rank, src_map, dst_map, self.n_src, self.n_dst,
+                                       self.src.source if self.src else "")
         names = [n for n in self._names(load, rank) if not (self._dropped(n, self.src, src_map) and
                                                       self._dropped(n, self.dst, dst_map))]
         return self._rank_plan(rank, local, dst_file, names, src_map, dst_map, load)
@@ -203,7 +209,7 @@ class _Planner:
         if info is None:
             dtype = full_shape(name, src_layout, self.source.entries)[1]
             info = ParamInfo(name, shape, dtype, dtype, src_layout, dst_layout)
-            self._grids[name] = source_grid(name, shape, src_layout, self.source.entries, strict=False)
+            self._grids[name] = source_grid(name, shape, src_layout, self.source.entries)
         elif info.dst_layout != dst_layout:  # a shared parameter laid out differently per stage: write per rank
             info = replace(info, direct=True)
         self.infos[name] = info

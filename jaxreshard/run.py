@@ -43,9 +43,12 @@ def parse_ranks(text: str | None) -> list[int] | None:
     try:
         for part in str(text).split(","):
             lo, _, hi = part.strip().partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
+            first, last = int(lo), int(hi or lo)
+            if first > last:
+                raise ValueError
+            out.extend(range(first, last + 1))
     except ValueError:
-        raise ConfigError(f"--ranks {text!r} is not a rank list; write e.g. 0-3,8") from None
+        raise ConfigError(f"--ranks {text!r} is not a rank list; write e.g. 0-3,8 (ranges ascending)") from None
     return sorted(set(out))
 
 

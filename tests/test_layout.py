@@ -120,10 +120,11 @@ def test_read_layout_files(tmp_path):
 def test_shipped_layouts_parse():
     from pathlib import Path
 
-    files = sorted((Path(__file__).parents[1] / "configs" / "layouts").glob("*.yaml"))
+    files = sorted((Path(__file__).parents[1] / "configs" / "layouts").glob("llama_*.yaml"))
     assert len(files) >= 5
     for path in files:
         assert read_layout(path).num_ranks == 8, path
+    assert read_layout(files[0].parent / "fixture_dp2mp4pp2.yaml").num_ranks == 16
 
 
 def test_layout_from_mesh():
