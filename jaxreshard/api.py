@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .distributed import cluster_from, owned_ranks
+from .distributed import start as start_cluster
 from .errors import ConfigError, JaxreshardError
 from .formats import SourceCheckpoint, open_source
 from .formats.writers import OUTPUT_FORMATS
@@ -155,6 +157,9 @@ def convert(
     exact_replicas: bool = False,
     ranks: str | Iterable[int] | None = None,
     process_num: int = 1,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
 ) -> ConvertReport:
     """Convert `src` (complete or per-rank) into `dst` laid out by `dst_layout` / `dst_strategy` (none = complete).
 
@@ -170,6 +175,13 @@ def convert(
         src, src_layout=src_layout, dst_layout=dst_layout, src_strategy=src_strategy, dst_strategy=dst_strategy,
         prefix=prefix, dtype=dtype, output_format=output_format, exact_replicas=exact_replicas, ranks=wanted,
     )  # fmt: skip
+    cluster = cluster_from(coordinator_address, num_processes, process_id)
+    if cluster is not None:
+        n = max((i.dst_layout.devices_per_stage for i in job.plan.params.values()), default=1)
+        local = start_cluster(cluster, n)
+        mine = set(owned_ranks([r.dst_rank for r in job.plan.ranks], n, local, cluster.process_id))
+        job = replace(job, plan=replace(job.plan, ranks=tuple(r for r in job.plan.ranks if r.dst_rank in mine)))
+        wanted = sorted(mine)
     check_destination(dst, [job.source.path], overwrite=overwrite or wanted is not None)
     if hf and (len(job.plan.ranks) != 1 or job.output_format != "safetensors" or wanted is not None):
         raise ConfigError("--hf writes one complete safetensors checkpoint; it cannot be combined with a "

@@ -86,7 +86,7 @@ def _require(opts: JobOptions, *names: str) -> None:
         raise ConfigError(f"missing required option(s) {', '.join(missing)}")
 
 
-def _int(value: str | None, flag: str, default: int = 1) -> int:
+def _int(value: str | None, flag: str, default: int | None = 1) -> int | None:
     if value is None:
         return default
     try:
@@ -149,7 +149,9 @@ def run(task: str, opts: JobOptions) -> int:
     _require(opts, "dst")
     report = api.convert(
         opts.src, opts.dst, hf=opts.hf, max_file_size=opts.max_file_size, overwrite=opts.overwrite,
-        progress=not opts.quiet, ranks=opts.ranks, process_num=_int(opts.process_num, "--process-num"), **common,
+        progress=not opts.quiet, ranks=opts.ranks, process_num=_int(opts.process_num, "--process-num"),
+        coordinator_address=opts.coordinator_address, num_processes=_int(opts.num_processes, "--num-processes", None),
+        process_id=_int(opts.process_id, "--process-id", None), **common,
     )  # fmt: skip
     rate = report.stats.write_bytes / max(report.seconds, 1e-9)
     print(

@@ -36,6 +36,9 @@ class JobOptions:
     max_file_size: str | None = _opt(None, "with --hf: largest part file, e.g. 5GB or 500MiB")
     ranks: str | None = _opt(None, "write only these destination ranks, e.g. 0-3,8 (each node its own share)")
     process_num: str | None = _opt(None, "convert with N processes, each a contiguous block of ranks (N divides them)")
+    coordinator_address: str | None = _opt(None, "multi-host: host:port of process 0 (jax.distributed)")
+    num_processes: str | None = _opt(None, "multi-host: number of processes in the jax.distributed job")
+    process_id: str | None = _opt(None, "multi-host: this process's index in the jax.distributed job")
     overwrite: bool = _opt(False, "replace an existing non-empty destination (only after the new one is complete)")
     exact_replicas: bool = _opt(False, "read every block from the replica MindSpore would (only matters when "
                                 "data-parallel copies differ); default: each block read once")

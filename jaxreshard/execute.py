@@ -19,7 +19,7 @@ import numpy as np
 
 from .box import Box
 from .errors import FormatError, LayoutError
-from .fill import fill_boxes
+from .fill import fill_boxes, prefetch
 from .formats.base import FileHandles, RankWriter, aligned_empty
 from .layout import ParamLayout
 from .plan import Plan, RankPlan, ShardPlan
@@ -80,7 +80,7 @@ def execute(
     import jax
     from jax.sharding import NamedSharding
 
-    devices = jax.devices("cpu")
+    devices = sorted(jax.devices("cpu"), key=lambda d: (d.process_index, d.id))  # rank r = device r, by process
     writers: dict[int, RankWriter] = {}
     users: dict[str, dict[ShardPlan, list[int]]] = {p: {} for p in plan.params}
     for rank in plan.ranks:
@@ -97,11 +97,12 @@ def execute(
             writers[rank].write(param, out)
             on_bytes(out.nbytes)
 
+    order = [p for p in plan.params if users[p]]
     with FileHandles() as handles:
-        for param, info in plan.params.items():
-            shards = users[param]
-            if not shards:
-                continue
+        for i, param in enumerate(order):
+            info, shards = plan.params[param], users[param]
+            if i + 1 < len(order):
+                prefetch(plan, list(users[order[i + 1]]), handles)
             try:
                 if info.direct or len({s.dst_box for s in shards}) < len(shards):
                     # per-rank copies (MindSpore pass-through, or replicas deliberately read from different

@@ -10,12 +10,13 @@ requests, and the extra memory is one slab.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 
-from .box import Box, is_contiguous
+from .box import Box, byte_runs, is_contiguous
 from .formats.base import FileHandles, TensorEntry, aligned_empty, read_box
 from .plan import Plan, ShardPlan
 
@@ -64,3 +65,25 @@ def _read_strided(handles: FileHandles, entry: TensorEntry, pieces: list[tuple[B
                 continue
             cols = tuple(slice(s, e) for s, e in zip(region.start[1:], region.stop[1:]))
             view[a - region.start[0] : b - region.start[0]] = slab[(slice(a - r0, b - r0), *cols)]
+
+
+def prefetch(plan: Plan, shards: Sequence[ShardPlan], handles: FileHandles) -> None:
+    """Ask the kernel to start reading the source bytes of `shards` now (`POSIX_FADV_WILLNEED`), so the disk
+    works on the next parameter while this one is copied and written. Only a hint: errors are ignored."""
+    for shard in shards:
+        for item in shard.reads:
+            entry = plan.src_entries[item.src_rank][shard.param]
+            region = item.region.relative_to(item.src_box)
+            runs = list(byte_runs(region, entry.shape, entry.dtype.itemsize)) if region.size else []
+            if not runs:
+                continue
+            first, last = runs[0][0], runs[-1][0] + runs[-1][1]
+            try:
+                fd = handles.fd(entry.path)
+                for file_offset, length in entry.segments:  # map the tensor byte span through its segments
+                    lo, hi = max(first, 0), min(last, length)
+                    if lo < hi:
+                        os.posix_fadvise(fd, file_offset + lo, hi - lo, os.POSIX_FADV_WILLNEED)
+                    first, last = first - length, last - length
+            except OSError:
+                pass

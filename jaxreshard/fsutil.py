@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,15 +37,13 @@ def atomic_output(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
     dst = Path(dst).absolute()
     check_destination(dst, [], overwrite=overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    if tmp.exists():  # left by a killed run of ours with the same pid
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = partial_dir(dst)
     try:
         yield tmp
         fsync_tree(tmp)
         if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            old.rmdir()
             os.rename(dst, old)
             os.rename(tmp, dst)
             shutil.rmtree(old)  # replaced only after the new output is complete, as --overwrite asked
@@ -54,6 +53,13 @@ def atomic_output(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def partial_dir(dst: Path) -> Path:
+    """A fresh, uniquely named temporary sibling `.<name>.partial-<random>` of `dst` (unique per process and
+    thread, so concurrent writers of one destination never share it)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
 
 
 def fsync_tree(root: Path) -> None:

@@ -169,9 +169,14 @@ class _Planner:
         return RankPlan(rank, dst_file, tuple(shards), tuple(extras), tuple(transformed + copied))
 
     def _src_layout(self, name: str) -> ParamLayout:
+        """The source layout MindSpore uses (the lowest stage's); a parameter shared by pipeline stages with
+        different layouts is read only from the stages laid out that way, as MindSpore (lowest rank wins) does."""
+        chosen = self.src.params[name]  # type: ignore[union-attr]
+        key = (chosen.dev_matrix, chosen.tensor_map, chosen.opt_shard_step, chosen.opt_shard_size)
+        stages = tuple(s for s, p in self.src.entries[name]  # type: ignore[union-attr]
+                       if (p.dev_matrix, p.tensor_map, p.opt_shard_step, p.opt_shard_size) == key)
         entry = next(e[name] for e in self.source.entries.values() if name in e)
-        return param_layout(name, self.src.params[name], len(entry.shape), self.src.params[name].stages,
-                            self.src.source)  # type: ignore[union-attr]
+        return param_layout(name, chosen, len(entry.shape), stages, self.src.source)  # type: ignore[union-attr]
 
     def _copy_source(self, name: str, src_local: int, load_desc: list[int]) -> int:
         """The lowest loaded global rank with local index `src_local` whose file has `name`."""

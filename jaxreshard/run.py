@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import ConfigError, OutputExistsError
 from .execute import execute
 from .formats.writers import writer_factory
-from .fsutil import atomic_output, fsync_tree
+from .fsutil import atomic_output, fsync_tree, partial_dir
 from .plan import Plan
 
 
@@ -71,9 +71,7 @@ def run_plan(
     taken = [f for f in folders if (dst / f).exists()]
     if taken and not overwrite:
         raise OutputExistsError(f"{dst}: {', '.join(taken)} already exist; pass --overwrite to replace them")
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(dst)
     try:
         _execute(plan, tmp, output, process_num, on_bytes)
         fsync_tree(tmp)
