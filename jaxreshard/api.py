@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .distributed import cluster_from, owned_ranks
+from .distributed import Cluster, cluster_from, owned_ranks
 from .distributed import start as start_cluster
 from .errors import ConfigError, JaxreshardError
 from .formats import SourceCheckpoint, open_source
@@ -168,14 +168,25 @@ def convert(
     complete; an existing non-empty `dst` needs `overwrite`. `ranks` ("0-3,8") writes only those destination
     ranks, each rank folder committed on its own; `process_num` splits the ranks over that many processes.
     """
-    start = time.perf_counter()
-    dst = Path(dst)
     wanted = parse_ranks(ranks) if isinstance(ranks, str) or ranks is None else sorted(set(ranks))
     job = plan_conversion(
         src, src_layout=src_layout, dst_layout=dst_layout, src_strategy=src_strategy, dst_strategy=dst_strategy,
         prefix=prefix, dtype=dtype, output_format=output_format, exact_replicas=exact_replicas, ranks=wanted,
     )  # fmt: skip
-    cluster = cluster_from(coordinator_address, num_processes, process_id)
+    return write_job(
+        job, Path(dst), overwrite=overwrite, progress=progress, ranks=wanted, process_num=process_num, hf=hf,
+        max_file_bytes=parse_size(max_file_size),
+        cluster=cluster_from(coordinator_address, num_processes, process_id),
+    )  # fmt: skip
+
+
+def write_job(
+    job: Job, dst: Path, *, overwrite: bool = False, progress: bool = False, ranks: list[int] | None = None,
+    process_num: int = 1, hf: bool = False, max_file_bytes: int | None = None, cluster: Cluster | None = None,
+) -> ConvertReport:  # fmt: skip
+    """Write a planned job (the second half of `convert`, shared by merge-lora)."""
+    start = time.perf_counter()
+    wanted = ranks
     if cluster is not None:
         n = max((i.dst_layout.devices_per_stage for i in job.plan.params.values()), default=1)
         local = start_cluster(cluster, n)
@@ -187,7 +198,7 @@ def convert(
         raise ConfigError("--hf writes one complete safetensors checkpoint; it cannot be combined with a "
                           "destination layout or strategy, --ranks, or --output-format ckpt")
     stats = plan_stats(job.plan)
-    output = Output(job.output_format, hf, parse_size(max_file_size), job.mindspore)
+    output = Output(job.output_format, hf, max_file_bytes, job.mindspore)
     from .progress import Progress
 
     with Progress(stats.write_bytes, enabled=progress) as bar:

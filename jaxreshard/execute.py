@@ -8,7 +8,9 @@ handed to the writer of every rank that holds it. Only one parameter's boxes are
 
 from __future__ import annotations
 
+import gc
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +27,8 @@ from .layout import ParamLayout
 from .plan import Plan, RankPlan, ShardPlan
 
 log = logging.getLogger(__name__)
+
+GC_BYTES = 4 << 20  # collect the young generation after parameters this big (1 ms), so buffers never pile up
 
 WriterFactory = Callable[[Path, list[tuple[str, np.dtype, tuple[int, ...]]], RankPlan], RankWriter]
 
@@ -97,37 +101,45 @@ def execute(
             writers[rank].write(param, out)
             on_bytes(out.nbytes)
 
+    def write_param(param: str, handles: FileHandles) -> None:
+        """One parameter, start to finish; its buffers die with this frame (before the next is allocated)."""
+        info, shards = plan.params[param], users[param]
+        if info.direct or len({s.dst_box for s in shards}) < len(shards):
+            # per-rank copies (MindSpore pass-through, or replicas deliberately read from different source
+            # ranks): not one consistent sharded array, so written directly, one box at a time
+            for shard, ranks in shards.items():
+                buf = aligned_empty(shard.dst_box.shape, info.src_dtype)
+                fill_boxes(plan, [(shard, buf)], handles)
+                if info.fold is not None:
+                    info.fold.apply(param, [(shard.dst_box, buf)])
+                emit(param, buf, ranks)
+            return
+        layout = info.dst_layout
+        mesh = meshes.get(layout.mesh_axes)
+        if mesh is None:
+            mesh = meshes[layout.mesh_axes] = _mesh(layout, devices)
+        by_box = {s.dst_box: s for s in shards}
+        array = _build(plan, param, by_box, NamedSharding(mesh, layout.partition_spec()), handles)
+        n = layout.devices_per_stage
+        local_of = {d.id: i for i, d in enumerate(mesh.devices.flat)}
+        for piece in array.addressable_shards:  # each rank gets the shard of its own device
+            shard = by_box.get(Box.from_index(piece.index[: len(info.shape)], info.shape))
+            if shard is not None:
+                ranks = [r for r in shards[shard] if r % n == local_of[piece.device.id]]
+                emit(param, _from_jax(np.asarray(piece.data), info.src_dtype), ranks)
+        array.delete()  # release the device buffers (our aliased host memory) now, not at some later collection
+
     order = [p for p in plan.params if users[p]]
     with FileHandles() as handles:
         for i, param in enumerate(order):
-            info, shards = plan.params[param], users[param]
             if i + 1 < len(order):
                 prefetch(plan, list(users[order[i + 1]]), handles)
             try:
-                if info.direct or len({s.dst_box for s in shards}) < len(shards):
-                    # per-rank copies (MindSpore pass-through, or replicas deliberately read from different
-                    # source ranks): not one consistent sharded array, so written directly, one box at a time
-                    for shard, ranks in shards.items():
-                        buf = aligned_empty(shard.dst_box.shape, info.src_dtype)
-                        fill_boxes(plan, [(shard, buf)], handles)
-                        emit(param, buf, ranks)
-                    continue
-                layout = info.dst_layout
-                mesh = meshes.get(layout.mesh_axes)
-                if mesh is None:
-                    mesh = meshes[layout.mesh_axes] = _mesh(layout, devices)
-                by_box = {s.dst_box: s for s in shards}
-                array = _build(plan, param, by_box, NamedSharding(mesh, layout.partition_spec()), handles)
+                write_param(param, handles)
             except OSError as e:
                 raise FormatError(f"parameter {param!r}: reading the source failed: {e}") from e
-            n = layout.devices_per_stage
-            local_of = {d.id: i for i, d in enumerate(mesh.devices.flat)}
-            for piece in array.addressable_shards:  # each rank gets the shard of its own device
-                shard = by_box.get(Box.from_index(piece.index[: len(info.shape)], info.shape))
-                if shard is not None:
-                    ranks = [r for r in shards[shard] if r % n == local_of[piece.device.id]]
-                    emit(param, _from_jax(np.asarray(piece.data), info.src_dtype), ranks)
-            del array
+            if plan.params[param].src_dtype.itemsize * math.prod(plan.params[param].shape) >= GC_BYTES:
+                gc.collect(1)  # make_array_from_callback leaves a reference cycle holding our buffers
     for writer in writers.values():
         writer.close()
 
@@ -155,6 +167,8 @@ def _build(plan: Plan, param: str, shards: dict[Box, ShardPlan], sharding: Any, 
     jax_dtype, tail = _jax_dtype(info.src_dtype)
     bufs = {box: aligned_empty(box.shape, info.src_dtype) for box in shards}
     fill_boxes(plan, [(shard, bufs[box]) for box, shard in shards.items()], handles)
+    if info.fold is not None:
+        info.fold.apply(param, list(bufs.items()))
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         box = Box.from_index(index[: len(info.shape)], info.shape)

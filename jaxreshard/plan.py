@@ -11,7 +11,7 @@ import heapq
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import ml_dtypes
 import numpy as np
@@ -41,6 +41,7 @@ class ParamInfo:
     src_layout: ParamLayout
     dst_layout: ParamLayout
     direct: bool = False  # written rank by rank without JAX: per-rank copies that are not one sharded array
+    fold: Any = None  # a lora.LoraFold merged into each destination box after it is read
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +78,13 @@ def make_plan(
     prefix: str = "checkpoint_",
     suffix: str = ".safetensors",
     dst_ranks: Iterable[int] | None = None,
+    strict: bool = True,
 ) -> Plan:
     """Plan a conversion; raises `PlanError`/`LayoutError`/`FormatError` before anything is written.
 
     `src_entries` maps each global source rank to its tensors (one rank, 0, for a complete source);
-    `None` layouts mean complete. `dst_ranks` restricts the plan to some destination ranks.
+    `None` layouts mean complete. `dst_ranks` restricts the plan to some destination ranks. `strict=False`
+    accepts rank files that lack parameters a replica holds (checkpoints saved with redundancy removed).
     """
     names = merge_orders([list(src_entries[rank]) for rank in sorted(src_entries)])
     src_params = src_layout.resolve(names) if src_layout is not None else {p: COMPLETE for p in names}
@@ -110,7 +113,7 @@ def make_plan(
     bad = [r for r in wanted if not 0 <= r < dst_total]
     if bad:
         raise PlanError(f"destination ranks {bad} do not exist; the destination layout has ranks 0-{dst_total - 1}")
-    grids = {p: source_grid(p, info.shape, info.src_layout, src_entries) for p, info in infos.items()}
+    grids = {p: source_grid(p, info.shape, info.src_layout, src_entries, strict=strict) for p, info in infos.items()}
     covers: dict[tuple[str, Box], ShardPlan] = {}
     ranks = []
     for rank in wanted:

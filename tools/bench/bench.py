@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 MIB = 1 << 20
 LAYOUT = REPO / "configs" / "layouts" / "llama_dp2mp4.yaml"
+DATA = REPO / "bench_data"  # set from --data
 
 
 def llama_params(size_gib: float) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
@@ -144,6 +145,8 @@ def main() -> int:
     ap.add_argument("--no-mindspore", action="store_true")
     ap.add_argument("--flatness", action="store_true", help="also compare peak RSS on 1 GiB vs 4 GiB checkpoints")
     args = ap.parse_args()
+    global DATA
+    DATA = args.data
     ms_py = None if args.no_mindspore else find_mindspore(args.mindspore_python)
     py = sys.executable
     rows = []
@@ -176,11 +179,11 @@ def bench_format(data: Path, fmt: str, size_gib: float, ms_py: str | None, py: s
         # split: complete -> dp2mp4
         cmd = [py, "-m", "jaxreshard", "convert", "--src", str(src.parent.parent), "--dst", str(split),
                "--dst-strategy", str(dst_strategy), "-q"]
-        split_wall, split_rss, split_bytes = run_step(cmd, cache, [src.parent.parent], split)
+        split_wall, split_rss, split_bytes = run_step(cmd, cache, [src.parent.parent], split, DATA)
         (root / "floor").mkdir()
         copies = max(1, round(split_bytes / src_bytes))
         floor_wall, _, _ = run_step([py, "-c", FLOOR, str(src), *[str(root / "floor" / f"o{i}") for i in range(copies)]],
-                                    cache, [src], root / "floor")
+                                    cache, [src], root / "floor", DATA)
         ms_split = ms_step(ms_py, src.parent.parent, root / "ms_split", "-", str(dst_strategy), fmt, cache)
         rows.append(dict(step=f"{fmt} complete -> 8 ranks", cache=cache, wall=split_wall, rss=split_rss,
                          bytes=split_bytes + src_bytes, floor=floor_wall, ms=ms_split))
@@ -188,9 +191,10 @@ def bench_format(data: Path, fmt: str, size_gib: float, ms_py: str | None, py: s
         # merge: dp2mp4 -> complete
         cmd = [py, "-m", "jaxreshard", "convert", "--src", str(split), "--dst", str(merged),
                "--src-strategy", str(dst_strategy), "-q"]
-        merge_wall, merge_rss, merge_bytes = run_step(cmd, cache, [split], merged)
+        merge_wall, merge_rss, merge_bytes = run_step(cmd, cache, [split], merged, DATA)
         (root / "floor").mkdir()
-        floor_wall, _, _ = run_step([py, "-c", FLOOR, str(src), str(root / "floor" / "o")], cache, [src], root / "floor")
+        floor_wall, _, _ = run_step([py, "-c", FLOOR, str(src), str(root / "floor" / "o")], cache, [src], root / "floor",
+                                    DATA)
         ms_merge = ms_step(ms_py, split, root / "ms_merged", str(dst_strategy), "-", fmt, cache)
         rows.append(dict(step=f"{fmt} 8 ranks -> complete", cache=cache, wall=merge_wall, rss=merge_rss,
                          bytes=2 * src_bytes, floor=floor_wall, ms=ms_merge))
@@ -203,10 +207,11 @@ def bench_format(data: Path, fmt: str, size_gib: float, ms_py: str | None, py: s
     return rows
 
 
-def run_step(cmd, cache, inputs, output) -> tuple[float, float, int]:
-    if cache == "cold":
-        drop_cache(*inputs)
-    elif cache == "warm":  # read everything once so it is in the page cache
+def run_step(cmd, cache, inputs, output, data: Path | None = None) -> tuple[float, float, int]:
+    # Evict everything this benchmark wrote first: MindSpore refuses to load a .ckpt larger than MemFree (page
+    # cache not counted), and earlier steps' outputs would otherwise crowd the cache for every tool alike.
+    drop_cache(*([data] if data is not None else inputs))
+    if cache == "warm":  # read the inputs once so they are in the page cache
         for root in inputs:
             for p in [root] if root.is_file() else root.rglob("*"):
                 if p.is_file():
@@ -221,7 +226,8 @@ def run_step(cmd, cache, inputs, output) -> tuple[float, float, int]:
 def ms_step(ms_py, src, dst, s_src, s_dst, fmt, cache) -> tuple[float, float] | None:
     if ms_py is None:
         return None
-    wall, rss, _ = run_step([ms_py, "-c", MINDSPORE, str(src), str(dst), s_src, s_dst, fmt], cache, [Path(src)], dst)
+    wall, rss, _ = run_step([ms_py, "-c", MINDSPORE, str(src), str(dst), s_src, s_dst, fmt], cache, [Path(src)], dst,
+                            DATA)
     return wall, rss
 
 
