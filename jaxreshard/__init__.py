@@ -6,6 +6,9 @@ Public API (everything else is internal and may change):
 from .api import ConvertReport as ConvertReport
 from .api import convert as convert
 from .api import plan_conversion as plan_conversion
+from .api import save_strategy as save_strategy
+from .auto import auto_convert as auto_convert
+from .auto import auto_convert_from_config as auto_convert_from_config
 from .errors import ConfigError as ConfigError
 from .errors import FormatError as FormatError
 from .errors import JaxreshardError as JaxreshardError
@@ -18,3 +21,5 @@ from .layout import layout_from_mesh as layout_from_mesh
 from .layout import read_layout as read_layout
 from .plan import Plan as Plan
 from .plan import make_plan as make_plan
+from .merge import merge_lora as merge_lora
+from .merge import unify as unify

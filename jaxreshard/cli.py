@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         ("plan", "print what convert would read and write, per rank; writes nothing"),
         ("inspect", "list parameters, shapes, dtypes, bytes, and which rank holds which block"),
         ("strategy", "write MindSpore strategy files for a native layout and a checkpoint's parameters"),
+        ("merge-lora", "fold LoRA branches into their base weights (complete or any destination layout)"),
+        ("unify", "merge distributed safetensors into complete Hugging Face-style part files + index"),
         ("quickstart", "run the built-in example: split, reshard, merge and check the bytes"),
     ):
         p = sub.add_parser(task, help=help_text, description=help_text)
@@ -118,6 +120,43 @@ def _inspect(opts: JobOptions):
     return describe.describe_source(source, layout)
 
 
+def _float(value: str | None, flag: str) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        raise ConfigError(f"{flag} must be a number, got {value!r}") from None
+
+
+def _merge(task: str, opts: JobOptions) -> int:
+    from . import api, merge
+    from .compat import parse_bool
+
+    _require(opts, "dst")
+    if task == "merge-lora":
+        job = merge.plan_merge_lora(
+            opts.src, adapter=opts.adapter, src_layout=opts.src_layout, src_strategy=opts.src_strategy,
+            dst_layout=opts.dst_layout, dst_strategy=opts.dst_strategy,
+            lora_scaling=_float(opts.lora_scaling, "--lora-scaling"), keep_optimizer_states=opts.keep_optimizer_states,
+            fan_in_fan_out=opts.fan_in_fan_out, prefix=opts.prefix, output_format=opts.output_format,
+        )  # fmt: skip
+        report = api.write_job(job, Path(opts.dst), overwrite=opts.overwrite, progress=not opts.quiet, hf=opts.hf,
+                               max_file_bytes=api.parse_size(opts.max_file_size),
+                               process_num=_int(opts.process_num, "--process-num"))
+        print(f"wrote {len(report.files)} file(s) to {report.dst}")
+        return 0
+    try:
+        redundancy = None if opts.has_redundancy is None else parse_bool(opts.has_redundancy)
+    except ValueError:
+        raise ConfigError(f"--has-redundancy must be true or false, got {opts.has_redundancy!r}") from None
+    job = merge.plan_unify(opts.src, src_layout=opts.src_layout, src_strategy=opts.src_strategy,
+                           file_suffix=opts.file_suffix, has_redundancy=redundancy,
+                           filter_out_param_prefix=opts.filter_out_param_prefix)
+    files = merge.write_unified(job, Path(opts.dst), max_file_bytes=api.parse_size(opts.max_file_size or "5GB"),
+                                process_num=_int(opts.process_num, "--process-num"), overwrite=opts.overwrite)
+    print(f"wrote {len(files)} file(s) to {opts.dst}")
+    return 0
+
+
 def run(task: str, opts: JobOptions) -> int:
     from . import api, describe
 
@@ -131,6 +170,8 @@ def run(task: str, opts: JobOptions) -> int:
         files = api.save_strategy(opts.src, opts.layout, opts.out, overwrite=opts.overwrite)
         print(f"wrote {len(files)} strategy file(s) to {opts.out}")
         return 0
+    if task in ("merge-lora", "unify"):
+        return _merge(task, opts)
     if task == "inspect":
         for line in _inspect(opts):
             print(line)

@@ -105,3 +105,68 @@ def transform_checkpoint(
         print(f"transform_checkpoint: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run(tool: str, body) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("jaxreshard").setLevel(logging.INFO)
+    try:
+        body()
+    except JaxreshardError as e:
+        print(f"{tool}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def transform_ckpt_lora(src: str, src_strategy: str | None, dst_dir: str, prefix: str, lora_scaling: float | None,
+                        save_format: str, overwrite: bool = False) -> int:
+    """`transform_ckpt_lora.py`: one complete `dst_dir/merged_lora.<format>` with every LoRA branch folded in.
+    Unlike MindFormers: no silent scale of 1 (the scale is required), the destination folder is created, a
+    transposed base works, optimizer states are dropped, and a distributed source is merged in full."""
+    import shutil
+    import tempfile
+
+    from .merge import merge_lora
+
+    def body() -> None:
+        if lora_scaling is None:
+            raise ConfigError("--lora_scaling is required (MindFormers silently used 1): lora_alpha / r")
+        out = Path(dst_dir) / f"merged_lora.{save_format}"
+        if out.exists() and not overwrite:
+            raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".merged_lora.", dir=dst_dir))
+        try:
+            merge_lora(src, work / "out", src_strategy=strategy_arg(src_strategy), lora_scaling=lora_scaling,
+                       prefix=prefix, output_format=save_format)
+            os.replace(work / "out" / "rank_0" / f"{prefix}0.{save_format}", out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        log.info("wrote %s", out)
+
+    return _run("transform_ckpt_lora", body)
+
+
+def unified_safetensors(src_strategy_dirs: str | None, ckpt_dir: str, output_dir: str, file_suffix: str | None,
+                        has_redundancy: bool | None, filter_out_param_prefix: list[str], max_process_num: int,
+                        overwrite: bool = False) -> int:
+    """`unified_safetensors.py`: MindSpore's unified layout under `<output_dir>/<suffix>_ckpt_convert/unified_safe/`
+    (`part{i}.safetensors`, `param_name_map.json`, `hyper_param.safetensors` for parameters outside the strategy)
+    so MindFormers' loaders accept it. Unlike MindFormers: nothing is deleted first, filtered parameters appear
+    nowhere, the strategy folder is merged in memory, and a failed worker fails the command."""
+    from .formats.mindspore_strategy import read_strategy
+    from .merge import plan_unify, write_unified
+
+    def body() -> None:
+        strategy = strategy_arg(src_strategy_dirs)
+        prefixes = [*filter_out_param_prefix, "accu_grads"]
+        job = plan_unify(ckpt_dir, src_strategy=strategy, file_suffix=file_suffix, has_redundancy=has_redundancy,
+                         filter_out_param_prefix=prefixes)
+        known = set(read_strategy(Path(strategy)).params) if strategy else set()
+        hyper = [p for p in job.plan.params if strategy and p not in known]
+        dst = Path(output_dir) / f"{file_suffix}_ckpt_convert" / "unified_safe"  # MindFormers: "None_..." too
+        files = write_unified(job, dst, layout="ms", process_num=max(1, max_process_num), overwrite=overwrite,
+                              hyper=hyper)
+        log.info("wrote %d file(s) to %s", len(files), dst)
+
+    return _run("unified_safetensors", body)

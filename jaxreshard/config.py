@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-TASKS = ("convert", "plan", "inspect", "strategy", "quickstart")
+TASKS = ("convert", "plan", "inspect", "strategy", "merge-lora", "unify", "quickstart")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -43,6 +43,15 @@ class JobOptions:
     exact_replicas: bool = _opt(False, "read every block from the replica MindSpore would (only matters when "
                                 "data-parallel copies differ); default: each block read once")
     quiet: bool = _opt(False, "no progress bar", short="-q")
+    adapter: str | None = _opt(None, "merge-lora: a PEFT adapter folder (adapter_model.safetensors + adapter_config.json)")
+    lora_scaling: str | None = _opt(None, "merge-lora: the LoRA scale s in W + s*B@A (default: from adapter_config.json)")
+    keep_optimizer_states: bool = _opt(False, "merge-lora: keep adam_m/adam_v/accu_grads states (dropped by default)")
+    fan_in_fan_out: bool = _opt(False, "merge-lora: base weights are stored (in, out) (PEFT fan_in_fan_out)")
+    file_suffix: str | None = _opt(None, "unify: in each rank folder take the one *<suffix>.safetensors")
+    has_redundancy: str | None = _opt(None, "unify: true if every rank still holds its replicas (checked against "
+                                      "the files' remove_redundancy metadata)")
+    filter_out_param_prefix: tuple[str, ...] = _opt((), "unify: drop parameters whose names start with these",
+                                                    nargs="+")
     layout: str | None = _opt(None, "strategy only: the native layout YAML to write MindSpore strategy files for")
     out: str | None = _opt(None, "strategy only: the directory to write the strategy files into")
     workdir: str = _opt("quickstart_output", "quickstart only: where the example and its conversions go")

@@ -107,6 +107,16 @@ def _source(path: Path, suffix: str, distributed: bool, files: dict[int, Path]) 
     )  # fmt: skip
 
 
+def source_from_files(path: Path, files: dict[int, Path]) -> SourceCheckpoint:
+    """A distributed source whose rank files were chosen by the caller (e.g. by file suffix)."""
+    if not files:
+        raise FormatError(f"{path}: no rank_<n> folders")
+    suffixes = {p.suffix for p in files.values()}
+    if len(suffixes) > 1:
+        raise FormatError(f"{path}: rank files mix formats {sorted(suffixes)}")
+    return _source(Path(path), suffixes.pop(), len(files) > 1 or 0 not in files, dict(sorted(files.items())))
+
+
 def open_source(path: str | Path) -> SourceCheckpoint:
     """Index a source checkpoint (see the module docstring for the accepted shapes)."""
     path = Path(path)

@@ -53,32 +53,64 @@ def writer_factory(output_format: str, dst_dir: Path, *, hf: bool = False, max_f
     return make
 
 
-class HfWriter:
-    """A complete checkpoint as `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`.
+def hf_layout(params: Params, max_file_bytes: int | None) -> tuple[list[list[int]], list[str], str]:
+    """Hugging Face: greedy in order, `model-0000i-of-0000n.safetensors`, `model.safetensors.index.json`."""
+    groups = split_into_files([_nbytes(p) for p in params], max_file_bytes)
+    return groups, [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))], HF_INDEX
 
-    File boundaries are fixed up front from the sizes (no renames at the end); the index is written last,
-    after every part is complete, so a reader never sees an index pointing at a missing part.
-    """
 
-    def __init__(self, dst_dir: Path, params: Params, max_file_bytes: int | None):
-        sizes = [math.prod(shape) * np.dtype(dt).itemsize for _, dt, shape in params]
-        groups = split_into_files(sizes, max_file_bytes)
-        self._dst_dir = dst_dir
-        self._total = sum(sizes)
-        self._writers: list[SafetensorsWriter] = []
-        self._file_of: dict[str, int] = {}
+MS_PART_BYTES = 3 << 30  # MindSpore's unified_safetensors cuts parts of about 3 GiB
+
+
+def ms_layout(params: Params, part_bytes: int = MS_PART_BYTES) -> tuple[list[list[int]], list[str], str]:
+    """MindSpore's `unified_safetensors`: ceil(total / 3 GiB) parts filled biggest tensor first into the
+    emptiest part, `part{i}.safetensors`, `param_name_map.json`."""
+    sizes = [_nbytes(p) for p in params]
+    count = max(1, -(-sum(sizes) // part_bytes))
+    groups: list[list[int]] = [[] for _ in range(count)]
+    load = [0] * count
+    for i in sorted(range(len(params)), key=lambda i: -sizes[i]):
+        j = load.index(min(load))
+        groups[j].append(i)
+        load[j] += sizes[i]
+    groups = [sorted(g) for g in groups if g]
+    return groups, [f"part{i}.safetensors" for i in range(len(groups))], "param_name_map.json"
+
+
+def _nbytes(param: tuple[str, np.dtype, tuple[int, ...]]) -> int:
+    return math.prod(param[2]) * np.dtype(param[1]).itemsize
+
+
+class PartsWriter:
+    """A complete checkpoint cut into part files (`only`: the parts this process writes); `close` writes the
+    index (`weight_map`, `metadata.total_size`) last, after every part is complete, when `index` is set."""
+
+    def __init__(self, dst_dir: Path, params: Params, layout: tuple[list[list[int]], list[str], str],
+                 only: set[int] | None = None, index: bool = True, metadata: dict[str, str] | None = None):
+        groups, names, self._index_name = layout
+        self._dst_dir, self._index = dst_dir, index
+        self._total = sum(_nbytes(p) for p in params)
+        self._weight_map = {params[j][0]: names[i] for i, g in enumerate(groups) for j in g}
+        self._writers: dict[str, SafetensorsWriter] = {}
         for i, group in enumerate(groups):
-            name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-            self._writers.append(SafetensorsWriter(dst_dir / name, [params[j] for j in group]))
-            for j in group:
-                self._file_of[params[j][0]] = i
+            if only is None or i in only:
+                self._writers[names[i]] = SafetensorsWriter(dst_dir / names[i], [params[j] for j in group], metadata)
 
     def write(self, param: str, array: np.ndarray) -> None:
-        self._writers[self._file_of[param]].write(param, array)
+        self._writers[self._weight_map[param]].write(param, array)
 
     def close(self) -> None:
-        for writer in self._writers:
+        for writer in self._writers.values():
             writer.close()
-        weight_map = {p: self._writers[i].path.name for p, i in self._file_of.items()}
-        index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
-        (self._dst_dir / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if self._index:
+            write_index(self._dst_dir / self._index_name, self._weight_map, self._total)
+
+
+def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:
+    path.write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def HfWriter(dst_dir: Path, params: Params, max_file_bytes: int | None) -> PartsWriter:  # noqa: N802
+    """A complete checkpoint as `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`; file
+    boundaries are fixed up front from the sizes (no renames at the end)."""
+    return PartsWriter(dst_dir, params, hf_layout(params, max_file_bytes))
