@@ -23,3 +23,6 @@ from .plan import Plan as Plan
 from .plan import make_plan as make_plan
 from .merge import merge_lora as merge_lora
 from .merge import unify as unify
+from .load import layout_from_strategy as layout_from_strategy
+from .load import layout_from_yaml as layout_from_yaml
+from .load import load as load

@@ -105,13 +105,30 @@ def plan_conversion(
     for side, layout, strategy in (("src", src_layout, src_strategy), ("dst", dst_layout, dst_strategy)):
         if layout is not None and strategy is not None:
             raise ConfigError(f"give --{side}-layout or --{side}-strategy, not both")
+    from .formats.orbax_io import is_orbax, plan_orbax_source, read_orbax_metadata
+
+    if is_orbax(Path(src)):
+        if src_layout is not None or src_strategy is not None:
+            raise ConfigError(f"{src}: an orbax checkpoint holds whole arrays; it takes no source layout")
+        fmt = output_format or "safetensors"
+        dst_s = read_strategy(Path(dst_strategy)) if dst_strategy else None
+        from .execute import ensure_cpu_devices
+
+        # orbax imports JAX, so the fake devices the destination needs must be set up before reading metadata
+        ensure_cpu_devices(dst_s.stage_device_num if dst_s else getattr(as_layout(dst_layout), "devices_per_stage", 1))
+        ndims = {n: len(shape) for n, (shape, _) in read_orbax_metadata(Path(src)).items()}
+        dst_l = StrategyLayout(dst_s, ndims) if dst_s else as_layout(dst_layout)
+        plan = plan_orbax_source(Path(src), dst_l, prefix=prefix, suffix="." + fmt)
+        source = SourceCheckpoint(Path(src), ".orbax", False, {}, {})
+        return Job(with_dtype(plan, parse_dtype(dtype)), source, fmt, False)
     source = open_source(src)
     fmt = output_format or source.suffix.lstrip(".")
     if fmt not in OUTPUT_FORMATS:
         raise ConfigError(f"--output-format {fmt!r} is not supported; use one of {', '.join(OUTPUT_FORMATS)}")
     src_s = read_strategy(Path(src_strategy)) if src_strategy is not None else None
     dst_s = read_strategy(Path(dst_strategy)) if dst_strategy is not None else None
-    mindspore = (src_s is not None or dst_s is not None) and src_layout is None and dst_layout is None
+    mindspore = (src_s is not None or dst_s is not None) and src_layout is None and dst_layout is None \
+        and fmt != "orbax"  # orbax output holds complete arrays: native semantics
     if mindspore:
         plan = plan_mindspore(source, src_s, dst_s, prefix=prefix, suffix="." + fmt, dst_ranks=ranks,
                               exact_replicas=exact_replicas)
@@ -124,7 +141,8 @@ def plan_conversion(
                 f"{source.path}: this is a distributed checkpoint ({len(source.entries)} rank folders); pass the "
                 "layout it was saved with as --src-layout (or --src-strategy)"
             )
-        plan = make_plan(source.entries, src_l, dst_l, prefix=prefix, suffix="." + fmt, dst_ranks=ranks)
+        plan = make_plan(source.entries, src_l, dst_l, prefix=prefix, suffix="." + fmt if fmt != "orbax" else "",
+                         dst_ranks=ranks)
         extras = source.extras.get(min(source.entries), {})
         if extras:  # text entries go to every rank, as MindSpore's pass-through does
             plan = replace(plan, ranks=tuple(replace(r, extras=tuple(extras.items())) for r in plan.ranks))
@@ -194,6 +212,16 @@ def write_job(
         job = replace(job, plan=replace(job.plan, ranks=tuple(r for r in job.plan.ranks if r.dst_rank in mine)))
         wanted = sorted(mine)
     check_destination(dst, [job.source.path], overwrite=overwrite or wanted is not None)
+    if job.output_format == "orbax":
+        if wanted is not None or process_num != 1 or hf:
+            raise ConfigError("--output-format orbax writes one orbax checkpoint in one process: no --ranks, "
+                              "--process-num or --hf")
+        from .formats.orbax_io import write_orbax
+
+        write_orbax(job.plan, dst, overwrite=overwrite)
+        stats = plan_stats(job.plan)
+        files = tuple(sorted(p for p in dst.rglob("*") if p.is_file()))
+        return ConvertReport(dst, files, stats, time.perf_counter() - start)
     if hf and (len(job.plan.ranks) != 1 or job.output_format != "safetensors" or wanted is not None):
         raise ConfigError("--hf writes one complete safetensors checkpoint; it cannot be combined with a "
                           "destination layout or strategy, --ranks, or --output-format ckpt")

@@ -62,7 +62,7 @@ def ensure_cpu_devices(count: int) -> None:
         )
 
 
-def _mesh(layout: ParamLayout, devices: Sequence[Any]) -> Any:
+def make_mesh(layout: ParamLayout, devices: Sequence[Any]) -> Any:
     from jax.sharding import Mesh
 
     n = layout.devices_per_stage
@@ -117,9 +117,9 @@ def execute(
         layout = info.dst_layout
         mesh = meshes.get(layout.mesh_axes)
         if mesh is None:
-            mesh = meshes[layout.mesh_axes] = _mesh(layout, devices)
+            mesh = meshes[layout.mesh_axes] = make_mesh(layout, devices)
         by_box = {s.dst_box: s for s in shards}
-        array = _build(plan, param, by_box, NamedSharding(mesh, layout.partition_spec()), handles)
+        array = build_array(plan, param, by_box, NamedSharding(mesh, layout.partition_spec()), handles)
         n = layout.devices_per_stage
         local_of = {d.id: i for i, d in enumerate(mesh.devices.flat)}
         for piece in array.addressable_shards:  # each rank gets the shard of its own device
@@ -153,28 +153,42 @@ def _jax_dtype(dtype: np.dtype) -> tuple[np.dtype, tuple[int, ...]]:
 
 
 def _from_jax(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype.itemsize == 8:
+    if dtype.itemsize == 8 and data.dtype != dtype:  # carried as uint32 pairs (sources that restore arrays
+        # themselves, like orbax, hand back the real dtype)
         return data.reshape(-1).view(dtype).reshape(data.shape[:-1])
     return data
 
 
-def _build(plan: Plan, param: str, shards: dict[Box, ShardPlan], sharding: Any, handles: FileHandles) -> Any:
+def build_array(
+    plan: Plan, param: str, shards: dict[Box, ShardPlan], sharding: Any, handles: FileHandles, *, native: bool = False
+) -> Any:  # fmt: skip
     """The destination array of `param`: every needed box read up front (few large reads, see fill.py), then
-    handed to `make_array_from_callback` as aligned buffers JAX aliases instead of copying."""
+    handed to `make_array_from_callback` as aligned buffers JAX aliases instead of copying.
+
+    For rank files (`native=False`) the array keeps the source dtype, 64-bit types carried as uint32 pairs; for
+    arrays handed to the user or to orbax (`native=True`) it has the destination dtype itself.
+    """
     import jax
 
     info = plan.params[param]
-    jax_dtype, tail = _jax_dtype(info.src_dtype)
+    if info.restore is not None:  # a source that reshards on read (orbax)
+        return info.restore.restore(param, sharding, info.dst_dtype if native else info.src_dtype)
     bufs = {box: aligned_empty(box.shape, info.src_dtype) for box in shards}
     fill_boxes(plan, [(shard, bufs[box]) for box, shard in shards.items()], handles)
     if info.fold is not None:
         info.fold.apply(param, list(bufs.items()))
+    dtype = info.dst_dtype if native else info.src_dtype
+    if dtype != info.src_dtype:
+        for box, buf in list(bufs.items()):
+            cast = bufs[box] = aligned_empty(box.shape, dtype)
+            np.copyto(cast, buf, casting="unsafe")
+    jax_dtype, tail = (dtype, ()) if native else _jax_dtype(dtype)
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         box = Box.from_index(index[: len(info.shape)], info.shape)
         buf = bufs.get(box)
         if buf is None:  # a box no planned rank needs (with --ranks): untouched memory, never written out
-            buf = bufs[box] = aligned_empty(box.shape, info.src_dtype)
+            buf = bufs[box] = aligned_empty(box.shape, dtype)
         return buf.reshape(-1).view(jax_dtype).reshape(buf.shape + tail) if tail else buf
 
     return jax.make_array_from_callback(info.shape + tail, sharding, callback, dtype=jax_dtype)

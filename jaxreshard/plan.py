@@ -42,6 +42,7 @@ class ParamInfo:
     dst_layout: ParamLayout
     direct: bool = False  # written rank by rank without JAX: per-rank copies that are not one sharded array
     fold: Any = None  # a lora.LoraFold merged into each destination box after it is read
+    restore: Any = None  # a source that restores whole arrays in any sharding itself (orbax_io.OrbaxSource)
 
 
 @dataclass(frozen=True, slots=True)

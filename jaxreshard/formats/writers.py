@@ -15,7 +15,7 @@ from .safetensors_io import DTYPE_CODES, HF_INDEX, SafetensorsWriter, split_into
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = ("safetensors", "ckpt")
+OUTPUT_FORMATS = ("safetensors", "ckpt", "orbax")
 Params = list[tuple[str, np.dtype, tuple[int, ...]]]
 
 # safetensors' Dtype enum order; `save_file` stores tensors by descending dtype, then by name

@@ -1,0 +1,211 @@
+"""Orbax checkpoints, through orbax's public v1 API only (`metadata`, `load` with `partial_load`, `partial.save`).
+
+Reading: orbax already reshards on read, so an orbax parameter is restored straight into the sharding the
+destination needs, one parameter at a time (`partial_load`), never the whole tree. Writing: parameters are added
+to the checkpoint in batches of at most `SAVE_BATCH_BYTES` with `partial.save` and committed by `finalize`, so the
+output never needs the whole model in memory either; each array keeps its destination sharding, which orbax
+records in the metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FormatError
+
+SAVE_BATCH_BYTES = 512 << 20  # bounded memory per partial save; big enough that per-save overhead is small
+
+
+def is_orbax(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "_CHECKPOINT_METADATA").is_file()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def read_orbax_metadata(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Parameter name -> (shape, dtype), from the checkpoint metadata alone (nested keys joined with '.')."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    try:
+        meta = ocp.metadata(str(path)).metadata
+    except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "not a readable checkpoint"
+        raise FormatError(f"{path}: not a readable orbax checkpoint: {e}") from None
+    return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in _flatten(meta).items()}
+
+
+def _nest(flat: Mapping[str, Any], keys: Mapping[str, tuple[str, ...]]) -> dict:
+    out: dict = {}
+    for name, value in flat.items():
+        node = out
+        path = keys[name]
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+class OrbaxSource:
+    """Restores single parameters of an orbax checkpoint into any sharding."""
+
+    def __init__(self, path: Path):
+        import orbax.checkpoint.experimental.v1 as ocp
+
+        self.path = Path(path)
+        meta = ocp.metadata(str(self.path)).metadata
+        self._keys = _key_paths(meta)
+        self.params = read_orbax_metadata(self.path)
+
+    def restore(self, param: str, sharding: Any, dtype: np.dtype) -> Any:
+        import jax
+        import orbax.checkpoint.experimental.v1 as ocp
+
+        shape, _ = self.params[param]
+        ctx = ocp.Context()
+        ctx.pytree.loading.partial_load = True  # restore this one parameter, not the whole tree
+        try:
+            with ctx, x64(np.dtype(dtype).itemsize == 8):
+                target = _nest({param: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)}, self._keys)
+                restored = ocp.load(str(self.path), target)
+        except Exception as e:  # noqa: BLE001
+            raise FormatError(f"{self.path}: restoring parameter {param!r} failed: {e}") from None
+        return _flatten(restored)[param]
+
+
+@contextlib.contextmanager
+def x64(needed: bool):
+    """64-bit types for the duration of an orbax call. JAX's `enable_x64` context is thread-local and orbax
+    works in its own threads, so the global flag is set and restored (only when a 64-bit array needs it)."""
+    import jax
+
+    before = jax.config.jax_enable_x64
+    if needed and not before:
+        jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        if needed and not before:
+            jax.config.update("jax_enable_x64", False)
+
+
+def _key_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    if isinstance(tree, Mapping):
+        out: dict[str, tuple[str, ...]] = {}
+        for key, value in tree.items():
+            out.update(_key_paths(value, (*prefix, str(key))))
+        return out
+    return {".".join(prefix): prefix}
+
+
+class OrbaxWriter:
+    """Adds arrays to an orbax checkpoint in bounded batches; `close` finalizes (commits) it."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._batch: dict[str, Any] = {}
+        self._bytes = 0
+        self._written = 0
+
+    def add(self, param: str, array: Any) -> None:
+        self._batch[param] = array
+        self._bytes += array.nbytes
+        if self._bytes >= SAVE_BATCH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        import orbax.checkpoint.experimental.v1 as ocp
+
+        if self._batch:
+            ocp.partial.save(str(self.path), self._batch)
+            self._written += len(self._batch)
+            self._batch, self._bytes = {}, 0
+
+    def close(self) -> None:
+        import orbax.checkpoint.experimental.v1 as ocp
+
+        self._flush()
+        if self._written:
+            ocp.partial.finalize(str(self.path))
+
+
+def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str) -> Any:
+    """A plan whose parameters orbax restores straight into each destination sharding (no byte ranges)."""
+    from ..box import Box
+    from ..layout import COMPLETE
+    from ..plan import ParamInfo, Plan, RankPlan, ShardPlan
+
+    source = OrbaxSource(path)
+    names = list(source.params)
+    dst = dst_layout.resolve(names) if dst_layout is not None else {n: COMPLETE for n in names}
+    infos = {}
+    for name in names:
+        shape, dtype = source.params[name]
+        dst[name].check_shape(name, shape)
+        infos[name] = ParamInfo(name, shape, dtype, dtype, COMPLETE, dst[name], restore=source)
+    total = dst_layout.num_ranks if dst_layout is not None else 1
+    ranks = []
+    for rank in range(total):
+        shards = []
+        for name, info in infos.items():
+            n = info.dst_layout.devices_per_stage
+            if rank // n in info.dst_layout.stages:
+                shards.append(ShardPlan(name, info.dst_layout.box(info.shape, rank % n), ()))
+        ranks.append(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", tuple(shards)))
+    return Plan(infos, tuple(ranks), {})
+
+
+def write_orbax(plan: Any, dst: Path, *, overwrite: bool) -> None:
+    """The complete parameters of `plan` as one orbax checkpoint at `dst`, each array carrying its destination
+    sharding; written into a temporary sibling and renamed into place when finalized."""
+    import os
+    import shutil
+
+    from ..execute import ensure_cpu_devices
+    from ..fsutil import partial_dir
+
+    if any(info.direct for info in plan.params.values()):
+        raise FormatError("orbax output holds complete parameters; MindSpore pass-through copies cannot be written")
+    ensure_cpu_devices(max((i.dst_layout.devices_per_stage for i in plan.params.values()), default=1))
+    tmp = partial_dir(Path(dst))
+    try:
+        with x64(any(i.dst_dtype.itemsize == 8 for i in plan.params.values())):  # keep 64-bit parameters 64-bit
+            _write_all(plan, tmp / "checkpoint")
+        if Path(dst).exists():
+            if not overwrite:
+                raise FormatError(f"{dst}: exists; pass --overwrite")
+            shutil.rmtree(dst)
+        os.rename(tmp / "checkpoint", dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_all(plan: Any, path: Path) -> None:
+    """Build each parameter on its destination mesh and add it to the checkpoint, batch by batch."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    from ..execute import build_array, make_mesh
+    from ..formats.base import FileHandles
+
+    devices = sorted(jax.devices("cpu"), key=lambda d: (d.process_index, d.id))
+    boxes: dict[str, dict] = {}
+    for rank in plan.ranks:
+        for shard in rank.shards:
+            boxes.setdefault(shard.param, {})[shard.dst_box] = shard
+    writer = OrbaxWriter(path)
+    with FileHandles() as handles:
+        for param, info in plan.params.items():
+            sharding = NamedSharding(make_mesh(info.dst_layout, devices), info.dst_layout.partition_spec())
+            writer.add(param, build_array(plan, param, boxes.get(param, {}), sharding, handles, native=True))
+    writer.close()
