@@ -145,12 +145,13 @@ class LoraFold:
                 delta = (self.scaling * (b[c0:c1] @ a[:, r0:r1])).T
             else:
                 delta = self.scaling * (b[r0:r1] @ a[:, c0:c1])
-            merged = buf.astype(work) + delta
-            if not np.isfinite(merged).all():
-                raise FormatError(f"merging LoRA {self.module!r} into {param!r} gives NaN or Inf; check the "
-                                  "adapter and --lora-scaling")
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+                merged = (buf.astype(work) + delta).astype(buf.dtype)
+            if not np.isfinite(merged.astype(np.float32) if merged.dtype.itemsize < 4 else merged).all():
+                raise FormatError(f"merging LoRA {self.module!r} into {param!r} gives NaN or Inf in {buf.dtype}; "
+                                  "check the adapter and --lora-scaling")
             worst = max(worst, float(np.abs(delta).max()) if delta.size else 0.0)
-            buf[...] = merged.astype(buf.dtype)
+            buf[...] = merged
         log.info("merged LoRA %s into %s (scale %g): max |delta| %.6g", self.module, param, self.scaling, worst)
 
 

@@ -53,11 +53,13 @@ def plan_merge_lora(
     cfg = scaling.config or {}
     fan_in_fan_out = fan_in_fan_out or bool(cfg.get("fan_in_fan_out"))
     src_names = merge_orders([list(source.entries[r]) for r in sorted(source.entries)])
-    pairs = find_pairs(src_names + [n for n in adapter_entries if n not in src_names])
+    weights = [n for n in src_names if not n.startswith(OPTIMIZER_PREFIXES)]  # adam_m.X.lora_a is no LoRA pair
+    pairs = find_pairs(weights + [n for n in adapter_entries if n not in src_names])
     if not pairs:
         raise PlanError(f"{source.path}{' and ' + str(adapter_path) if adapter_path else ''}: no LoRA factors "
                         "(*.lora_A.weight, *.lora_a, *.mindpet_delta_lora_a) found")
     kept: dict[int, dict[str, TensorEntry]] = {}
+    stored: dict[str, str] = {}  # output name -> name in the source (X.weight <- X.base_layer.weight)
     for rank, entries in source.entries.items():
         out: dict[str, TensorEntry] = {}
         for name, entry in entries.items():
@@ -69,8 +71,11 @@ def plan_merge_lora(
             if new in out:
                 raise FormatError(f"{entry.path}: both {new!r} and {name!r} are present; which is the base?")
             out[new] = entry
+            stored[new] = name
         kept[rank] = out
     src_l, dst_l = _layouts(source, src_names, src_layout, src_strategy, dst_layout, dst_strategy)
+    if src_l is not None:  # the source layout describes the stored names, the destination the output names
+        src_l = _StoredNames(src_l, stored)
     fmt = output_format or source.suffix.lstrip(".")
     plan = make_plan(kept, src_l, dst_l, prefix=prefix, suffix="." + fmt)
     factors_in_src = {r: {n: e for n, e in entries.items() if is_lora(n)} for r, entries in source.entries.items()}
@@ -87,6 +92,18 @@ def plan_merge_lora(
         fold = fold_for(module, pair, params[base].shape, factors, scaling.for_module(module), fan_in_fan_out)
         params[base] = replace(params[base], fold=fold)
     return Job(replace(plan, params=params), source, fmt, False)
+
+
+class _StoredNames:
+    """A source layout resolved over the names parameters have in the source files."""
+
+    def __init__(self, inner, stored: dict[str, str]):
+        self.inner, self.stored, self.num_ranks = inner, stored, inner.num_ranks
+
+    def resolve(self, names):
+        names = list(names)
+        resolved = self.inner.resolve([self.stored.get(n, n) for n in names])
+        return {n: resolved[self.stored.get(n, n)] for n in names}
 
 
 def pick_by_suffix(source_dir: Path, file_suffix: str | None) -> dict[int, Path] | None:
@@ -131,6 +148,9 @@ def plan_unify(
     kept = {r: {n: e for n, e in entries.items() if not n.startswith(tuple(filter_out_param_prefix))}
             for r, entries in source.entries.items()}
     names = merge_orders([list(kept[r]) for r in sorted(kept)])
+    if not names:
+        raise ConfigError(f"{source.path}: --filter-out-param-prefix {list(filter_out_param_prefix)} leaves no "
+                          "parameter to write")
     src_l, _ = _layouts(source, names, src_layout, src_strategy, None, None)
     strict = not (deduped or has_redundancy is False)
     plan = make_plan(kept, src_l, None, strict=strict)
