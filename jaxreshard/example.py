@@ -6,6 +6,7 @@ Hugging Face Llama names, grouped-query attention (fewer key/value heads than qu
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +71,11 @@ def write_llama_checkpoint(path: Path, shape: LlamaShape = LlamaShape(), seed: i
     """Write the example as one complete safetensors file, one tensor at a time."""
     params = llama_params(shape)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = SafetensorsWriter(path, params)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    writer = SafetensorsWriter(tmp, params)
     for name, dtype, dims in params:
         writer.write(name, llama_tensor(name, dtype, dims, seed))
     writer.close()
+    os.replace(tmp, path)  # complete or absent, never half written
     return path
