@@ -19,10 +19,10 @@ from .layout import Layout as Layout
 from .layout import ParamLayout as ParamLayout
 from .layout import layout_from_mesh as layout_from_mesh
 from .layout import read_layout as read_layout
-from .plan import Plan as Plan
-from .plan import make_plan as make_plan
-from .merge import merge_lora as merge_lora
-from .merge import unify as unify
 from .load import layout_from_strategy as layout_from_strategy
 from .load import layout_from_yaml as layout_from_yaml
 from .load import load as load
+from .merge import merge_lora as merge_lora
+from .merge import unify as unify
+from .plan import Plan as Plan
+from .plan import make_plan as make_plan

@@ -70,6 +70,40 @@ def parse_size(text: str | int | None) -> int | None:
     return int(float(m.group(1)) * scale[unit])
 
 
+def _one_per_side(src_layout: Any, src_strategy: Any, dst_layout: Any, dst_strategy: Any) -> None:
+    for side, layout, strategy in (("src", src_layout, src_strategy), ("dst", dst_layout, dst_strategy)):
+        if layout is not None and strategy is not None:
+            raise ConfigError(f"give --{side}-layout or --{side}-strategy, not both")
+
+
+def native_layouts(
+    source: SourceCheckpoint, src_layout: LayoutArg, src_strategy: Any, dst_layout: LayoutArg = None,
+    dst_strategy: Any = None, *, renamed: Mapping[str, str] | None = None,
+) -> tuple[LayoutLike | None, LayoutLike | None]:  # fmt: skip
+    """Source and destination layouts with native semantics, each from a layout (path/object) or a MindSpore
+    strategy (path or an already read `Strategy`); `renamed` adds output names (new -> stored) whose tensor
+    rank is the stored parameter's."""
+    from .formats.mindspore_strategy import Strategy, read_strategy
+    from .strategy import StrategyLayout
+
+    _one_per_side(src_layout, src_strategy, dst_layout, dst_strategy)
+    ndims = {p: len(e.shape) for entries in source.entries.values() for p, e in entries.items()}
+    ndims.update({new: ndims[old] for new, old in (renamed or {}).items() if old in ndims})
+
+    def one(layout: LayoutArg, strategy: Any) -> LayoutLike | None:
+        if strategy is None:
+            return as_layout(layout)
+        return StrategyLayout(strategy if isinstance(strategy, Strategy) else read_strategy(Path(strategy)), ndims)
+
+    src_l, dst_l = one(src_layout, src_strategy), one(dst_layout, dst_strategy)
+    if source.distributed and src_l is None:
+        raise ConfigError(
+            f"{source.path}: this is a distributed checkpoint ({len(source.entries)} rank folders); pass the "
+            "layout it was saved with as --src-layout (or --src-strategy)"
+        )
+    return src_l, dst_l
+
+
 @dataclass(frozen=True)
 class Job:
     """A planned conversion: the plan, its source, and how the output is written."""
@@ -102,9 +136,7 @@ def plan_conversion(
     from .mindspore import plan_mindspore
     from .strategy import StrategyLayout
 
-    for side, layout, strategy in (("src", src_layout, src_strategy), ("dst", dst_layout, dst_strategy)):
-        if layout is not None and strategy is not None:
-            raise ConfigError(f"give --{side}-layout or --{side}-strategy, not both")
+    _one_per_side(src_layout, src_strategy, dst_layout, dst_strategy)
     from .formats.orbax_io import is_orbax, plan_orbax_source, read_orbax_metadata
 
     if is_orbax(Path(src)):
@@ -133,14 +165,7 @@ def plan_conversion(
         plan = plan_mindspore(source, src_s, dst_s, prefix=prefix, suffix="." + fmt, dst_ranks=ranks,
                               exact_replicas=exact_replicas)
     else:
-        ndims = {p: len(e.shape) for entries in source.entries.values() for p, e in entries.items()}
-        src_l = StrategyLayout(src_s, ndims) if src_s is not None else as_layout(src_layout)
-        dst_l = StrategyLayout(dst_s, ndims) if dst_s is not None else as_layout(dst_layout)
-        if source.distributed and src_l is None:
-            raise ConfigError(
-                f"{source.path}: this is a distributed checkpoint ({len(source.entries)} rank folders); pass the "
-                "layout it was saved with as --src-layout (or --src-strategy)"
-            )
+        src_l, dst_l = native_layouts(source, src_layout, src_s, dst_layout, dst_s)
         plan = make_plan(source.entries, src_l, dst_l, prefix=prefix, suffix="." + fmt if fmt != "orbax" else "",
                          dst_ranks=ranks)
         extras = source.extras.get(min(source.entries), {})

@@ -77,7 +77,7 @@ def load(
     """
     import jax
 
-    from .api import as_layout, parse_dtype
+    from .api import native_layouts, parse_dtype
     from .execute import build_array
     from .formats import open_source
     from .formats.orbax_io import OrbaxSource, is_orbax
@@ -95,7 +95,7 @@ def load(
     else:
         source = open_source(src)
         names = merge_orders([list(source.entries[r]) for r in sorted(source.entries)])
-        layout = _src_layout(source, names, src_layout, src_strategy, as_layout)
+        layout, _ = native_layouts(source, src_layout, src_strategy)
         layouts = layout.resolve(names) if layout is not None else {n: COMPLETE for n in names}
         entries = source.entries
     mapping = {}
@@ -146,21 +146,6 @@ def load(
 
 def _few(names: list[str], limit: int = 10) -> str:
     return str(sorted(names)[:limit])[:-1] + (f", ... {len(names) - limit} more]" if len(names) > limit else "]")
-
-
-def _src_layout(source, names, src_layout, src_strategy, as_layout):
-    from .formats.mindspore_strategy import read_strategy
-    from .strategy import StrategyLayout
-
-    if src_layout is not None and src_strategy is not None:
-        raise ConfigError("give src_layout or src_strategy, not both")
-    if src_strategy is not None:
-        ndims = {p: len(e.shape) for entries in source.entries.values() for p, e in entries.items()}
-        return StrategyLayout(read_strategy(Path(src_strategy)), ndims)
-    layout = as_layout(src_layout)
-    if layout is None and source.distributed:
-        raise ConfigError(f"{source.path}: a distributed checkpoint needs src_layout or src_strategy")
-    return layout
 
 
 def shardings(layout: Any, params: Iterable[str] | Mapping[str, Sequence[int]] | str | Path, *,

@@ -6,34 +6,18 @@ atomically); this module only decides which parameters go out, under which names
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .api import Job, LayoutArg, as_layout
+from .api import Job, LayoutArg, native_layouts
 from .errors import ConfigError, FormatError, PlanError
-from .formats import SourceCheckpoint, open_source
+from .formats import open_source
 from .formats.base import TensorEntry
 from .lora import OPTIMIZER_PREFIXES, base_name, find_pairs, fold_for, is_lora, read_scaling, strip_peft
 from .plan import make_plan, merge_orders
-from .strategy import StrategyLayout
-
-
-def _layouts(source: SourceCheckpoint, names: Iterable[str], src_layout, src_strategy, dst_layout, dst_strategy):
-    from .formats.mindspore_strategy import read_strategy
-
-    for side, layout, strategy in (("src", src_layout, src_strategy), ("dst", dst_layout, dst_strategy)):
-        if layout is not None and strategy is not None:
-            raise ConfigError(f"give --{side}-layout or --{side}-strategy, not both")
-    ndims = {p: len(e.shape) for entries in source.entries.values() for p, e in entries.items()}
-    ndims.update({base_name(p): n for p, n in list(ndims.items())})
-    src_l = StrategyLayout(read_strategy(Path(src_strategy)), ndims) if src_strategy else as_layout(src_layout)
-    dst_l = StrategyLayout(read_strategy(Path(dst_strategy)), ndims) if dst_strategy else as_layout(dst_layout)
-    if source.distributed and src_l is None:
-        raise ConfigError(f"{source.path}: a distributed checkpoint needs --src-layout or --src-strategy")
-    return src_l, dst_l
 
 
 def plan_merge_lora(
@@ -73,7 +57,7 @@ def plan_merge_lora(
             out[new] = entry
             stored[new] = name
         kept[rank] = out
-    src_l, dst_l = _layouts(source, src_names, src_layout, src_strategy, dst_layout, dst_strategy)
+    src_l, dst_l = native_layouts(source, src_layout, src_strategy, dst_layout, dst_strategy, renamed=stored)
     if src_l is not None:  # the source layout describes the stored names, the destination the output names
         src_l = _StoredNames(src_l, stored)
     fmt = output_format or source.suffix.lstrip(".")
@@ -151,7 +135,7 @@ def plan_unify(
     if not names:
         raise ConfigError(f"{source.path}: --filter-out-param-prefix {list(filter_out_param_prefix)} leaves no "
                           "parameter to write")
-    src_l, _ = _layouts(source, names, src_layout, src_strategy, None, None)
+    src_l, _ = native_layouts(source, src_layout, src_strategy)
     strict = not (deduped or has_redundancy is False)
     plan = make_plan(kept, src_l, None, strict=strict)
     return Job(plan, replace(source, entries=kept), "safetensors", False)

@@ -8,7 +8,7 @@ and the executor only follows it (mergekit's planner/executor split, DCP's `Read
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from .box import Box
-from .coverage import ReadItem, check_exact_cover, cover, source_grid
+from .coverage import ReadItem, cover, source_grid
 from .errors import FormatError, LayoutError, PlanError
 from .formats.base import TensorEntry
 from .layout import COMPLETE, ParamLayout

@@ -8,13 +8,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .box import Box
 from .config import JobOptions
 from .describe import human_bytes
 from .errors import ConfigError, JaxreshardError
 from .example import write_llama_checkpoint
 from .formats import open_source
 from .formats.base import FileHandles, aligned_empty, read_box
-from .box import Box
 
 DEFAULT_LAYOUTS = ("configs/layouts/llama_dp2mp4.yaml", "configs/layouts/llama_dp2mp2pp2.yaml")
 

@@ -1,6 +1,5 @@
 """fill_boxes: direct reads, slab reads (dense column blocks) and run-by-run reads (sparse), all exact."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ Expected shards come from JAX itself (`NamedSharding.devices_indices_map` on a r
 jaxreshard's own box code, and every chain must return the original bytes exactly.
 """
 
-import itertools
 
 import ml_dtypes
 import numpy as np

@@ -37,9 +37,8 @@ import sys
 import time
 import traceback
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import Tensor
 from mindspore.train import node_strategy_pb2 as pb
 

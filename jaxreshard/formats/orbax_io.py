@@ -141,7 +141,6 @@ class OrbaxWriter:
 
 def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str) -> Any:
     """A plan whose parameters orbax restores straight into each destination sharding (no byte ranges)."""
-    from ..box import Box
     from ..layout import COMPLETE
     from ..plan import ParamInfo, Plan, RankPlan, ShardPlan
 
