@@ -254,7 +254,8 @@ def write_job(
     output = Output(job.output_format, hf, max_file_bytes, job.mindspore)
     from .progress import Progress
 
-    with Progress(stats.write_bytes, enabled=progress) as bar:
+    counts = dict(params=len(job.plan.params), ranks=len(job.plan.ranks))
+    with Progress(stats.write_bytes, enabled=progress, **counts) as bar:
         run_plan(job.plan, dst, output, overwrite=overwrite, some_ranks=wanted is not None,
                  process_num=process_num, on_bytes=bar.update)
     folders = {r.dst_file.split("/")[0] for r in job.plan.ranks} if not hf else {p.name for p in dst.iterdir()}

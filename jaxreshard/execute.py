@@ -76,9 +76,12 @@ def execute(
     dst_dir: Path,
     make_writer: WriterFactory,
     *,
-    on_bytes: Callable[[int], None] = lambda n: None,
+    on_bytes: Callable[..., None] = lambda n, param=None: None,
 ) -> None:
-    """Write every rank file of `plan` under `dst_dir` (which the caller has made and will commit)."""
+    """Write every rank file of `plan` under `dst_dir` (which the caller has made and will commit).
+
+    `on_bytes(n)` is called with the bytes of each rank write, and `on_bytes(0, param)` when a parameter is done.
+    """
     n_needed = max((info.dst_layout.devices_per_stage for info in plan.params.values()), default=1)
     ensure_cpu_devices(n_needed)  # before JAX is imported, so fake CPU devices can still be created
     import jax
@@ -138,6 +141,7 @@ def execute(
                 write_param(param, handles)
             except OSError as e:
                 raise FormatError(f"parameter {param!r}: reading the source failed: {e}") from e
+            on_bytes(0, param)
             if plan.params[param].src_dtype.itemsize * math.prod(plan.params[param].shape) >= GC_BYTES:
                 gc.collect(1)  # make_array_from_callback leaves a reference cycle holding our buffers
     for writer in writers.values():

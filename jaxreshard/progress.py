@@ -10,13 +10,21 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total_bytes: int, *, enabled: bool, desc: str = "writing") -> None:
+    """Bytes written (with rate and ETA) plus parameters done, for `ranks` destination ranks."""
+
+    def __init__(self, total_bytes: int, *, enabled: bool, params: int = 0, ranks: int = 0) -> None:
+        self._params, self._done = params, 0
         self._bar = tqdm(
-            total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-            disable=None if enabled else True, leave=False, dynamic_ncols=True,
+            total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=f"{ranks} rank(s)" if ranks else "writing", disable=None if enabled else True, leave=False,
+            dynamic_ncols=True,
         )  # fmt: skip
 
-    def update(self, nbytes: int) -> None:
+    def update(self, nbytes: int, param: str | None = None) -> None:
+        """Count written bytes; a `param` name marks that parameter done."""
+        if param is not None:
+            self._done += 1
+            self._bar.set_postfix_str(f"params {self._done}/{self._params}", refresh=False)
         self._bar.update(nbytes)
 
     def __enter__(self) -> Progress:

@@ -54,7 +54,7 @@ def parse_ranks(text: str | None) -> list[int] | None:
 
 def run_plan(
     plan: Plan, dst: Path, output: Output, *, overwrite: bool, some_ranks: bool, process_num: int = 1,
-    on_bytes=lambda n: None,
+    on_bytes=lambda n, param=None: None,
 ) -> None:  # fmt: skip
     """Write every rank of `plan` under `dst` (see the module docstring)."""
     if process_num < 1 or len(plan.ranks) % process_num:
