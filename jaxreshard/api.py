@@ -99,7 +99,7 @@ def native_layouts(
     if source.distributed and src_l is None:
         raise ConfigError(
             f"{source.path}: this is a distributed checkpoint ({len(source.entries)} rank folders); pass the "
-            "layout it was saved with as --src-layout (or --src-strategy)"
+            "layout it was saved with (--src-layout / src_layout=, or --src-strategy / src_strategy=)"
         )
     return src_l, dst_l
 

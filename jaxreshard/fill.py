@@ -3,9 +3,9 @@
 A region that is contiguous both in its source file and in its destination buffer (row blocks) is read
 straight into place with one `preadv`. Strided regions (column blocks) would cost one small read per row,
 which is slow on a cold disk (1 MiB reads: 0.97 GB/s vs 64 MiB: 1.7 GB/s, spec/jax_and_io_notes.md), so
-when a parameter's strided regions cover most of their source rows, those rows are read once in slabs of
+when a parameter's strided regions cover their source rows completely, those rows are read once in slabs of
 `SLAB_BYTES` and every destination box cuts its columns from the slab: each source byte is read once, in big
-requests, and the extra memory is one slab.
+requests, and the extra memory is one slab. Otherwise only the wanted runs are read, never a byte more.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from .formats.base import FileHandles, TensorEntry, aligned_empty, read_box
 from .plan import Plan, ShardPlan
 
 SLAB_BYTES = 64 << 20  # reads this big run at full disk speed cold; small next to any tensor worth slabbing
-DENSE_ENOUGH = 0.5  # read whole slabs when at least this share of their bytes is wanted
 
 
 def fill_boxes(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]], handles: FileHandles) -> None:
@@ -46,7 +45,8 @@ def _read_strided(handles: FileHandles, entry: TensorEntry, pieces: list[tuple[B
     hi = max(region.stop[0] for region, _ in pieces)
     row_bytes = int(np.prod(entry.shape[1:], dtype=np.int64)) * entry.dtype.itemsize
     wanted = sum(region.size for region, _ in pieces) * entry.dtype.itemsize
-    if wanted < DENSE_ENOUGH * (hi - lo) * row_bytes:  # sparse: read just the regions, run by run
+    if wanted < (hi - lo) * row_bytes:  # not every byte of the rows is wanted: read just the regions, run by run
+        # (a process must read only what its own devices need, e.g. one host of a multi-host load)
         for region, view in pieces:
             tmp = aligned_empty(region.shape, entry.dtype)
             read_box(handles, entry, region, tmp)

@@ -98,10 +98,12 @@ def load(
         layout, _ = native_layouts(source, src_layout, src_strategy)
         layouts = layout.resolve(names) if layout is not None else {n: COMPLETE for n in names}
         entries = source.entries
-    mapping = {}
+    mapping: dict[str, str] = {}
     for name in names:
         new = to_target(name)
         if new is not None:
+            if new in mapping:
+                raise ConfigError(f"rename maps both {mapping[new]!r} and {name!r} to {new!r}")
             mapping[new] = name
     infos, problems = {}, []
     missing = [t for t in order if t not in mapping]

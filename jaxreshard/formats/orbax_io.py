@@ -34,15 +34,32 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def read_orbax_metadata(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Parameter name -> (shape, dtype), from the checkpoint metadata alone (nested keys joined with '.')."""
+ORDER_KEY = "jaxreshard_param_order"  # custom metadata: the parameter order (orbax's own metadata is sorted)
+
+
+def _metadata(path: Path) -> tuple[Any, list[str]]:
+    """The checkpoint's metadata tree and the parameter order jaxreshard recorded (empty if another tool wrote it)."""
     import orbax.checkpoint.experimental.v1 as ocp
 
     try:
-        meta = ocp.metadata(str(path)).metadata
+        meta = ocp.metadata(str(path))
+        tree = meta.metadata
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "not a readable checkpoint"
         raise FormatError(f"{path}: not a readable orbax checkpoint: {e}") from None
-    return {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in _flatten(meta).items()}
+    broken = [n for n, m in _flatten(tree).items() if m is None or not hasattr(m, "shape")] if tree else ["(all)"]
+    if broken:
+        raise FormatError(f"{path}: damaged orbax checkpoint: no array metadata for {broken[:5]}")
+    order = (getattr(meta, "custom_metadata", None) or {}).get(ORDER_KEY) or []
+    return tree, [str(n) for n in order]
+
+
+def read_orbax_metadata(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Parameter name -> (shape, dtype), in the order they were written when jaxreshard wrote the checkpoint
+    (nested keys joined with '.')."""
+    tree, order = _metadata(path)
+    flat = {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in _flatten(tree).items()}
+    first = [n for n in order if n in flat]
+    return {n: flat[n] for n in [*first, *(n for n in flat if n not in set(first))]}
 
 
 def _nest(flat: Mapping[str, Any], keys: Mapping[str, tuple[str, ...]]) -> dict:
@@ -63,8 +80,7 @@ class OrbaxSource:
         import orbax.checkpoint.experimental.v1 as ocp
 
         self.path = Path(path)
-        meta = ocp.metadata(str(self.path)).metadata
-        self._keys = _key_paths(meta)
+        self._keys = _key_paths(_metadata(self.path)[0])
         self.params = read_orbax_metadata(self.path)
 
     def restore(self, param: str, sharding: Any, dtype: np.dtype) -> Any:
@@ -111,8 +127,9 @@ def _key_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, 
 class OrbaxWriter:
     """Adds arrays to an orbax checkpoint in bounded batches; `close` finalizes (commits) it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, order: list[str]):
         self.path = Path(path)
+        self._order = order
         self._batch: dict[str, Any] = {}
         self._bytes = 0
         self._written = 0
@@ -127,7 +144,7 @@ class OrbaxWriter:
         import orbax.checkpoint.experimental.v1 as ocp
 
         if self._batch:
-            ocp.partial.save(str(self.path), self._batch)
+            ocp.partial.save(str(self.path), self._batch, custom_metadata={ORDER_KEY: self._order})
             self._written += len(self._batch)
             self._batch, self._bytes = {}, 0
 
@@ -202,7 +219,7 @@ def _write_all(plan: Any, path: Path) -> None:
     for rank in plan.ranks:
         for shard in rank.shards:
             boxes.setdefault(shard.param, {})[shard.dst_box] = shard
-    writer = OrbaxWriter(path)
+    writer = OrbaxWriter(path, list(plan.params))
     with FileHandles() as handles:
         for param, info in plan.params.items():
             sharding = NamedSharding(make_mesh(info.dst_layout, devices), info.dst_layout.partition_spec())
