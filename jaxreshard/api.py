@@ -104,6 +104,16 @@ def native_layouts(
     return src_l, dst_l
 
 
+def verify_checksums(source: SourceCheckpoint) -> None:
+    """Check the `crc_num` trailer of every .ckpt source file (a full read of each; files without one pass)."""
+    from .formats.mindspore_ckpt import read_ckpt_index
+
+    if source.suffix == ".ckpt":
+        for files in source.files.values():
+            for path in files:
+                read_ckpt_index(path, verify_crc=True)
+
+
 @dataclass(frozen=True)
 class Job:
     """A planned conversion: the plan, its source, and how the output is written."""
@@ -126,6 +136,7 @@ def plan_conversion(
     output_format: str | None = None,
     ranks: Iterable[int] | None = None,
     exact_replicas: bool = False,
+    verify_crc: bool = False,
 ) -> Job:
     """Index the source and plan the conversion; reads headers only and writes nothing.
 
@@ -154,6 +165,8 @@ def plan_conversion(
         source = SourceCheckpoint(Path(src), ".orbax", False, {}, {})
         return Job(with_dtype(plan, parse_dtype(dtype)), source, fmt, False)
     source = open_source(src)
+    if verify_crc:
+        verify_checksums(source)
     fmt = output_format or source.suffix.lstrip(".")
     if fmt not in OUTPUT_FORMATS:
         raise ConfigError(f"--output-format {fmt!r} is not supported; use one of {', '.join(OUTPUT_FORMATS)}")
@@ -200,6 +213,7 @@ def convert(
     exact_replicas: bool = False,
     ranks: str | Iterable[int] | None = None,
     process_num: int = 1,
+    verify_crc: bool = False,
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
@@ -215,6 +229,7 @@ def convert(
     job = plan_conversion(
         src, src_layout=src_layout, dst_layout=dst_layout, src_strategy=src_strategy, dst_strategy=dst_strategy,
         prefix=prefix, dtype=dtype, output_format=output_format, exact_replicas=exact_replicas, ranks=wanted,
+        verify_crc=verify_crc,
     )  # fmt: skip
     return write_job(
         job, Path(dst), overwrite=overwrite, progress=progress, ranks=wanted, process_num=process_num, hf=hf,

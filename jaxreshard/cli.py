@@ -179,7 +179,7 @@ def run(task: str, opts: JobOptions) -> int:
     common = dict(
         src_layout=opts.src_layout, dst_layout=opts.dst_layout, src_strategy=opts.src_strategy,
         dst_strategy=opts.dst_strategy, prefix=opts.prefix, dtype=opts.dtype, output_format=opts.output_format,
-        exact_replicas=opts.exact_replicas,
+        exact_replicas=opts.exact_replicas, verify_crc=opts.verify_crc,
     )  # fmt: skip
     if task == "plan":
         from .run import parse_ranks

@@ -40,6 +40,7 @@ class JobOptions:
     num_processes: str | None = _opt(None, "multi-host: number of processes in the jax.distributed job")
     process_id: str | None = _opt(None, "multi-host: this process's index in the jax.distributed job")
     overwrite: bool = _opt(False, "replace an existing non-empty destination (only after the new one is complete)")
+    verify_crc: bool = _opt(False, "check the crc_num trailer of MindSpore .ckpt sources before converting")
     exact_replicas: bool = _opt(False, "read every block from the replica MindSpore would (only matters when "
                                 "data-parallel copies differ); default: each block read once")
     quiet: bool = _opt(False, "no progress bar", short="-q")

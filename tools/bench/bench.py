@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -107,6 +108,7 @@ print(json.dumps([wall, usage.ru_maxrss]))
 FLOOR = """
 import os, sys
 src, outs = sys.argv[1], sys.argv[2:]
+os.makedirs(os.path.dirname(outs[0]), exist_ok=True)
 chunk = 64 << 20
 fds = [os.open(o, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for o in outs]
 with open(src, "rb", buffering=0) as f:
@@ -178,11 +180,10 @@ def bench_format(data: Path, fmt: str, size_gib: float, ms_py: str | None, py: s
         # split: complete -> dp2mp4
         cmd = [py, "-m", "jaxreshard", "convert", "--src", str(src.parent.parent), "--dst", str(split),
                "--dst-strategy", str(dst_strategy), "-q"]
-        split_wall, split_rss, split_bytes = run_step(cmd, cache, [src.parent.parent], split, DATA)
-        (root / "floor").mkdir()
+        split_wall, split_rss, split_bytes = run_step(cmd, cache, [src.parent.parent], split, DATA, REPEAT)
         copies = max(1, round(split_bytes / src_bytes))
         floor_wall, _, _ = run_step([py, "-c", FLOOR, str(src), *[str(root / "floor" / f"o{i}") for i in range(copies)]],
-                                    cache, [src], root / "floor", DATA)
+                                    cache, [src], root / "floor", DATA, REPEAT)
         ms_split = ms_step(ms_py, src.parent.parent, root / "ms_split", "-", str(dst_strategy), fmt, cache)
         rows.append(dict(step=f"{fmt} complete -> 8 ranks", cache=cache, wall=split_wall, rss=split_rss,
                          bytes=split_bytes + src_bytes, floor=floor_wall, ms=ms_split))
@@ -190,10 +191,9 @@ def bench_format(data: Path, fmt: str, size_gib: float, ms_py: str | None, py: s
         # merge: dp2mp4 -> complete
         cmd = [py, "-m", "jaxreshard", "convert", "--src", str(split), "--dst", str(merged),
                "--src-strategy", str(dst_strategy), "-q"]
-        merge_wall, merge_rss, merge_bytes = run_step(cmd, cache, [split], merged, DATA)
-        (root / "floor").mkdir()
+        merge_wall, merge_rss, merge_bytes = run_step(cmd, cache, [split], merged, DATA, REPEAT)
         floor_wall, _, _ = run_step([py, "-c", FLOOR, str(src), str(root / "floor" / "o")], cache, [src], root / "floor",
-                                    DATA)
+                                    DATA, REPEAT)
         ms_merge = ms_step(ms_py, split, root / "ms_merged", str(dst_strategy), "-", fmt, cache)
         rows.append(dict(step=f"{fmt} 8 ranks -> complete", cache=cache, wall=merge_wall, rss=merge_rss,
                          bytes=2 * src_bytes, floor=floor_wall, ms=ms_merge))
@@ -206,20 +206,32 @@ def bench_format(data: Path, fmt: str, size_gib: float, ms_py: str | None, py: s
     return rows
 
 
-def run_step(cmd, cache, inputs, output, data: Path | None = None) -> tuple[float, float, int]:
-    # Evict everything this benchmark wrote first: MindSpore refuses to load a .ckpt larger than MemFree (page
-    # cache not counted), and earlier steps' outputs would otherwise crowd the cache for every tool alike.
-    drop_cache(*([data] if data is not None else inputs))
-    if cache == "warm":  # read the inputs once so they are in the page cache
-        for root in inputs:
-            for p in [root] if root.is_file() else root.rglob("*"):
-                if p.is_file():
-                    with open(p, "rb") as f:
-                        while f.read(64 << 20):
-                            pass
-    wall, rss = measure(cmd)
+REPEAT = 3  # jaxreshard and floor steps: median of this many runs (the disk is noisy); MindSpore runs once
+
+
+def run_step(cmd, cache, inputs, output, data: Path | None = None, repeat: int = 1) -> tuple[float, float, int]:
+    """Median wall time and peak RSS of `repeat` runs, each from the same starting state."""
+    walls, rsses = [], []
+    for _ in range(repeat):
+        shutil.rmtree(output, ignore_errors=True)  # every run starts without its output
+        # Evict everything this benchmark wrote: MindSpore refuses to load a .ckpt larger than MemFree (page
+        # cache not counted), and earlier steps' outputs would otherwise crowd the cache for every tool alike;
+        # then let writeback of earlier steps finish so it does not bill the next one.
+        drop_cache(*([data] if data is not None else inputs))
+        os.sync()
+        time.sleep(1)
+        if cache == "warm":  # read the inputs once so they are in the page cache
+            for root in inputs:
+                for p in [root] if root.is_file() else root.rglob("*"):
+                    if p.is_file():
+                        with open(p, "rb") as f:
+                            while f.read(64 << 20):
+                                pass
+        wall, rss = measure(cmd)
+        walls.append(wall)
+        rsses.append(rss)
     written = sum(p.stat().st_size for p in Path(output).rglob("*") if p.is_file())
-    return wall, rss, written
+    return sorted(walls)[len(walls) // 2], max(rsses), written
 
 
 def ms_step(ms_py, src, dst, s_src, s_dst, fmt, cache) -> tuple[float, float] | None:
