@@ -133,17 +133,22 @@ def execute(
         array.delete()  # release the device buffers (our aliased host memory) now, not at some later collection
 
     order = [p for p in plan.params if users[p]]
-    with FileHandles() as handles:
-        for i, param in enumerate(order):
-            if i + 1 < len(order):
-                prefetch(plan, list(users[order[i + 1]]), handles)
-            try:
-                write_param(param, handles)
-            except OSError as e:
-                raise FormatError(f"parameter {param!r}: reading the source failed: {e}") from e
-            on_bytes(0, param)
-            if plan.params[param].src_dtype.itemsize * math.prod(plan.params[param].shape) >= GC_BYTES:
-                gc.collect(1)  # make_array_from_callback leaves a reference cycle holding our buffers
+    try:
+        with FileHandles() as handles:
+            for i, param in enumerate(order):
+                if i + 1 < len(order):
+                    prefetch(plan, list(users[order[i + 1]]), handles)
+                try:
+                    write_param(param, handles)
+                except OSError as e:
+                    raise FormatError(f"parameter {param!r}: reading the source failed: {e}") from e
+                on_bytes(0, param)
+                if plan.params[param].src_dtype.itemsize * math.prod(plan.params[param].shape) >= GC_BYTES:
+                    gc.collect(1)  # make_array_from_callback leaves a reference cycle holding our buffers
+    except BaseException:
+        for writer in writers.values():  # release file descriptors; the caller removes the partial output
+            writer.abort()
+        raise
     for writer in writers.values():
         writer.close()
 

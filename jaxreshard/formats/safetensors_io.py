@@ -179,7 +179,7 @@ class SafetensorsWriter:
             offset += math.prod(shape) * np.dtype(dtype).itemsize
         self._pending = set(self._slots)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.ftruncate(self._fd, offset)
         _pwrite_all(self._fd, head, 0)
 
@@ -191,12 +191,19 @@ class SafetensorsWriter:
         _pwrite_all(self._fd, memoryview(array.reshape(-1).view(np.uint8)), offset)
         self._pending.discard(param)
 
+    def abort(self) -> None:
+        """Close without completing (the caller discards the file)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def close(self) -> None:
         if self._pending:
-            os.close(self._fd)
+            self.abort()
             raise RuntimeError(f"{self.path}: closed with unwritten parameters {sorted(self._pending)[:5]}")
         os.fsync(self._fd)
         os.close(self._fd)
+        self._fd = None
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

@@ -99,6 +99,10 @@ class PartsWriter:
     def write(self, param: str, array: np.ndarray) -> None:
         self._writers[self._weight_map[param]].write(param, array)
 
+    def abort(self) -> None:
+        for writer in self._writers.values():
+            writer.abort()
+
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
