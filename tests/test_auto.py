@@ -11,12 +11,10 @@ import pytest
 from jaxreshard.auto import auto_convert, auto_convert_from_config
 from jaxreshard.errors import JaxreshardError
 
+from .helpers import tree
+
 FIX = Path(__file__).parent / "fixtures" / "mindspore"
 DP2MP4 = FIX / "strategy" / "dp2mp4.ckpt"
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_matching_checkpoint_is_used_as_is(tmp_path):

@@ -26,6 +26,8 @@ from safetensors.numpy import load_file, save_file
 
 from jaxreshard.cli import main
 
+from .helpers import block_slices
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -98,16 +100,7 @@ def expected_rank_tensors(tensors: dict[str, np.ndarray], layout, rank: int) -> 
         spec, param_stages = ([], range(stages)) if rule is None else (rule[1], [(rule[2] or 0) % stages])
         if stage not in param_stages:
             continue
-        slices = []
-        for dim, size in enumerate(array.shape):
-            entry = spec[dim] if dim < len(spec) else None
-            axes = [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
-            k, c = 1, 0
-            for axis in axes:
-                k *= mesh[axis]
-                c = c * mesh[axis] + int(coords[axis])
-            slices.append(slice(c * (size // k), (c + 1) * (size // k)))
-        out[param] = array[tuple(slices)]
+        out[param] = array[block_slices(array.shape, spec, mesh, coords)]
     return out
 
 

@@ -7,13 +7,11 @@ import pytest
 from jaxreshard.cli import main
 from jaxreshard.config import read_job
 
+from .helpers import tree
+
 REPO = Path(__file__).parents[1]
 FIX = REPO / "tests" / "fixtures" / "mindspore"
 SCENARIOS = sorted((REPO / "configs" / "scenarios").glob("*.yaml"))
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_every_config_parses():

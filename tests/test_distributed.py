@@ -11,12 +11,10 @@ import pytest
 from jaxreshard.distributed import cluster_from, owned_ranks
 from jaxreshard.errors import ConfigError
 
+from .helpers import tree
+
 REPO = Path(__file__).parents[1]
 FIX = REPO / "tests" / "fixtures" / "mindspore"
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def free_port() -> int:

@@ -129,7 +129,8 @@ def test_shipped_layouts_parse():
 
 def test_layout_from_mesh():
     import jax
-    from jax.sharding import Mesh, PartitionSpec as P
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices("cpu")[:8]).reshape(4, 2), ("x", "y"))
     layout = layout_from_mesh(mesh, {r"w\d": P("x", None), "b": P(("x", "y"))})

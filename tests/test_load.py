@@ -31,6 +31,8 @@ from jaxreshard.formats.base import FileHandles, aligned_empty, read_box
 from jaxreshard.formats.mindspore_ckpt import read_ckpt_index
 from jaxreshard.formats.safetensors_io import SafetensorsWriter
 
+from .helpers import nest
+
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = REPO / "configs" / "layouts"
 MS = REPO / "tests" / "fixtures" / "mindspore"
@@ -290,15 +292,6 @@ def test_load_mindspore_strategy_folder(ms_complete):
 # ------------------------------------------------------------------------------------------------ orbax source
 
 
-def nest(flat: dict) -> dict:
-    out: dict = {}
-    for name, value in flat.items():
-        node = out
-        *head, last = name.split(".")
-        for k in head:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return out
 
 
 @pytest.fixture(scope="module")

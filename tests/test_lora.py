@@ -28,6 +28,8 @@ from jaxreshard.formats import open_source
 from jaxreshard.formats.base import FileHandles, read_box
 from jaxreshard.formats.mindspore_ckpt import write_ckpt
 
+from .helpers import block_slices
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F32, F16, F64 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)
@@ -144,16 +146,7 @@ def expected_rank(tensors: dict[str, np.ndarray], mesh: dict, rules, rank: int) 
     out = {}
     for param, array in tensors.items():
         spec = next((r[1] for r in rules if re.fullmatch(r[0], param)), [])
-        slices = []
-        for dim, size in enumerate(array.shape):
-            entry = spec[dim] if dim < len(spec) else None
-            axes = [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
-            k, c = 1, 0
-            for axis in axes:
-                k *= mesh[axis]
-                c = c * mesh[axis] + int(coords[axis])
-            slices.append(slice(c * (size // k), (c + 1) * (size // k)))
-        out[param] = array[tuple(slices)]
+        out[param] = array[block_slices(array.shape, spec, mesh, coords)]
     return out
 
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from jaxreshard.box import Box
+from jaxreshard.coverage import ReadItem, check_exact_cover
 from jaxreshard.errors import LayoutError, PlanError
 from jaxreshard.formats.base import TensorEntry
 from jaxreshard.layout import layout_from_dict
-from jaxreshard.coverage import ReadItem, check_exact_cover
 from jaxreshard.plan import format_ranks, make_plan, merge_orders, plan_stats, with_dtype
 
 F32 = np.dtype(np.float32)

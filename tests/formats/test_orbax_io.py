@@ -22,6 +22,8 @@ import jaxreshard as jr
 from jaxreshard.cli import main
 from jaxreshard.example import llama_params, llama_tensor, write_llama_checkpoint
 
+from ..helpers import nest
+
 REPO = Path(__file__).resolve().parents[2]
 LAYOUTS = REPO / "configs" / "layouts"
 DP2MP4 = str(LAYOUTS / "llama_dp2mp4.yaml")
@@ -35,15 +37,6 @@ def mesh_of(shape, axes):
     return Mesh(np.array(devs[:n], dtype=object).reshape(shape), axes)
 
 
-def nest(flat: dict) -> dict:
-    out: dict = {}
-    for name, value in flat.items():
-        node = out
-        *head, last = name.split(".")
-        for k in head:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return out
 
 
 def flatten(tree, prefix=""):
