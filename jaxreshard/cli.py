@@ -38,10 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(task, help=help_text, description=help_text)
         if task == "inspect":
-            p.add_argument("src", help="checkpoint to inspect")
-            add_arguments(p, skip=("src",))
+            p.add_argument("src", help="checkpoint or strategy file to inspect")
+            add_arguments(p, task, skip=("src",))
         else:
-            add_arguments(p)
+            add_arguments(p, task)
     return parser
 
 

@@ -59,10 +59,32 @@ class JobOptions:
     layouts: tuple[str, ...] = _opt((), "quickstart only: the layouts to convert through, in order", nargs="+")
 
 
-def add_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one `--flag` per `JobOptions` field (defaults are suppressed so YAML values are not masked)."""
+_CONVERT = ("convert", "plan")
+_LORA = ("merge-lora",)
+_UNIFY = ("unify",)
+APPLIES_TO: dict[str, tuple[str, ...]] = {  # which subcommands show each option (YAML accepts them all);
+    # `plan` takes every option `convert` takes, so a dry run is the same command line
+    "src": TASKS, "quiet": TASKS,
+    "dst": (*_CONVERT, *_LORA, *_UNIFY),
+    "src_layout": (*_CONVERT, "inspect", *_LORA, *_UNIFY), "src_strategy": (*_CONVERT, "inspect", *_LORA, *_UNIFY),
+    "dst_layout": (*_CONVERT, *_LORA), "dst_strategy": (*_CONVERT, *_LORA),
+    "output_format": (*_CONVERT, *_LORA), "prefix": (*_CONVERT, *_LORA),
+    "dtype": _CONVERT, "ranks": _CONVERT, "verify_crc": _CONVERT, "exact_replicas": _CONVERT,
+    "hf": (*_CONVERT, *_LORA), "max_file_size": (*_CONVERT, *_LORA, *_UNIFY),
+    "process_num": (*_CONVERT, *_LORA, *_UNIFY),
+    "coordinator_address": _CONVERT, "num_processes": _CONVERT, "process_id": _CONVERT,
+    "overwrite": (*_CONVERT, "strategy", *_LORA, *_UNIFY, "quickstart"),
+    "adapter": _LORA, "lora_scaling": _LORA, "keep_optimizer_states": _LORA, "fan_in_fan_out": _LORA,
+    "file_suffix": _UNIFY, "has_redundancy": _UNIFY, "filter_out_param_prefix": _UNIFY,
+    "layout": ("strategy",), "out": ("strategy",), "workdir": ("quickstart",), "layouts": ("quickstart",),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser, task: str, *, skip: tuple[str, ...] = ()) -> None:
+    """Add a `--flag` for each `JobOptions` field that applies to `task` (defaults are suppressed so YAML values
+    are not masked)."""
     for f in dataclasses.fields(JobOptions):
-        if f.name in skip:
+        if f.name in skip or task not in APPLIES_TO[f.name]:
             continue
         flags = [f"--{f.name.replace('_', '-')}"]
         if "short" in f.metadata:
