@@ -1,4 +1,4 @@
-"""MindSpore `.ckpt` files, read and written without MindSpore and without the protobuf runtime.
+"""MindSpore `.ckpt` files, read without MindSpore and without the protobuf runtime (writing: mindspore_ckpt_write).
 
 Why by hand: MindSpore parses a whole file into memory (and refuses files larger than free RAM, spec §1.5). A
 `.ckpt` is a concatenation of one-`Value` protobuf records of a fixed shape (spec §1.2), so walking the wire
@@ -19,7 +19,7 @@ import math
 import mmap
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -238,152 +238,4 @@ def _index(path: Path, mm: mmap.mmap, verify_crc: bool) -> CkptIndex:
                      MappingProxyType({n: extras[n] for n in names if n in extras}), crc, end)
 
 
-def _enc_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _record_header(tag: str, dims: Sequence[int], type_name: str, content_len: int) -> bytes:
-    """All bytes of one record before its tensor_content (spec §1.2: fields in number order, unpacked dims)."""
-    tag_b, type_b = tag.encode("utf-8"), type_name.encode("ascii")
-    tp = b"".join(b"\x08" + _enc_varint(d) for d in dims)
-    tp += b"\x12" + _enc_varint(len(type_b)) + type_b + b"\x1a" + _enc_varint(content_len)
-    tp_len = len(tp) + content_len
-    value_head = b"\x0a" + _enc_varint(len(tag_b)) + tag_b + b"\x12" + _enc_varint(tp_len)
-    return b"\x0a" + _enc_varint(len(value_head) + tp_len) + value_head + tp
-
-
-def _str_content(text: str) -> bytes:
-    """`np.array(text).tobytes()`, as save_checkpoint stores a str: UTF-32LE, at least one (NUL) character."""
-    return text.encode("utf-32-le") or b"\0\0\0\0"
-
-
-def _pwrite_all(fd: int, buffers: list, offset: int) -> None:
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while views:
-        done = os.pwritev(fd, views, offset)
-        if done <= 0:
-            raise OSError(f"pwritev wrote nothing at offset {offset}")
-        offset += done
-        while done:
-            if done >= len(views[0]):
-                done -= len(views.pop(0))
-            else:
-                views[0], done = views[0][done:], 0
-
-
-class CkptRankWriter:
-    """Streams one `.ckpt` with save_checkpoint's exact bytes: every record is sized up front, so each tensor
-    goes to its computed offset whenever `write` gets it, in any order, with one `pwritev` per record."""
-
-    def __init__(self, path: Path, params: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
-                 extras: Mapping[str, str] | None = None, order: Sequence[str] | None = None, *, crc: bool = False):
-        self.path, self._crc = Path(path), crc
-        self._specs: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
-        for name, dtype, shape in params:
-            shape = tuple(int(d) for d in shape)
-            if name in self._specs:
-                raise ValueError(f"{self.path}: parameter {name!r} is listed twice")
-            if any(d < 0 for d in shape) or shape == (0,):
-                raise ValueError(f"{self.path}: parameter {name!r} has shape {shape}, which a .ckpt cannot hold")
-            self._specs[name] = (np.dtype(dtype), shape)
-        extras = dict(extras or {})
-        order = list(order) if order is not None else [*self._specs, *extras]
-        everything = set(self._specs) | set(extras)
-        if len(everything) != len(self._specs) + len(extras) or sorted(order) != sorted(everything):
-            raise ValueError(f"{self.path}: `order` must list every parameter and extra exactly once")
-        self._records: dict[str, list[tuple[int, bytes, int, int]]] = {}  # (offset, header, tensor byte, nbytes)
-        strings: list[tuple[int, bytes]] = []
-        pos, chunk = 0, RECORD_CHUNK_BYTES
-        for name in order:
-            if name in extras:
-                content = _str_content(extras[name])
-                record = _record_header(name, [0], "str", len(content)) + content
-                strings.append((pos, record))
-                pos += len(record)
-                continue
-            dtype, shape = self._specs[name]
-            type_name, nbytes = ckpt_dtype_name(dtype), math.prod(shape) * dtype.itemsize
-            self._records[name] = []
-            for start in range(0, nbytes, chunk) if nbytes else [0]:
-                n = min(chunk, nbytes - start)
-                header = _record_header(name, shape, type_name, n)
-                self._records[name].append((pos, header, start, n))
-                pos += len(header) + n
-        self.size = pos  # bytes before any CRC trailer
-        self._written: set[str] = set()
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        os.ftruncate(self._fd, pos)
-        for offset, record in strings:
-            _pwrite_all(self._fd, [record], offset)
-
-    def write(self, param: str, array: np.ndarray) -> None:
-        """Write one whole parameter: a C-contiguous array of exactly the declared dtype and shape."""
-        if param not in self._specs:
-            raise ValueError(f"{self.path}: parameter {param!r} was not declared to this writer")
-        dtype, shape = self._specs[param]
-        if not isinstance(array, np.ndarray) or array.dtype != dtype or array.shape != shape:
-            got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
-            raise ValueError(f"{self.path}: parameter {param!r} must be a numpy {dtype} {shape}, got {got}")
-        if not array.flags.c_contiguous:
-            raise ValueError(f"{self.path}: parameter {param!r} must be C-contiguous")
-        if param in self._written:
-            raise ValueError(f"{self.path}: parameter {param!r} was already written")
-        if self._fd is None:
-            raise ValueError(f"{self.path}: the writer is closed")
-        data = memoryview(array.reshape(-1).view(np.uint8))
-        for offset, header, start, n in self._records[param]:
-            _pwrite_all(self._fd, [header, data[start : start + n]], offset)
-        self._written.add(param)
-
-    def close(self) -> None:
-        """Append the CRC trailer if asked, fsync and close; ValueError if a parameter was never written."""
-        if self._fd is None:
-            return
-        missing = [name for name in self._specs if name not in self._written]
-        if missing:
-            self.abort()
-            raise ValueError(f"{self.path}: closed before parameters {missing} were written; the file is incomplete")
-        fd, self._fd = self._fd, None
-        try:
-            if self._crc:
-                crc, buf = 0, bytearray(1 << 24)
-                for offset in range(0, self.size, len(buf)):
-                    n = os.preadv(fd, [memoryview(buf)[: min(len(buf), self.size - offset)]], offset)
-                    crc = zlib.crc32(memoryview(buf)[:n], crc)
-                _pwrite_all(fd, [CRC_MARKER + crc.to_bytes(10, "big")], self.size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def abort(self) -> None:
-        """Close without completing (error paths); the caller discards the file."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-
-    def __enter__(self) -> CkptRankWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.close() if exc_type is None else self.abort()
-
-
-def write_ckpt(path: Path, tensors: Mapping[str, np.ndarray | str], *, crc: bool = False) -> None:
-    """Write a whole `.ckpt` from memory (tests, small files). Python `int`/`float`/`bool` become Int64/Float32/
-    Bool scalars and `str` becomes a str record, as in save_checkpoint's `append_dict`."""
-    arrays: dict[str, np.ndarray] = {}
-    extras: dict[str, str] = {}
-    for name, value in tensors.items():
-        if isinstance(value, str):
-            extras[name] = value
-        else:
-            arrays[name] = np.asarray(value, {bool: bool, int: np.int64, float: np.float32}.get(type(value)), order="C")
-    params = [(name, a.dtype, a.shape) for name, a in arrays.items()]
-    with CkptRankWriter(path, params, extras, list(tensors), crc=crc) as writer:
-        for name, array in arrays.items():
-            writer.write(name, array)
+from .mindspore_ckpt_write import CkptRankWriter, _record_header, write_ckpt  # noqa: E402, F401 - re-exported

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import RankWriter
-from .mindspore_ckpt import CkptRankWriter
+from .mindspore_ckpt_write import CkptRankWriter
 from .safetensors_io import DTYPE_CODES, HF_INDEX, SafetensorsWriter, split_into_files
 
 log = logging.getLogger(__name__)
