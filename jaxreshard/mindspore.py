@@ -24,7 +24,7 @@ from .errors import PlanError
 from .formats import SourceCheckpoint
 from .formats.mindspore_strategy import Strategy
 from .layout import COMPLETE, ParamLayout, unravel
-from .plan import ParamInfo, Plan, RankPlan, ShardPlan, full_shape
+from .plan import ParamInfo, Plan, RankPlan, ShardPlan, dst_rank_list, full_shape
 from .ranklist import rank_list_for_transform
 from .strategy import param_layout
 
@@ -64,21 +64,13 @@ def plan_mindspore(
     planner = _Planner(source, src, dst, exact_replicas)
     if uses_by_stage_path(src, dst):
         n_dst = dst.stage_device_num  # type: ignore[union-attr]
-        wanted = _wanted(dst_ranks, n_dst)
+        wanted = dst_rank_list(dst_ranks, n_dst, "strategy")
         ranks = [planner.by_stage_rank(r, prefix, suffix) for r in wanted]
     else:
         n_dst = dst.stage_device_num * dst.stage_num if dst else 1
-        wanted = _wanted(dst_ranks, n_dst)
+        wanted = dst_rank_list(dst_ranks, n_dst, "strategy")
         ranks = [planner.all_stages_rank(r, f"rank_{r}/{prefix}{r}{suffix}") for r in wanted]
     return Plan(planner.infos, tuple(ranks), source.entries)
-
-
-def _wanted(dst_ranks: Iterable[int] | None, total: int) -> list[int]:
-    wanted = list(range(total)) if dst_ranks is None else sorted(set(dst_ranks))
-    bad = [r for r in wanted if not 0 <= r < total]
-    if bad:
-        raise PlanError(f"destination ranks {bad} do not exist; the destination strategy has ranks 0-{total - 1}")
-    return wanted
 
 
 class _Planner:

@@ -8,7 +8,7 @@ and the executor only follows it (mergekit's planner/executor split, DCP's `Read
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,26 +110,42 @@ def make_plan(
         infos[param] = ParamInfo(param, shape, src_dtype, src_dtype, src_params[param], dst_params[param])
 
     dst_total = dst_layout.num_ranks if dst_layout is not None else 1
-    wanted = range(dst_total) if dst_ranks is None else sorted(set(dst_ranks))
-    bad = [r for r in wanted if not 0 <= r < dst_total]
-    if bad:
-        raise PlanError(f"destination ranks {bad} do not exist; the destination layout has ranks 0-{dst_total - 1}")
+    wanted = dst_rank_list(dst_ranks, dst_total)
     grids = {p: source_grid(p, info.shape, info.src_layout, src_entries, strict=strict) for p, info in infos.items()}
     covers: dict[tuple[str, Box], ShardPlan] = {}
-    ranks = []
-    for rank in wanted:
+
+    def shard(param: str, box: Box) -> ShardPlan:  # replicas of a box share one ShardPlan (read once)
+        if (param, box) not in covers:
+            covers[(param, box)] = ShardPlan(param, box, cover(grids[param], box))
+        return covers[(param, box)]
+
+    ranks = rank_plans(infos, wanted, prefix, suffix, shard)
+    return Plan(infos, ranks, src_entries)
+
+
+def dst_rank_list(dst_ranks: Iterable[int] | None, total: int, what: str = "layout") -> list[int]:
+    """The destination ranks to write: all, or the requested ones (which must exist)."""
+    wanted = list(range(total)) if dst_ranks is None else sorted(set(dst_ranks))
+    bad = [r for r in wanted if not 0 <= r < total]
+    if bad:
+        raise PlanError(f"destination ranks {bad} do not exist; the destination {what} has ranks 0-{total - 1}")
+    return wanted
+
+
+def rank_plans(
+    infos: Mapping[str, ParamInfo], ranks: Iterable[int], prefix: str, suffix: str,
+    shard: Callable[[str, Box], ShardPlan],
+) -> tuple[RankPlan, ...]:  # fmt: skip
+    """Per destination rank, the shard of every parameter its pipeline stage holds, in parameter order."""
+    out = []
+    for rank in ranks:
         shards = []
         for param, info in infos.items():
             n = info.dst_layout.devices_per_stage
-            if rank // n not in info.dst_layout.stages:
-                continue
-            box = info.dst_layout.box(info.shape, rank % n)
-            key = (param, box)
-            if key not in covers:
-                covers[key] = ShardPlan(param, box, cover(grids[param], box))
-            shards.append(covers[key])
-        ranks.append(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", tuple(shards)))
-    return Plan(infos, tuple(ranks), src_entries)
+            if rank // n in info.dst_layout.stages:
+                shards.append(shard(param, info.dst_layout.box(info.shape, rank % n)))
+        out.append(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", tuple(shards)))
+    return tuple(out)
 
 
 def with_dtype(plan: Plan, dtype: np.dtype | None) -> Plan:

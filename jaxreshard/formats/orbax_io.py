@@ -77,7 +77,6 @@ class OrbaxSource:
     """Restores single parameters of an orbax checkpoint into any sharding."""
 
     def __init__(self, path: Path):
-        import orbax.checkpoint.experimental.v1 as ocp
 
         self.path = Path(path)
         self._keys = _key_paths(_metadata(self.path)[0])
@@ -159,7 +158,7 @@ class OrbaxWriter:
 def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str) -> Any:
     """A plan whose parameters orbax restores straight into each destination sharding (no byte ranges)."""
     from ..layout import COMPLETE
-    from ..plan import ParamInfo, Plan, RankPlan, ShardPlan
+    from ..plan import ParamInfo, Plan, ShardPlan, rank_plans
 
     source = OrbaxSource(path)
     names = list(source.params)
@@ -170,15 +169,8 @@ def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str) 
         dst[name].check_shape(name, shape)
         infos[name] = ParamInfo(name, shape, dtype, dtype, COMPLETE, dst[name], restore=source)
     total = dst_layout.num_ranks if dst_layout is not None else 1
-    ranks = []
-    for rank in range(total):
-        shards = []
-        for name, info in infos.items():
-            n = info.dst_layout.devices_per_stage
-            if rank // n in info.dst_layout.stages:
-                shards.append(ShardPlan(name, info.dst_layout.box(info.shape, rank % n), ()))
-        ranks.append(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", tuple(shards)))
-    return Plan(infos, tuple(ranks), {})
+    ranks = rank_plans(infos, range(total), prefix, suffix, lambda name, box: ShardPlan(name, box, ()))
+    return Plan(infos, ranks, {})
 
 
 def write_orbax(plan: Any, dst: Path, *, overwrite: bool) -> None:
