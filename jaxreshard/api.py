@@ -87,7 +87,7 @@ def native_layouts(
     from .strategy import StrategyLayout
 
     _one_per_side(src_layout, src_strategy, dst_layout, dst_strategy)
-    ndims = {p: len(e.shape) for entries in source.entries.values() for p, e in entries.items()}
+    ndims = {p: len(shape) for p, shape in source.shapes.items()}
     ndims.update({new: ndims[old] for new, old in (renamed or {}).items() if old in ndims})
 
     def one(layout: LayoutArg, strategy: Any) -> LayoutLike | None:
@@ -290,7 +290,7 @@ def save_strategy(src: str | Path, layout: LayoutArg, out: str | Path, *, overwr
     if not isinstance(native, Layout):
         raise ConfigError("--layout must be a native layout (YAML file, Layout, or (mesh, specs))")
     source = open_source(src)
-    shapes = {p: e.shape for entries in source.entries.values() for p, e in entries.items()}
+    shapes = source.shapes
     stages = strategies_by_stage(native.resolve(list(shapes)), shapes, native.pipeline_stages)
     out = Path(out)
     check_destination(out, [source.path], overwrite=overwrite)

@@ -103,7 +103,6 @@ def _inspect(opts: JobOptions):
     from .errors import FormatError
     from .formats import open_source
     from .formats.mindspore_strategy import read_strategy
-    from .strategy import StrategyLayout
 
     try:
         source = open_source(opts.src)
@@ -113,11 +112,9 @@ def _inspect(opts: JobOptions):
         except FormatError:
             raise
         return describe.describe_strategy(strategy)
-    layout = api.as_layout(opts.src_layout)
-    if opts.src_strategy:
-        ndims = {p: len(e.shape) for entries in source.entries.values() for p, e in entries.items()}
-        layout = StrategyLayout(read_strategy(Path(opts.src_strategy)), ndims)
-    return describe.describe_source(source, layout)
+    if opts.src_layout is None and opts.src_strategy is None:  # a distributed source is listed rank by rank
+        return describe.describe_source(source, None)
+    return describe.describe_source(source, api.native_layouts(source, opts.src_layout, opts.src_strategy)[0])
 
 
 def _float(value: str | None, flag: str) -> float | None:

@@ -165,8 +165,7 @@ def shardings(layout: Any, params: Iterable[str] | Mapping[str, Sequence[int]] |
     if isinstance(params, (str, Path)):
         from .formats import open_source
 
-        src = open_source(params)
-        params = {p: e.shape for entries in src.entries.values() for p, e in entries.items()}
+        params = open_source(params).shapes
     names = list(params)
     resolved = layout.resolve(names)
     devices = list(devices) if devices is not None else jax.devices()
@@ -203,12 +202,10 @@ def layout_from_strategy(path: str | Path, params: Any, **kwargs: Any) -> dict[s
     if isinstance(params, (str, Path)):
         from .formats import open_source
 
-        src = open_source(params)
-        params = {p: e.shape for entries in src.entries.values() for p, e in entries.items()}
-    if not isinstance(params, Mapping):
-        strategy = read_strategy(Path(path))
-        params = {n: (0,) * len(strategy.params[n].tensor_map) for n in params}
-        layout = StrategyLayout(strategy, {n: len(s) for n, s in params.items()})
-        return shardings(layout, list(params), **kwargs)
-    layout = StrategyLayout(read_strategy(Path(path)), {n: len(s) for n, s in params.items()})
-    return shardings(layout, params, **kwargs)
+        params = open_source(params).shapes
+    strategy = read_strategy(Path(path))
+    if not isinstance(params, Mapping):  # names only: tensor ranks from the strategy's own tensor maps
+        names = list(params)
+        return shardings(StrategyLayout(strategy, {n: len(strategy.params[n].tensor_map) for n in names}), names,
+                         **kwargs)
+    return shardings(StrategyLayout(strategy, {n: len(s) for n, s in params.items()}), params, **kwargs)

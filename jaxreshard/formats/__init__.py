@@ -64,6 +64,12 @@ class SourceCheckpoint:
     def ranks(self) -> list[int]:
         return sorted(self.entries)
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's shape as stored (one rank's block in a distributed source: its tensor rank, not
+        its full shape)."""
+        return {p: e.shape for entries in self.entries.values() for p, e in entries.items()}
+
 
 def _rank_dirs(path: Path) -> dict[int, Path]:
     out = {}
