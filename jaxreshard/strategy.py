@@ -11,6 +11,7 @@ entry, `d0` major) plus a PartitionSpec over the original dims, which is what th
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -136,6 +137,7 @@ def expanded_layout(p: ParamStrategy, shape: Sequence[int]) -> tuple[list[int], 
     return new_dev, new_map, full
 
 
+@functools.lru_cache(maxsize=4096)  # planners ask again for every destination rank; the answer never changes
 def param_layout(name: str, p: ParamStrategy, ndim: int, stages: tuple[int, ...], source: str = "") -> ParamLayout:
     """The mesh + spec equivalent of MindSpore's expanded layout of one parameter with `ndim` dims."""
     if len(p.tensor_map) != ndim:
