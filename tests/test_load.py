@@ -26,7 +26,7 @@ from safetensors.numpy import load_file
 
 import jaxreshard as jr
 from jaxreshard.box import Box
-from jaxreshard.example import llama_params, llama_tensor, write_llama_checkpoint
+from jaxreshard.example import llama_params, llama_tensor
 from jaxreshard.formats.base import FileHandles, aligned_empty, read_box
 from jaxreshard.formats.mindspore_ckpt import read_ckpt_index
 from jaxreshard.formats.safetensors_io import SafetensorsWriter
@@ -133,11 +133,6 @@ def llama_target(key: str):
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return write_llama_checkpoint(tmp_path_factory.mktemp("llama") / "model.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from safetensors.numpy import load_file
 
 import jaxreshard as jr
 from jaxreshard.cli import main
-from jaxreshard.example import llama_params, llama_tensor, write_llama_checkpoint
+from jaxreshard.example import llama_params, llama_tensor
 
 from ..helpers import nest
 
@@ -80,11 +80,6 @@ def check_array(arr, full: np.ndarray, sharding) -> None:
 @pytest.fixture(scope="module")
 def full():
     return {n: llama_tensor(n, d, s) for n, d, s in llama_params()}
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return write_llama_checkpoint(tmp_path_factory.mktemp("llama") / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
