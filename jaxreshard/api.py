@@ -161,7 +161,7 @@ def plan_conversion(
         ensure_cpu_devices(dst_s.stage_device_num if dst_s else getattr(as_layout(dst_layout), "devices_per_stage", 1))
         ndims = {n: len(shape) for n, (shape, _) in read_orbax_metadata(Path(src)).items()}
         dst_l = StrategyLayout(dst_s, ndims) if dst_s else as_layout(dst_layout)
-        plan = plan_orbax_source(Path(src), dst_l, prefix=prefix, suffix="." + fmt)
+        plan = plan_orbax_source(Path(src), dst_l, prefix=prefix, suffix="." + fmt, dst_ranks=ranks)
         source = SourceCheckpoint(Path(src), ".orbax", False, {}, {})
         return Job(with_dtype(plan, parse_dtype(dtype)), source, fmt, False)
     source = open_source(src)

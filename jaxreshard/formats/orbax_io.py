@@ -155,10 +155,10 @@ class OrbaxWriter:
             ocp.partial.finalize(str(self.path))
 
 
-def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str) -> Any:
+def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str, dst_ranks: Any = None) -> Any:
     """A plan whose parameters orbax restores straight into each destination sharding (no byte ranges)."""
     from ..layout import COMPLETE
-    from ..plan import ParamInfo, Plan, ShardPlan, rank_plans
+    from ..plan import ParamInfo, Plan, ShardPlan, dst_rank_list, rank_plans
 
     source = OrbaxSource(path)
     names = list(source.params)
@@ -169,7 +169,8 @@ def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str) 
         dst[name].check_shape(name, shape)
         infos[name] = ParamInfo(name, shape, dtype, dtype, COMPLETE, dst[name], restore=source)
     total = dst_layout.num_ranks if dst_layout is not None else 1
-    ranks = rank_plans(infos, range(total), prefix, suffix, lambda name, box: ShardPlan(name, box, ()))
+    wanted = dst_rank_list(dst_ranks, total)
+    ranks = rank_plans(infos, wanted, prefix, suffix, lambda name, box: ShardPlan(name, box, ()))
     return Plan(infos, ranks, {})
 
 

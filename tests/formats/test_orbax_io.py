@@ -341,3 +341,10 @@ def test_orbax_output_rejects_ranks(llama, tmp_path):
     rc = main(["convert", "--src", str(llama), "--dst", str(tmp_path / "o"), "--dst-layout", DP2MP4,
                "--output-format", "orbax", "--ranks", "0-3", "-q"])
     assert rc == 2
+
+
+def test_orbax_source_with_ranks_writes_only_those(orbax_out, tmp_path):
+    dst = tmp_path / "some"
+    rc = main(["convert", "--src", str(orbax_out), "--dst", str(dst), "--dst-layout", DP2MP4, "--ranks", "2-3", "-q"])
+    assert rc == 0
+    assert sorted(p.name for p in dst.iterdir()) == ["rank_2", "rank_3"]
