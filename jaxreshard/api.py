@@ -217,6 +217,7 @@ def convert(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    verify: bool = False,
 ) -> ConvertReport:
     """Convert `src` (complete or per-rank) into `dst` laid out by `dst_layout` / `dst_strategy` (none = complete).
 
@@ -224,6 +225,8 @@ def convert(
     strategy files or directories. Output goes to a temporary sibling of `dst` and is renamed into place when
     complete; an existing non-empty `dst` needs `overwrite`. `ranks` ("0-3,8") writes only those destination
     ranks, each rank folder committed on its own; `process_num` splits the ranks over that many processes.
+    `verify` compares the output with the source (`jaxreshard.verify`) before committing it: on a difference
+    nothing is committed and `VerifyError` is raised.
     """
     wanted = parse_ranks(ranks) if isinstance(ranks, str) or ranks is None else sorted(set(ranks))
     job = plan_conversion(
@@ -231,16 +234,37 @@ def convert(
         prefix=prefix, dtype=dtype, output_format=output_format, exact_replicas=exact_replicas, ranks=wanted,
         verify_crc=verify_crc,
     )  # fmt: skip
+    check = None
+    if verify and coordinator_address is not None:
+        raise ConfigError("--verify runs in one process; verify a multi-host output afterwards with jaxreshard verify")
+    if verify:
+        check = _output_check(job, src, src_layout=src_layout, src_strategy=src_strategy, dst_layout=dst_layout,
+                              dst_strategy=dst_strategy, dtype=dtype, ranks=wanted)
     return write_job(
         job, Path(dst), overwrite=overwrite, progress=progress, ranks=wanted, process_num=process_num, hf=hf,
         max_file_bytes=parse_size(max_file_size),
-        cluster=cluster_from(coordinator_address, num_processes, process_id),
+        cluster=cluster_from(coordinator_address, num_processes, process_id), before_commit=check,
     )  # fmt: skip
+
+
+def _output_check(job: Job, src: str | Path, *, ranks: list[int] | None, **layouts: Any):
+    """`convert --verify`: the check run on the complete temporary output before it is committed."""
+    if job.output_format == "orbax" or job.source.suffix == ".orbax":
+        raise ConfigError("--verify compares rank files; it does not apply to orbax sources or outputs")
+
+    def check(tmp: Path) -> None:
+        from .verify import verify
+
+        report = verify(src, tmp, ranks=ranks, **layouts)
+        log.info("%s", report.summary().replace(str(tmp), "the output"))
+
+    return check
 
 
 def write_job(
     job: Job, dst: Path, *, overwrite: bool = False, progress: bool = False, ranks: list[int] | None = None,
     process_num: int = 1, hf: bool = False, max_file_bytes: int | None = None, cluster: Cluster | None = None,
+    before_commit: Any = None,
 ) -> ConvertReport:  # fmt: skip
     """Write a planned job (the second half of `convert`, shared by merge-lora)."""
     start = time.perf_counter()
@@ -272,7 +296,7 @@ def write_job(
     counts = dict(params=len(job.plan.params), ranks=len(job.plan.ranks))
     with Progress(stats.write_bytes, enabled=progress, **counts) as bar:
         run_plan(job.plan, dst, output, overwrite=overwrite, some_ranks=wanted is not None,
-                 process_num=process_num, on_bytes=bar.update)
+                 process_num=process_num, on_bytes=bar.update, before_commit=before_commit)
     folders = {r.dst_file.split("/")[0] for r in job.plan.ranks} if not hf else {p.name for p in dst.iterdir()}
     files = sorted(p for f in folders for p in ([dst / f] if (dst / f).is_file() else (dst / f).rglob("*"))
                    if p.is_file())

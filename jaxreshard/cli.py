@@ -35,11 +35,16 @@ def _parser() -> argparse.ArgumentParser:
         ("merge-lora", "fold LoRA branches into their base weights (complete or any destination layout)"),
         ("unify", "merge distributed safetensors into complete Hugging Face-style part files + index"),
         ("quickstart", "run the built-in example: split, reshard, merge and check the bytes"),
+        ("verify", "prove two checkpoints hold the same tensors (--src A --dst B), or check one against its manifest"),
     ):
         p = sub.add_parser(task, help=help_text, description=help_text)
         if task == "inspect":
             p.add_argument("src", help="checkpoint or strategy file to inspect")
             add_arguments(p, task, skip=("src",))
+        elif task == "verify":  # `verify B` = `verify --dst B`: B alone against its manifest, or --src A with it
+            p.add_argument("checkpoint", nargs="?", default=argparse.SUPPRESS,
+                           help="the checkpoint to check (the same as --dst)")
+            add_arguments(p, task)
         else:
             add_arguments(p, task)
     return parser
@@ -50,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse usage errors exit 2 already; keep --help's 0
         return int(e.code or 0)
-    values = {k: v for k, v in vars(args).items() if k not in ("config", "task")}
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "task", "checkpoint")}
+    if "checkpoint" in vars(args):
+        if "dst" in values:
+            return _usage("verify: give the checkpoint to check as a positional argument or as --dst, not both")
+        values["dst"] = args.checkpoint
     quiet = bool(values.get("quiet"))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -154,6 +163,34 @@ def _merge(task: str, opts: JobOptions) -> int:
     return 0
 
 
+def _usage(message: str) -> int:
+    print(f"jaxreshard: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _verify(opts: JobOptions) -> int:
+    """`verify --src A --dst B` compares; one checkpoint alone (either flag) is checked on its own."""
+    from .verify import verify
+
+    if opts.src is not None and opts.dst is not None:
+        report = verify(opts.src, opts.dst, src_layout=opts.src_layout, src_strategy=opts.src_strategy,
+                        dst_layout=opts.dst_layout, dst_strategy=opts.dst_strategy,
+                        check_replicas=opts.check_replicas)
+    elif opts.src is None and opts.dst is None:
+        raise ConfigError("verify: give a checkpoint (jaxreshard verify B), or two to compare (--src A --dst B)")
+    else:
+        given = [f for f in ("src_layout", "src_strategy", "dst_layout", "dst_strategy") if getattr(opts, f)]
+        if len(given) > 1:
+            flags = ", ".join("--" + g.replace("_", "-") for g in given)
+            raise ConfigError(f"verify: one checkpoint takes one layout or strategy; got {flags}")
+        layout = opts.src_layout or opts.dst_layout
+        strategy = opts.src_strategy or opts.dst_strategy
+        report = verify(opts.src or opts.dst, src_layout=layout, src_strategy=strategy,
+                        check_replicas=opts.check_replicas)
+    print(report.summary())
+    return 0
+
+
 def run(task: str, opts: JobOptions) -> int:
     from . import api, describe
 
@@ -161,6 +198,8 @@ def run(task: str, opts: JobOptions) -> int:
         from .quickstart import run_quickstart
 
         return run_quickstart(opts)
+    if task == "verify":
+        return _verify(opts)
     _require(opts, "src")
     if task == "strategy":
         _require(opts, "layout", "out")
@@ -189,7 +228,7 @@ def run(task: str, opts: JobOptions) -> int:
         opts.src, opts.dst, hf=opts.hf, max_file_size=opts.max_file_size, overwrite=opts.overwrite,
         progress=not opts.quiet, ranks=opts.ranks, process_num=_int(opts.process_num, "--process-num"),
         coordinator_address=opts.coordinator_address, num_processes=_int(opts.num_processes, "--num-processes", None),
-        process_id=_int(opts.process_id, "--process-id", None), **common,
+        process_id=_int(opts.process_id, "--process-id", None), verify=opts.verify, **common,
     )  # fmt: skip
     rate = report.stats.write_bytes / max(report.seconds, 1e-9)
     print(

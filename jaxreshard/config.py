@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-TASKS = ("convert", "plan", "inspect", "strategy", "merge-lora", "unify", "quickstart")
+TASKS = ("convert", "plan", "inspect", "strategy", "merge-lora", "unify", "quickstart", "verify")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -44,6 +44,8 @@ class JobOptions:
     exact_replicas: bool = _opt(False, "read every block from the replica MindSpore would (only matters when "
                                 "data-parallel copies differ); default: each block read once")
     quiet: bool = _opt(False, "no progress bar", short="-q")
+    verify: bool = _opt(False, "compare the output with the source (jaxreshard verify) before committing it")
+    check_replicas: bool = _opt(False, "verify: also compare the data-parallel replicas within a checkpoint")
     adapter: str | None = _opt(None, "merge-lora: a PEFT adapter folder (adapter_model.safetensors + adapter_config.json)")
     lora_scaling: str | None = _opt(None, "merge-lora: the LoRA scale s in W + s*B@A (default: from adapter_config.json)")
     keep_optimizer_states: bool = _opt(False, "merge-lora: keep adam_m/adam_v/accu_grads states (dropped by default)")
@@ -65,9 +67,11 @@ _UNIFY = ("unify",)
 APPLIES_TO: dict[str, tuple[str, ...]] = {  # which subcommands show each option (YAML accepts them all);
     # `plan` takes every option `convert` takes, so a dry run is the same command line
     "src": TASKS, "quiet": TASKS,
-    "dst": (*_CONVERT, *_LORA, *_UNIFY),
-    "src_layout": (*_CONVERT, "inspect", *_LORA, *_UNIFY), "src_strategy": (*_CONVERT, "inspect", *_LORA, *_UNIFY),
-    "dst_layout": (*_CONVERT, *_LORA), "dst_strategy": (*_CONVERT, *_LORA),
+    "dst": (*_CONVERT, *_LORA, *_UNIFY, "verify"),
+    "src_layout": (*_CONVERT, "inspect", *_LORA, *_UNIFY, "verify"),
+    "src_strategy": (*_CONVERT, "inspect", *_LORA, *_UNIFY, "verify"),
+    "dst_layout": (*_CONVERT, *_LORA, "verify"), "dst_strategy": (*_CONVERT, *_LORA, "verify"),
+    "verify": _CONVERT, "check_replicas": ("verify",),
     "output_format": (*_CONVERT, *_LORA), "prefix": (*_CONVERT, *_LORA),
     "dtype": _CONVERT, "ranks": _CONVERT, "verify_crc": _CONVERT, "exact_replicas": _CONVERT,
     "hf": (*_CONVERT, *_LORA), "max_file_size": (*_CONVERT, *_LORA, *_UNIFY),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
@@ -54,9 +55,10 @@ def parse_ranks(text: str | None) -> list[int] | None:
 
 def run_plan(
     plan: Plan, dst: Path, output: Output, *, overwrite: bool, some_ranks: bool, process_num: int = 1,
-    on_bytes=lambda n, param=None: None,
+    on_bytes=lambda n, param=None: None, before_commit: Callable[[Path], None] | None = None,
 ) -> None:  # fmt: skip
-    """Write every rank of `plan` under `dst` (see the module docstring)."""
+    """Write every rank of `plan` under `dst` (see the module docstring). `before_commit(tmp)` runs once every
+    file is complete in the temporary folder; if it raises, nothing is committed."""
     if process_num < 1 or len(plan.ranks) % process_num:
         raise ConfigError(
             f"--process-num {process_num} must divide the {len(plan.ranks)} destination ranks being written "
@@ -65,6 +67,8 @@ def run_plan(
     if not some_ranks:
         with atomic_output(dst, overwrite=overwrite) as tmp:
             _execute(plan, tmp, output, process_num, on_bytes)
+            if before_commit is not None:
+                before_commit(tmp)
         return
     dst = Path(dst).absolute()
     folders = sorted({r.dst_file.split("/")[0] for r in plan.ranks})
@@ -74,6 +78,8 @@ def run_plan(
     tmp = partial_dir(dst)
     try:
         _execute(plan, tmp, output, process_num, on_bytes)
+        if before_commit is not None:
+            before_commit(tmp)
         fsync_tree(tmp)
         dst.mkdir(parents=True, exist_ok=True)
         for folder in folders:  # each rank folder replaces its old self only once complete
