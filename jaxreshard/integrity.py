@@ -222,7 +222,7 @@ def describe_difference(box: Box, index: int, got: np.ndarray, want: np.ndarray)
     local = unravel(index, box.shape) if box.shape else []
     global_index = [s + i for s, i in zip(box.start, local)]
     return (f"element {index} of its block {box} (global index {global_index}) is "
-            f"{got.reshape(-1)[index]!r} here but {want.reshape(-1)[index]!r}")
+            f"{got.reshape(-1)[index]} here but {want.reshape(-1)[index]}")
 
 
 def check_replicas(source: SourceCheckpoint, structure: Structure, handles: FileHandles) -> int:
