@@ -26,3 +26,6 @@ from .merge import merge_lora as merge_lora
 from .merge import unify as unify
 from .plan import Plan as Plan
 from .plan import make_plan as make_plan
+from .verify import VerifyError as VerifyError
+from .verify import VerifyReport as VerifyReport
+from .verify import verify as verify
