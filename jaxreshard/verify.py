@@ -26,6 +26,7 @@ from .fill import fill_boxes
 from .formats import SourceCheckpoint, open_source
 from .formats.base import FileHandles
 from .formats.manifest import MANIFEST_NAME, read_manifest
+from .formats.orbax_io import is_orbax
 from .integrity import (
     Structure,
     VerifyError,
@@ -86,6 +87,10 @@ def verify(
     floating tensors cast to it (`convert --dtype`). `ranks`: `dst` holds only these ranks (`convert --ranks`).
     Raises `VerifyError` (a `FormatError`) at the first difference, other `JaxreshardError`s for bad input.
     """
+    for path in (src, dst):
+        if path is not None and is_orbax(Path(path)):
+            raise ConfigError(f"{path}: verify reads safetensors and .ckpt checkpoints, not orbax ones; convert it "
+                              "first (jaxreshard convert --src ORBAX --dst COMPLETE)")
     if dst is None:
         return verify_one(Path(src), src_layout, src_strategy, check_replicas=check_replicas)
     a, b = open_source(src), open_source(dst)

@@ -247,6 +247,16 @@ def test_damage_against_the_manifest_is_found(with_manifest, damage):
     assert re.search(message, err), err
 
 
+def test_positional_and_job_file_forms(ckpts, tmp_path):
+    code, out, _ = run_cli(["verify", str(ckpts["pp"]), "--src", str(ckpts["hf"]), "--dst-layout", MP2PP4])
+    assert code == 0 and out.startswith(f"verified: {ckpts['pp']} matches {ckpts['hf']}")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"task: verify\nsrc: {ckpts['dp2mp4']}\nsrc_layout: {DP2MP4}\ncheck_replicas: true\n")
+    code, out, _ = run_cli(["--config", str(job)])  # one checkpoint, by its layout
+    assert code == 0 and out.startswith(f"verified: {ckpts['dp2mp4']} matches the given layout: 41 parameters")
+    assert out.rstrip().endswith("replica block(s) compared")
+
+
 def test_no_manifest(ckpts):
     code, _, err = run_cli(["verify", str(ckpts["dp2mp4"])])
     assert code == 2 and "has no manifest (jaxreshard.manifest.json); give --src to compare with" in err

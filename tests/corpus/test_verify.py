@@ -93,6 +93,17 @@ def _stray_rank(out: Path) -> None:
     _save(out / "rank_1" / "checkpoint_1.safetensors", {"w": W})
 
 
+def _symlink(out: Path) -> None:
+    real = out.parent / "elsewhere.safetensors"
+    (out / "model.safetensors").rename(real)
+    (out / "model.safetensors").symlink_to(real)
+
+
+def _orbax(tmp: Path) -> None:
+    (tmp / "orbax").mkdir()
+    (tmp / "orbax" / "_CHECKPOINT_METADATA").write_text("{}")
+
+
 V = ["verify"]
 CASES = [
     Case("verify-nothing", V, 2, r"verify: give a checkpoint \(jaxreshard verify B\), or two to compare"),
@@ -165,6 +176,10 @@ CASES = [
          _with_manifest(edit=lambda d: d["params"]["w"].update(mesh=[["dp", 1]], spec=[["mp"]]))),
     Case("verify-manifest-damaged", [*V, "{tmp}/out"], 2, r"damaged jaxreshard manifest",
          _with_manifest(damage=lambda out: (out / MANIFEST_NAME).write_text("{"))),
+    Case("verify-orbax", [*V, "{tmp}/orbax"], 2, r"orbax: verify reads safetensors and .ckpt checkpoints, not orbax",
+         _orbax),
+    Case("verify-manifest-file-is-a-symlink", [*V, "{tmp}/out"], 2,
+         r"out/model.safetensors: listed in .* but missing \(or not a regular file\)", _with_manifest(_symlink)),
     Case("convert-verify-multi-host", ["convert", "--src", "{llama}", "--dst", "{tmp}/o", "--verify",
                                        "--coordinator-address", "localhost:1", "--num-processes", "2",
                                        "--process-id", "0"], 2, r"--verify runs in one process"),
