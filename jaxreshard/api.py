@@ -238,8 +238,8 @@ def convert(
     if verify and coordinator_address is not None:
         raise ConfigError("--verify runs in one process; verify a multi-host output afterwards with jaxreshard verify")
     if verify:
-        check = _output_check(job, src, src_layout=src_layout, src_strategy=src_strategy, dst_layout=dst_layout,
-                              dst_strategy=dst_strategy, dtype=dtype, ranks=wanted)
+        check = _output_check(job, src, Path(dst), src_layout=src_layout, src_strategy=src_strategy,
+                              dst_layout=dst_layout, dst_strategy=dst_strategy, dtype=dtype, ranks=wanted)
     return write_job(
         job, Path(dst), overwrite=overwrite, progress=progress, ranks=wanted, process_num=process_num, hf=hf,
         max_file_bytes=parse_size(max_file_size),
@@ -247,15 +247,27 @@ def convert(
     )  # fmt: skip
 
 
-def _output_check(job: Job, src: str | Path, *, ranks: list[int] | None, **layouts: Any):
+def _output_check(job: Job, src: str | Path, dst: Path, *, ranks: list[int] | None, **layouts: Any):
     """`convert --verify`: the check run on the complete temporary output before it is committed."""
     if job.output_format == "orbax" or job.source.suffix == ".orbax":
         raise ConfigError("--verify compares rank files; it does not apply to orbax sources or outputs")
+    if job.mindspore and layouts["src_strategy"] and layouts["dst_strategy"]:
+        from .formats.mindspore_strategy import read_strategy
+        from .mindspore import uses_by_stage_path
+
+        src_s, dst_s = (read_strategy(Path(layouts[k])) for k in ("src_strategy", "dst_strategy"))
+        if uses_by_stage_path(src_s, dst_s):
+            raise ConfigError("--verify cannot check MindSpore's by-stage path (one pipeline stage's strategy file "
+                              "converted on its own); verify the merged result with jaxreshard verify")
 
     def check(tmp: Path) -> None:
-        from .verify import verify
+        from .verify import VerifyError, verify
 
-        report = verify(src, tmp, ranks=ranks, **layouts)
+        try:
+            report = verify(src, tmp, ranks=ranks, **layouts)
+        except VerifyError as e:  # name the output as the user knows it, not our temporary folder
+            message = str(e).replace(str(tmp), str(dst))
+            raise VerifyError(f"--verify: nothing was written to {dst}: {message}") from None
         log.info("%s", report.summary().replace(str(tmp), "the output"))
 
     return check

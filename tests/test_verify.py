@@ -288,7 +288,9 @@ def test_convert_verify_commits_nothing_when_a_byte_is_wrong(ckpts, tmp_path, mo
     code, _, err = run_cli(["convert", "-q", "--src", str(ckpts["complete"]), "--dst", str(tmp_path / "out"),
                             "--dst-layout", DP2MP4, "--verify", *extra])
     assert code == 2
-    assert "parameter 'model.layers.0.mlp.down_proj.weight' differs on destination rank 6: element 1 of its block" in err
+    out = tmp_path / "out"
+    assert f"--verify: nothing was written to {out}: {out}/rank_6/checkpoint_6.safetensors: parameter " \
+           "'model.layers.0.mlp.down_proj.weight' differs on destination rank 6: element 1 of its block" in err
     assert list(tmp_path.iterdir()) == []  # nothing committed, no temporary left
     with pytest.raises(VerifyError):
         jaxreshard.convert(ckpts["complete"], tmp_path / "lib", dst_layout=DP2MP4, verify=True)

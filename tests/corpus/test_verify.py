@@ -13,6 +13,7 @@ from jaxreshard.formats.manifest import MANIFEST_NAME, FileRecord, Manifest, Par
 
 from .harness import Case, corpus_test
 
+MS = Path(__file__).parents[1] / "fixtures" / "mindspore"
 W = np.arange(16, dtype=np.float32).reshape(4, 4)
 B = np.arange(4, dtype=np.float32)
 
@@ -180,6 +181,16 @@ CASES = [
          _orbax),
     Case("verify-manifest-file-is-a-symlink", [*V, "{tmp}/out"], 2,
          r"out/model.safetensors: listed in .* but missing \(or not a regular file\)", _with_manifest(_symlink)),
+    Case("convert-verify-mindspore-by-stage", ["convert", "--src", f"{MS}/ckpt/dp1mp2pp2", "--src-strategy",
+                                               f"{MS}/strategy/pp_stages/ckpt_strategy_rank_0.ckpt", "--dst",
+                                               "{tmp}/o", "--dst-strategy", f"{MS}/strategy/dp2mp2.ckpt", "--verify"],
+         2, r"--verify cannot check MindSpore's by-stage path"),
+    Case("convert-verify-differing-replicas", ["convert", "--src", f"{MS}/inconsistent/src", "--src-strategy",
+                                               f"{MS}/inconsistent/src_dp2mp2.ckpt", "--dst", "{tmp}/o",
+                                               "--dst-strategy", f"{MS}/inconsistent/dst_mp4.ckpt", "--exact-replicas",
+                                               "--verify", "-q"],
+         2, r"--verify: nothing was written to .*/o: .*/o/rank_2/checkpoint_2.ckpt: parameter 'w' differs on "
+         r"destination rank 2: element 0 of its block \[0:4, 2:3\] \(global index \[0, 2\]\) is 30.0 here but 10.0"),
     Case("convert-verify-multi-host", ["convert", "--src", "{llama}", "--dst", "{tmp}/o", "--verify",
                                        "--coordinator-address", "localhost:1", "--num-processes", "2",
                                        "--process-id", "0"], 2, r"--verify runs in one process"),
