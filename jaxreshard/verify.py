@@ -24,7 +24,7 @@ from typing import Any
 from .errors import ConfigError
 from .fill import fill_boxes
 from .formats import SourceCheckpoint, open_source
-from .formats.base import FileHandles
+from .formats.base import FileHandles, aligned_empty
 from .formats.manifest import MANIFEST_NAME, read_manifest
 from .formats.orbax_io import is_orbax
 from .integrity import (
@@ -39,7 +39,7 @@ from .integrity import (
     read_entry,
 )  # fmt: skip
 from .integrity import check_replicas as check_replicas_of
-from .plan import LayoutLike, ShardPlan, make_plan, with_dtype
+from .plan import LayoutLike, Plan, ShardPlan, is_floating, make_plan, with_dtype
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +99,18 @@ def verify(
     a_struct = check_structure(a, a_layout)
     b_struct = check_structure(b, b_layout, ranks=None if ranks is None else list(ranks))
     _same_params(a, b, a_struct, b_struct)
+    from .api import parse_dtype
+
+    cast = parse_dtype(dtype)
+    _same_shapes(a, b, a_struct, b_struct, cast)
     replicas = 0
     with FileHandles() as handles:
         if check_replicas:
             replicas = check_replicas_of(a, a_struct, handles)
         plan = make_plan(a.entries, a_layout, b_layout, dst_ranks=b_struct.ranks if ranks is not None else None)
-        from .api import parse_dtype
-
-        plan = with_dtype(plan, parse_dtype(dtype))
-        _same_shapes(a, b, plan, b_struct)
-        compare_data(plan, a, b, handles)
+        compare_data(with_dtype(plan, cast), a, b, handles)
     return VerifyReport(b.path, str(a.path), len(plan.params), len(b_struct.ranks),
                         params_summary(b_struct.shapes, b_struct.dtypes), replicas=replicas)
-
 
 
 def layout_of(source: SourceCheckpoint, layout: Any, strategy: Any) -> LayoutLike | None:
@@ -160,23 +159,21 @@ def _same_params(a: SourceCheckpoint, b: SourceCheckpoint, sa: Structure, sb: St
         raise VerifyError(f"{b.path}: parameter {extra[0]!r} is not in {a.path} ({len(extra)} extra)")
 
 
-def _same_shapes(a: SourceCheckpoint, b: SourceCheckpoint, plan, sb: Structure) -> None:
-    for name, info in plan.params.items():
-        if info.shape != sb.shapes[name] or info.dst_dtype != sb.dtypes[name]:
-            raise VerifyError(
-                f"{b.path}: parameter {name!r} is {sb.dtypes[name]}{list(sb.shapes[name])} but "
-                f"{info.dst_dtype}{list(info.shape)} in {a.path}"
-            )
+def _same_shapes(a: SourceCheckpoint, b: SourceCheckpoint, sa: Structure, sb: Structure, cast: Any) -> None:
+    """Global shapes and dtypes agree (`cast`: floating tensors of `a` were written as this dtype)."""
+    for name, shape in sa.shapes.items():
+        want = cast if cast is not None and is_floating(sa.dtypes[name]) else sa.dtypes[name]
+        if shape != sb.shapes[name] or want != sb.dtypes[name]:
+            raise VerifyError(f"{b.path}: parameter {name!r} is {sb.dtypes[name]}{list(sb.shapes[name])} but "
+                              f"{want}{list(shape)} in {a.path}")
 
 
-def compare_data(plan, a: SourceCheckpoint, b: SourceCheckpoint, handles: FileHandles) -> None:
+def compare_data(plan: Plan, a: SourceCheckpoint, b: SourceCheckpoint, handles: FileHandles) -> None:
     """Per parameter: read `a`'s regions of each distinct destination block once, compare every holder in `b`."""
     users: dict[str, dict[ShardPlan, list[int]]] = {p: {} for p in plan.params}
     for rank in plan.ranks:
         for shard in rank.shards:
             users[shard.param].setdefault(shard, []).append(rank.dst_rank)
-    from .formats.base import aligned_empty
-
     for name, shards in users.items():
         info = plan.params[name]
         bufs = [(shard, aligned_empty(shard.dst_box.shape, info.src_dtype)) for shard in shards]
