@@ -120,6 +120,20 @@ def test_a_flipped_byte_is_found_with_its_rank_and_offset(ckpts, tmp_path):
     assert run_cli(["verify", str(bad), "--dst-layout", DP2MP4])[0] == 0
 
 
+def test_a_flipped_byte_in_a_mindspore_rank_file(tmp_path):
+    bad = copy(MS / "ckpt" / "dp2mp2", tmp_path / "bad")
+    entry = open_source(bad).entries[3]["embedding.embedding_table"]  # float32 [32, 16]: rows 32:64 on ranks 1, 3
+    k = 37
+    path = entry.path
+    data = bytearray(path.read_bytes())
+    data[entry.segments[0][0] + 4 * k + 1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match=rf"rank_3/checkpoint_3.ckpt: parameter 'embedding.embedding_table' differs "
+                                          rf"on destination rank 3: element {k} of its block \[32:64, 0:16\] "
+                                          rf"\(global index \[{32 + k // 16}, {k % 16}\]\)"):
+        verify(MS / "ckpt" / "complete", bad, dst_strategy=MS / "strategy" / "dp2mp2.ckpt")
+
+
 def test_wrong_layouts_are_found(ckpts):
     with pytest.raises(VerifyError, match=r"'model.embed_tokens.weight' is bfloat16\[512, 128\] but "
                                           r"bfloat16\[128, 128\]"):
