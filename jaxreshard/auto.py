@@ -75,8 +75,9 @@ def auto_convert(
     if reuse.all_done(scope.block_names):
         return out
     if scope.converter and not reuse.block_done(scope.my_block):
-        _convert_block(scope, reuse, src, out, dict(src_strategy=src_strategy_path_or_dir,
-                                                     dst_strategy=dst_strategy, dst_layout=dst_layout, prefix=prefix))
+        options = {"src_strategy": src_strategy_path_or_dir, "dst_strategy": dst_strategy, "dst_layout": dst_layout,
+                   "prefix": prefix}
+        _convert_block(scope, reuse, src, out, options)
     _wait(scope, reuse, timeout, poll)
     return out
 

@@ -103,27 +103,27 @@ def test_config_keys(tmp_path):
 
 
 def _auto(tmp_path, **kw):
-    args = dict(dst_strategy=DP2MP4, output_dir=tmp_path / "out", timeout=5, poll=0.05)
+    args = {"dst_strategy": DP2MP4, "output_dir": tmp_path / "out", "timeout": 5, "poll": 0.05}
     return auto_convert(kw.pop("src", FIX / "ckpt" / "complete"), None, **{**args, **kw})
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(npu_num_per_node=3, world_size=8, rank_id=5),
+    ({"npu_num_per_node": 3, "world_size": 8, "rank_id": 5},
      r"^npu_num_per_node 3 does not divide the world size 8 \(rank 5\)"),
-    (dict(npu_num_per_node=4, world_size=8, rank_id=4, transform_process_num=3, shared_disk=False),
+    ({"npu_num_per_node": 4, "world_size": 8, "rank_id": 4, "transform_process_num": 3, "shared_disk": False},
      r"^transform_process_num 3 must divide the 4 devices of node 1 \(ranks 4-7\)"),
-    (dict(npu_num_per_node=4, world_size=8, rank_id=5, shared_disk=False, src=Path("/nonexistent/ckpt")),
+    ({"npu_num_per_node": 4, "world_size": 8, "rank_id": 5, "shared_disk": False, "src": Path("/nonexistent/ckpt")},
      r"^node 1 \(ranks 4-7\): source checkpoint /nonexistent/ckpt does not exist on this node"),
-    (dict(npu_num_per_node=8, world_size=16, rank_id=8, shared_disk=False),
+    ({"npu_num_per_node": 8, "world_size": 16, "rank_id": 8, "shared_disk": False},
      r"^node 1 \(ranks 8-15\): ranks 8-15 of the job's 16 are outside the destination layout, which has 8 ranks"),
-    (dict(npu_num_per_node=8, world_size=16, rank_id=0, shared_disk=False),
+    ({"npu_num_per_node": 8, "world_size": 16, "rank_id": 0, "shared_disk": False},
      r"^node 0 \(ranks 0-7\): ranks 8-15 of the job's 16 are outside the destination layout"),
-    (dict(npu_num_per_node=2, world_size=4, rank_id=0, shared_disk=False),
-     r"^node 0 \(ranks 0-1\): the destination layout has 8 ranks but the job only 4; destination ranks 4-7 "
-     r"belong to no node"),
-    (dict(npu_num_per_node=0, world_size=8, rank_id=0), r"^npu_num_per_node must be a whole number of at least 1"),
-    (dict(world_size=8, rank_id=8), r"^rank 8 is outside the job's 8 ranks \(0-7\)"),
-    (dict(world_size=8, rank_id=0, shared_disk="no"), r"^shared_disk must be true or false, got 'no'"),
+    ({"npu_num_per_node": 2, "world_size": 4, "rank_id": 0, "shared_disk": False},
+     (r"^node 0 \(ranks 0-1\): the destination layout has 8 ranks but the job only 4; destination ranks 4-7 "
+     r"belong to no node")),
+    ({"npu_num_per_node": 0, "world_size": 8, "rank_id": 0}, r"^npu_num_per_node must be a whole number of at least 1"),
+    ({"world_size": 8, "rank_id": 8}, r"^rank 8 is outside the job's 8 ranks \(0-7\)"),
+    ({"world_size": 8, "rank_id": 0, "shared_disk": "no"}, r"^shared_disk must be true or false, got 'no'"),
 ])  # fmt: skip
 def test_job_shape_errors_name_the_node_and_ranks(tmp_path, kw, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -115,3 +115,53 @@ def test_converter_failure_is_raised_on_its_node_only(tmp_path, offline):
                                      "node 1 (ranks 4-7))"), results[r]
         assert "truncated" in results[r]
     assert not (outs[1] / "complete").exists()
+
+
+NODE_WORKER = """
+import json, sys, threading, yaml
+from jaxreshard.auto import auto_convert_from_config
+cfg = yaml.safe_load(open(sys.argv[1]))
+node, npu, out = int(sys.argv[2]), int(cfg["npu_num_per_node"]), sys.argv[3]
+results = {}
+def run(rank):
+    try:
+        results[rank] = "OK " + str(auto_convert_from_config(cfg, rank_id=rank, output_dir=out, timeout=100))
+    except Exception as e:
+        results[rank] = "ERR " + repr(e)
+threads = [threading.Thread(target=run, args=(r,)) for r in range(node * npu, (node + 1) * npu)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps(results))
+"""
+AUTO_CONFIGS = sorted((REPO / "configs" / "auto").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", AUTO_CONFIGS, ids=[p.stem for p in AUTO_CONFIGS])
+def test_shipped_auto_configs_run(tmp_path, config):
+    """configs/auto/*: every node (a process running its devices' ranks as threads) gets the output it should
+    load, equal rank folder by rank folder to the offline conversion of the same checkpoint and strategy."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    nodes = cfg["world_size"] // cfg["npu_num_per_node"]
+    assert nodes == 2
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # 16 devices per stage for the ModelArts one
+    env["PYTHONPATH"] = str(REPO)
+    outs = [tmp_path / ("shared" if cfg["shared_disk"] else f"node{k}") for k in range(nodes)]
+    offline = subprocess.Popen([sys.executable, "-m", "jaxreshard", "convert", "--src", cfg["load_checkpoint"],
+                                "--dst-strategy", cfg["dst_strategy"], "--dst", str(tmp_path / "offline"), "-q"],
+                               cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", NODE_WORKER, str(config), str(k), str(outs[k])], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(nodes)]
+    results = [json.loads(p.communicate(timeout=TIMEOUT_S)[0]) for p in procs]
+    offline_err = offline.communicate(timeout=TIMEOUT_S)[1]
+    assert offline.returncode == 0, offline_err
+    reference = rank_folders(tmp_path / "offline")
+    assert len(reference) == cfg["world_size"]
+    for k, (out, got) in enumerate(zip(outs, results)):
+        assert set(got.values()) == {f"OK {out / 'transformed_checkpoint' / 'complete'}"}, got
+        mine = rank_folders(out / "transformed_checkpoint" / "complete")
+        wanted = reference if cfg["shared_disk"] else {
+            f"rank_{r}": reference[f"rank_{r}"] for r in range(k * len(got), (k + 1) * len(got))}
+        assert mine == wanted
