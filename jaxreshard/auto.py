@@ -141,16 +141,18 @@ def _fingerprint(src: Path, *parts: Any) -> str:
 
 
 def _claim(reuse: Reuse, scope: Scope, out: Path) -> None:
-    """Record what this output holds; an output of another conversion is never overwritten. Only this
-    converter's own stale failure marker is removed (other nodes' converters may share the folder)."""
+    """Record what this output holds; an output of another conversion is never overwritten (markers of one
+    whose output is gone or never written are). Only this converter's own stale failure marker is removed
+    (other nodes' converters may share the folder)."""
     markers = reuse.markers
     markers.mkdir(parents=True, exist_ok=True)
     job = markers / "job.json"
+    empty = not out.exists() or not any(out.iterdir())
     if job.exists():
-        if reuse.job_fingerprint() != reuse.fingerprint:
+        if reuse.job_fingerprint() != reuse.fingerprint and not empty:
             raise ConfigError(f"{out} holds the conversion of another checkpoint or layout; remove it (and "
                               f"{markers}) or choose another output_dir")
-    elif out.exists() and any(out.iterdir()):
+    elif not empty:
         raise ConfigError(f"{out} exists and was not written by jaxreshard's auto conversion; choose another output_dir")
     (markers / f"{scope.my_block}.failed").unlink(missing_ok=True)  # an earlier failed attempt at this block
     _mark(job, json.dumps({"fingerprint": reuse.fingerprint}))

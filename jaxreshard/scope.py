@@ -125,13 +125,18 @@ def make_scope(rank: int, world: int, processes: int, npu_num_per_node: int | No
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
         raise ConfigError(f"rank {rank!r} is outside the job's {world} ranks (0-{world - 1})")
     processes = _positive_int(processes, "transform_process_num")
-    given = default_npu_num_per_node() if npu_num_per_node is None else npu_num_per_node
-    npu = min(_positive_int(given, "npu_num_per_node"), world)
-    if world % npu:
-        raise ConfigError(f"npu_num_per_node {npu} does not divide the world size {world} (rank {rank}): every node "
-                          "must hold the same number of devices; set npu_num_per_node to the devices of one node")
     if not isinstance(shared_disk, bool):
         raise ConfigError(f"shared_disk must be true or false, got {shared_disk!r}")
+    given = default_npu_num_per_node() if npu_num_per_node is None else npu_num_per_node
+    npu = min(_positive_int(given, "npu_num_per_node"), world)
+    if world % npu and npu_num_per_node is None and shared_disk:
+        npu = world  # nodes do not matter with one disk for all: a guessed node size must not break such a job
+    if world % npu:
+        guessed = "" if npu_num_per_node is not None else \
+            " (the default: this host's devices, DEVICE_NUM_PER_NODE or 8)"
+        raise ConfigError(f"npu_num_per_node {npu}{guessed} does not divide the world size {world} (rank {rank}): "
+                          "every node must hold the same number of devices; set npu_num_per_node to the devices of "
+                          "one node")
     scope = Scope(rank, world, npu, processes, shared_disk)
     if shared_disk and world % processes:
         raise ConfigError(f"transform_process_num {processes} must divide the {world} processes (rank {rank})")

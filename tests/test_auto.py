@@ -254,3 +254,32 @@ def test_timeout_names_the_block_and_its_converter(tmp_path):
     with pytest.raises(JaxreshardError, match=r"automatic conversion for node 1 \(ranks 4-7\) did not finish within "
                        r"1 s: still waiting for node_1_block_0 \(converter: rank 4; no completion marker"):
         _auto(tmp_path, rank_id=5, world_size=8, npu_num_per_node=4, shared_disk=False, timeout=1)
+
+
+def test_guessed_node_size_only_matters_without_a_shared_disk(tmp_path, monkeypatch):
+    """12 processes and the default of 8 devices per node: fine with one disk (nodes do not matter), an error
+    naming the default without one."""
+    monkeypatch.delenv("DEVICE_NUM_PER_NODE", raising=False)
+    with pytest.raises(JaxreshardError, match=r"did not finish within 0 s: still waiting for block_0 "
+                       r"\(converter: rank 0; no completion marker"):
+        _auto(tmp_path, rank_id=5, world_size=12, timeout=0)
+    with pytest.raises(ConfigError, match=r"^npu_num_per_node 8 \(the default: this host's devices, "
+                       r"DEVICE_NUM_PER_NODE or 8\) does not divide the world size 12 \(rank 5\)"):
+        _auto(tmp_path, rank_id=5, world_size=12, shared_disk=False)
+
+
+def test_markers_of_a_failed_conversion_do_not_block_a_fixed_source(tmp_path):
+    """A conversion that failed wrote no output: after the source is fixed (another fingerprint) the same
+    output_dir converts it; an output holding another conversion's files is still never overwritten."""
+    src = tmp_path / "complete"
+    shutil.copytree(FIX / "ckpt" / "complete", src)
+    path = src / "rank_0" / "checkpoint_0.ckpt"
+    good = path.read_bytes()
+    path.write_bytes(good[:3000])
+    with pytest.raises(JaxreshardError, match="truncated"):
+        _auto(tmp_path, src=src)
+    path.write_bytes(good)
+    got = _auto(tmp_path, src=src)
+    assert tree(got) == tree(FIX / "ckpt" / "dp2mp4")
+    with pytest.raises(ConfigError, match="holds the conversion of another checkpoint or layout"):
+        _auto(tmp_path, src=src, prefix="other_")
