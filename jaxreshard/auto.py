@@ -105,8 +105,17 @@ def _convert_block(scope: Scope, reuse: Reuse, src: Path, out: Path, options: di
             raise FormatError(f"{name}: the output fails its check right after conversion: {problem}; remove the "
                               f"stale {MANIFEST} (or the whole output folder {out}) and start again")
     except Exception as e:  # every waiting process must learn why, then this one fails too
-        _mark(failed, json.dumps({"fingerprint": reuse.fingerprint, "error": f"{type(e).__name__}: {e}"}))
-        raise
+        error = e
+        if isinstance(e, OSError):  # the output folder cannot be written: the user's to fix, not a bug
+            error = ConfigError(f"{scope.node_label}: automatic conversion cannot write {e.filename or out}: "
+                                f"{e.strerror or e}; check output_dir")
+        try:
+            _mark(failed, json.dumps({"fingerprint": reuse.fingerprint, "error": f"{type(error).__name__}: {error}"}))
+        except OSError:
+            log.warning("could not write %s; the processes waiting for %s will time out", failed, name)
+        if error is e:
+            raise
+        raise error from e
 
 
 def matches(src: Path, src_strategy: Any, dst_strategy: Any, dst_layout: Any) -> bool:

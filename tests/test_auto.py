@@ -283,3 +283,9 @@ def test_markers_of_a_failed_conversion_do_not_block_a_fixed_source(tmp_path):
     assert tree(got) == tree(FIX / "ckpt" / "dp2mp4")
     with pytest.raises(ConfigError, match="holds the conversion of another checkpoint or layout"):
         _auto(tmp_path, src=src, prefix="other_")
+
+
+def test_unwritable_output_dir_is_a_config_error(tmp_path):
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    with pytest.raises(ConfigError, match=r"^node 0 \(ranks 0\): automatic conversion cannot write .*out"):
+        _auto(tmp_path)
