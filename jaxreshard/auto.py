@@ -162,7 +162,8 @@ def _claim(reuse: Reuse, scope: Scope, out: Path) -> None:
             raise ConfigError(f"{out} holds the conversion of another checkpoint or layout; remove it (and "
                               f"{markers}) or choose another output_dir")
     elif not empty:
-        raise ConfigError(f"{out} exists and was not written by jaxreshard's auto conversion; choose another output_dir")
+        raise ConfigError(f"{out} exists and was not written by jaxreshard's auto conversion; choose another "
+                          "output_dir")
     (markers / f"{scope.my_block}.failed").unlink(missing_ok=True)  # an earlier failed attempt at this block
     _mark(job, json.dumps({"fingerprint": reuse.fingerprint}))
 
