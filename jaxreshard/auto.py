@@ -35,6 +35,8 @@ from .scope import Scope, default_npu_num_per_node, make_scope
 log = logging.getLogger(__name__)
 
 MARKERS = ".jaxreshard"  # beside the output folder: job.json (what is converted), <block>.done/.failed
+STALE_FAILURE_GRACE_S = 30.0  # how long a failure marker older than a waiting process may take to be cleared
+CLOCK_SKEW_S = 2.0  # between this host and a shared disk's file times
 
 __all__ = ["auto_convert", "auto_convert_from_config", "default_npu_num_per_node", "matches"]
 
@@ -180,13 +182,11 @@ def _mark(path: Path, text: str) -> None:
 def _wait(scope: Scope, reuse: Reuse, timeout: float, poll: float) -> None:
     """Until every block this process needs is done and its files check out; a converter's failure, or the
     deadline, is raised here naming the block and its converter's rank."""
-    deadline = time.monotonic() + timeout
+    started, deadline = time.time(), time.monotonic() + timeout
+    first_seen: dict[str, float] = {}
     while True:
         for name in scope.block_names:
-            error = reuse.failure(name)
-            if error is not None:
-                raise JaxreshardError(f"automatic conversion failed in the converter of {name} (rank "
-                                      f"{scope.converter_rank(name)}, {scope.node_label}): {error}")
+            _check_failure(scope, reuse, name, started, first_seen, deadline)
         if reuse.all_done(scope.block_names):
             return
         if time.monotonic() > deadline:
@@ -196,6 +196,24 @@ def _wait(scope: Scope, reuse: Reuse, timeout: float, poll: float) -> None:
                                   f"s: still waiting for {who} (markers in {reuse.markers}); is every converting "
                                   "process running? A converter that died leaves no marker")
         time.sleep(poll)
+
+
+def _check_failure(scope: Scope, reuse: Reuse, name: str, started: float, first_seen: dict[str, float],
+                   deadline: float) -> None:
+    """Raise the failure a block's converter recorded. A marker written before this process started may be a
+    previous attempt's, which a restarted converter clears when it claims the block: that one is raised only if
+    it is still there after a grace period (a restarted job must not fail on its last run's error)."""
+    found = reuse.failure(name)
+    if found is None:
+        first_seen.pop(name, None)
+        return
+    error, mtime = found
+    now = time.monotonic()
+    waited = now - first_seen.setdefault(name, now)
+    if mtime < started - CLOCK_SKEW_S and waited < STALE_FAILURE_GRACE_S and now <= deadline:
+        return
+    raise JaxreshardError(f"automatic conversion failed in the converter of {name} (rank "
+                          f"{scope.converter_rank(name)}, {scope.node_label}): {error}")
 
 
 def _env(name: str, default: int) -> int:

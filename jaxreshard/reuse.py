@@ -68,17 +68,20 @@ class Reuse:
         job = _read_json(self.markers / "job.json")
         return job.get("fingerprint") if isinstance(job, dict) else None
 
-    def failure(self, block: str) -> str | None:
-        """The error a converter recorded for this conversion's block, if it failed."""
+    def failure(self, block: str) -> tuple[str, float] | None:
+        """The error a converter recorded for this conversion's block, if it failed, and when (the marker's
+        mtime: a marker older than the waiting process may be a previous attempt's, about to be cleared)."""
         path = self.markers / f"{block}.failed"
-        if not path.is_file():
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
             return None
         record = _read_json(path)
         if not isinstance(record, dict):
-            return "(the converter's failure marker is unreadable)"
+            return "(the converter's failure marker is unreadable)", mtime
         if record.get("fingerprint") not in (None, self.fingerprint):
             return None  # a failure of another conversion into the same folder
-        return str(record.get("error"))
+        return str(record.get("error")), mtime
 
     def why_not(self, block: str) -> str | None:
         """Why this block's output cannot be loaded as it is (None: it can)."""

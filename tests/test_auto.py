@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -289,3 +290,45 @@ def test_unwritable_output_dir_is_a_config_error(tmp_path):
     (tmp_path / "out").write_text("a file where the output folder should be")
     with pytest.raises(ConfigError, match=r"^node 0 \(ranks 0\): automatic conversion cannot write .*out"):
         _auto(tmp_path)
+
+
+def _stale_failure(tmp_path, age_s=600):
+    """The failure marker of an earlier attempt at this same conversion, as a killed-and-restarted job leaves."""
+    from jaxreshard.auto import _fingerprint
+
+    markers = tmp_path / "out" / ".complete.jaxreshard"
+    markers.mkdir(parents=True)
+    fingerprint = _fingerprint(FIX / "ckpt" / "complete", None, DP2MP4, None, "checkpoint_")
+    (markers / "block_0.failed").write_text(json.dumps({"fingerprint": fingerprint, "error": "OSError: disk full"}))
+    old = time.time() - age_s
+    os.utime(markers / "block_0.failed", (old, old))
+
+
+def test_restarted_job_does_not_fail_on_the_last_attempts_error(tmp_path):
+    """The waiter starts first and sees the old failure; the converter, starting later, clears it and converts."""
+    _stale_failure(tmp_path)
+    results, errors = {}, []
+
+    def run(rank):
+        try:
+            results[rank] = _auto(tmp_path, rank_id=rank, world_size=2, timeout=60)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    waiter = threading.Thread(target=run, args=(1,))
+    waiter.start()
+    time.sleep(0.5)  # the waiter has polled the stale marker several times by now
+    run(0)
+    waiter.join()
+    assert not errors, errors
+    assert results[0] == results[1] and tree(results[1]) == tree(FIX / "ckpt" / "dp2mp4")
+
+
+def test_old_failure_nobody_clears_is_raised_after_the_grace(tmp_path, monkeypatch):
+    monkeypatch.setattr("jaxreshard.auto.STALE_FAILURE_GRACE_S", 0.3)
+    _stale_failure(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(JaxreshardError, match=r"failed in the converter of block_0 \(rank 0, node 0 \(ranks 0-1\)\): "
+                       r"OSError: disk full"):
+        _auto(tmp_path, rank_id=1, world_size=2, timeout=30)
+    assert 0.3 <= time.monotonic() - start < 10
