@@ -332,3 +332,16 @@ def test_old_failure_nobody_clears_is_raised_after_the_grace(tmp_path, monkeypat
                        r"OSError: disk full"):
         _auto(tmp_path, rank_id=1, world_size=2, timeout=30)
     assert 0.3 <= time.monotonic() - start < 10
+
+
+def test_default_npu_num_per_node_under_jax_distributed(monkeypatch):
+    """Under an initialised jax.distributed the host's devices decide (DEVICE_NUM_PER_NODE is only a fallback)."""
+    import types
+
+    fake = types.SimpleNamespace(distributed=types.SimpleNamespace(is_initialized=lambda: True),
+                                 local_device_count=lambda: 4)
+    monkeypatch.setitem(sys.modules, "jax", fake)
+    monkeypatch.setenv("DEVICE_NUM_PER_NODE", "16")
+    assert default_npu_num_per_node() == 4
+    fake.distributed.is_initialized = lambda: False
+    assert default_npu_num_per_node() == 16
