@@ -10,9 +10,9 @@ so memory stays one weight's boxes at a time whatever the layouts.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapter import read_adapter_config
 from .box import Box
 from .errors import ConfigError, FormatError, PlanError
 from .formats.base import FileHandles, TensorEntry, aligned_empty
@@ -101,16 +102,16 @@ def _pattern(patterns: Mapping, module: str, default):
 
 
 def read_scaling(lora_scaling: float | None, adapter: Path | None) -> Scaling:
-    if lora_scaling is not None:
-        return Scaling(float(lora_scaling))
+    """The scale from `--lora-scaling` (finite) or the adapter's config; the config, when the adapter has one,
+    is always read and checked (it also says whether square bases are stored transposed)."""
+    if lora_scaling is not None and not math.isfinite(lora_scaling):
+        raise ConfigError(f"--lora-scaling must be a finite number, got {lora_scaling}")
+    value = None if lora_scaling is None else float(lora_scaling)
     if adapter is not None:
         cfg_path = (adapter if adapter.is_dir() else adapter.parent) / "adapter_config.json"
-        if cfg_path.is_file():
-            try:
-                return Scaling(None, json.loads(cfg_path.read_text()), str(cfg_path))
-            except ValueError as e:
-                raise ConfigError(f"{cfg_path}: not valid JSON: {e}") from None
-    return Scaling(None)
+        if os.path.lexists(cfg_path):
+            return Scaling(value, read_adapter_config(cfg_path), str(cfg_path))
+    return Scaling(value)
 
 
 @dataclass(frozen=True)

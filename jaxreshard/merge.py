@@ -72,10 +72,19 @@ def plan_merge_lora(
         if base not in params:
             raise PlanError(f"LoRA pair {pair.a!r} / {pair.b!r} has no base weight {base!r} (nor "
                             f"{module + '.base_layer.weight'!r}) in {source.path}")
+        _check_float_base(base, params[base].src_dtype, pair)
         factors = adapter_factors if pair.a in adapter_entries else src_factors
         fold = fold_for(module, pair, params[base].shape, factors, scaling.for_module(module), fan_in_fan_out)
         params[base] = replace(params[base], fold=fold)
     return Job(replace(plan, params=params), source, fmt, False)
+
+
+def _check_float_base(base: str, dtype: np.dtype, pair) -> None:
+    """W + s * B @ A is real-valued: stored into an integer or bool base it would wrap or truncate silently
+    (100 + 40 in int8 is -116), and a quantized base needs its scales, which only the quantizer knows."""
+    if dtype.kind in "iub" or dtype.name.startswith(("int", "uint")):
+        raise PlanError(f"LoRA {pair.a!r} / {pair.b!r}: base weight {base!r} is {dtype.name}, not floating point; "
+                        "merging into it would wrap or truncate; dequantize the base to a float type first")
 
 
 class _StoredNames:

@@ -494,6 +494,11 @@ def test_square_fan_in_fan_out_from_adapter_config(tmp_path, capsys):
                     "-q"])
     assert_same(load_file(complete_out(dst)),
                 {"transformer.h.0.attn.c_proj.weight": merged(W, A, B, 2.0, transposed=True)}, "fan_in_fan_out")
+    # --lora-scaling replaces the scale only: the config still says the square base is stored transposed
+    run_ok(capsys, ["merge-lora", "--src", tmp_path / "base" / "model.safetensors", "--adapter", adir, "--dst",
+                    tmp_path / "out2", "--lora-scaling", "0.5", "-q"])
+    assert_same(load_file(complete_out(tmp_path / "out2")),
+                {"transformer.h.0.attn.c_proj.weight": merged(W, A, B, 0.5, transposed=True)}, "scale flag")
 
 
 def test_square_fan_in_fan_out_flag(tmp_path, capsys):
@@ -630,3 +635,15 @@ def test_drop_in_tool_requires_scaling(tmp_path):
     assert "lora_scaling" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (dst / "merged_lora.ckpt").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int32, np.int64, np.bool_])
+def test_integer_base_is_refused(tmp_path, capsys, dtype):
+    """int8 100 + 40 would wrap to -116: an integer or bool base is refused, naming the parameter; nothing written."""
+    W = np.full((4, 4), 100).astype(dtype)
+    A, B = np.ones((2, 4), F32), np.full((4, 2), 20.0, F32)  # B @ A = 40 everywhere
+    src = save(tmp_path / "src" / "model.safetensors", {"m.q.weight": W, "m.q.lora_a": A, "m.q.lora_b": B})
+    code = main(["merge-lora", "--src", str(src), "--dst", str(tmp_path / "out"), "--lora-scaling", "1", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"base weight 'm.q.weight' is {np.dtype(dtype).name}, not floating point" in err, err
+    assert not (tmp_path / "out").exists()
