@@ -160,6 +160,9 @@ DISCOVERY = [
          _hf(extra=lambda tmp: ((tmp / "hf/model.safetensors.index.json").unlink(),
                                 os.mkfifo(tmp / "hf/model.safetensors.index.json")))),
     Case("inspect-dev-null", ["inspect", "/dev/null"], 2, r"/dev/null: the source is a character device"),
+    Case("unify-file-suffix-rank-alias", ["unify", "--src", "{tmp}/src", "--dst", "{tmp}/out", "--file-suffix", "model",
+                                          "--src-layout", "configs/layouts/llama_dp8.yaml"], 2,
+         r"src: rank folder\(s\) \['rank_01'\] are not named rank_<n>", _ranks("rank_0", "rank_1", "rank_01")),
 ]
 
 
@@ -232,6 +235,8 @@ INSPECT = [
          r"m\.safetensors: parameter 'a': data ends at byte \d+ but the file has \d+; the file is truncated",
          _st({"a": _entry("U8", [8], [0, 8])}, b"\0" * 3)),
     Case("inspect-orbax-folder-lists-arrays", ["inspect", "{tmp}/orb"], 0, "", _orbax),
+    Case("inspect-orbax-folder-with-a-layout", ["inspect", "{tmp}/orb", "--src-layout", "configs/layouts/llama_dp8.yaml"],
+         2, r"orb: an orbax checkpoint holds whole arrays; it takes no source layout", _orbax),
 ]
 
 CASES = [*SAFETENSORS, *HUGGING_FACE, *DISCOVERY, *CKPT, *INSPECT]
