@@ -76,6 +76,11 @@ def list_dir(path: Path) -> list[Path]:
         raise FormatError(f"{path}: cannot list the source folder: {e.strerror}") from None
 
 
+def _json_int(text: str) -> int | float:
+    """JSON `-0` is a float to serde (so the safetensors library refuses it as a size) but an int to Python."""
+    return -0.0 if text == "-0" else int(text)
+
+
 def load_json(raw: bytes, where: object, what: str, hook: Callable[[list], Any] | None = None) -> Any:
     """Parse untrusted JSON: strict UTF-8, every parser failure (nesting, huge numbers, syntax) one line."""
     try:
@@ -83,7 +88,7 @@ def load_json(raw: bytes, where: object, what: str, hook: Callable[[list], Any] 
     except UnicodeDecodeError as e:
         raise FormatError(f"{where}: corrupt {what}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=hook)
+        return json.loads(text, object_pairs_hook=hook, parse_int=_json_int)
     except RecursionError:
         raise FormatError(f"{where}: corrupt {what}: JSON nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, and the 4300-digit integer limit

@@ -116,6 +116,14 @@ def test_booleans_are_not_dimensions(tmp_path, shape):
     _refused(path, "'w'", "bad shape")
 
 
+@pytest.mark.parametrize("raw", [b'{"w": {"dtype": "U8", "shape": [-0], "data_offsets": [0, 0]}}',
+                                 b'{"w": {"dtype": "U8", "shape": [1], "data_offsets": [-0, 1]}}'])
+def test_minus_zero_is_not_a_size_like_the_library_says(tmp_path, raw):
+    path = _raw(tmp_path / "t.safetensors", raw, b"\0" if b"[1]" in raw else b"")
+    assert not _library_accepts(path)
+    _refused(path, "'w'", "bad")
+
+
 def test_boolean_offsets_are_refused(tmp_path):
     path = _raw(tmp_path / "t.safetensors", {"w": _entry("U8", [1], [False, True])}, b"\0")
     _refused(path, "'w'", "bad data_offsets")
