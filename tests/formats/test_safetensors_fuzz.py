@@ -119,7 +119,7 @@ def byte_mutations(draw) -> bytes:
 def _library_view(path: Path) -> dict[str, tuple[str, tuple[int, ...]]] | None:
     try:
         with safe_open(path, "np") as f:
-            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except SafetensorError:
         return None
 
