@@ -107,20 +107,23 @@ def _int(value: str | None, flag: str, default: int | None = 1) -> int | None:
 
 
 def _inspect(opts: JobOptions):
-    """Lines describing a checkpoint (with its layout or strategy, if given) or a strategy file."""
+    """Lines describing a checkpoint (with its layout or strategy, if given), an orbax checkpoint or a strategy
+    file. A strategy is tried only when the path is in no checkpoint format at all, so a damaged checkpoint is
+    reported as damaged, not as "not a MindSpore strategy file"."""
     from . import api, describe
-    from .errors import FormatError
     from .formats import open_source
     from .formats.mindspore_strategy import read_strategy
+    from .formats.orbax_io import is_orbax
+    from .formats.untrusted import NotACheckpoint
 
+    if is_orbax(Path(opts.src)):
+        if opts.src_layout is not None or opts.src_strategy is not None:
+            raise ConfigError(f"{opts.src}: an orbax checkpoint holds whole arrays; it takes no source layout")
+        return describe.describe_orbax(Path(opts.src))
     try:
         source = open_source(opts.src)
-    except FormatError:
-        try:  # not a checkpoint: perhaps a strategy file (also named *.ckpt) or folder
-            strategy = read_strategy(Path(opts.src))
-        except FormatError:
-            raise
-        return describe.describe_strategy(strategy)
+    except NotACheckpoint:  # perhaps a strategy file (also named *.ckpt) or folder
+        return describe.describe_strategy(read_strategy(Path(opts.src)))
     if opts.src_layout is None and opts.src_strategy is None:  # a distributed source is listed rank by rank
         return describe.describe_source(source, None)
     return describe.describe_source(source, api.native_layouts(source, opts.src_layout, opts.src_strategy)[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from .formats import SourceCheckpoint
 from .layout import format_spec
@@ -62,6 +63,20 @@ def describe_source(source: SourceCheckpoint, src_layout: LayoutLike | None) -> 
         if len(boxes) > 1 or len(layout.global_ranks()) > 1:
             yield "    " + "  ".join(f"{box} on ranks {format_ranks(ranks)}" for box, ranks in boxes.items())
     yield f"total: {len(plan.params)} parameters, {human_bytes(total)}"
+
+
+def describe_orbax(path: Path) -> Iterator[str]:
+    """An orbax checkpoint: its arrays (complete, as orbax stores them) with dtype, shape and bytes."""
+    from .formats.orbax_io import read_orbax_metadata
+
+    params = read_orbax_metadata(path)
+    yield f"{path}: orbax checkpoint, {len(params)} array(s)"
+    total = 0
+    for name, (shape, dtype) in params.items():
+        nbytes = dtype.itemsize * _prod(shape)
+        total += nbytes
+        yield f"    {name:<48} {str(dtype):<9} {list(shape)!s:<18} {human_bytes(nbytes)}"
+    yield f"total: {len(params)} arrays, {human_bytes(total)}"
 
 
 def _prod(shape: tuple[int, ...]) -> int:

@@ -103,18 +103,15 @@ def pick_by_suffix(source_dir: Path, file_suffix: str | None) -> dict[int, Path]
     """Per rank folder, the one `*{suffix}.safetensors` (an ambiguous choice is an error listing candidates)."""
     if file_suffix is None:
         return None
-    import re
+    from .formats import rank_dirs
 
     picked = {}
-    for rank_dir in sorted(source_dir.iterdir()):
-        m = re.fullmatch(r"rank_(\d+)", rank_dir.name)
-        if not (m and rank_dir.is_dir()):
-            continue
+    for rank, rank_dir in sorted(rank_dirs(source_dir).items()):  # canonical names only: no two alias one rank
         found = sorted(p for p in rank_dir.glob(f"*{file_suffix}.safetensors") if p.is_file())
         if len(found) != 1:
             what = "no file matches" if not found else f"{len(found)} files match: {[p.name for p in found]}"
             raise ConfigError(f"{rank_dir}: --file-suffix {file_suffix!r}: {what}; pick a suffix that names one file")
-        picked[int(m.group(1))] = found[0]
+        picked[rank] = found[0]
     return picked
 
 

@@ -6,12 +6,18 @@ Accepted sources:
 - a directory with one checkpoint file and no `rank_*` folders (complete);
 - a distributed directory of `rank_<n>/` folders; in each, the lexicographically last checkpoint file is used
   (MindSpore's rule) and the candidates are logged. A single `rank_0/` is a complete checkpoint.
+
+Untrusted sources are held to: canonical rank folder names (`rank_<n>`, ASCII digits, no leading zeros, so no two
+folders alias one rank), regular files only (a FIFO or device is refused at once, never opened to block), and
+Hugging Face index entries that stay inside the folder and match the part files exactly.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +26,7 @@ from ..errors import FormatError
 from .base import TensorEntry
 from .mindspore_ckpt import read_ckpt_index
 from .safetensors_io import HF_INDEX, read_hf_index, read_safetensors_index
+from .untrusted import NotACheckpoint, file_kind, list_dir, stat_source
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +78,44 @@ class SourceCheckpoint:
         return {p: e.shape for entries in self.entries.values() for p, e in entries.items()}
 
 
-def _rank_dirs(path: Path) -> dict[int, Path]:
-    out = {}
-    for child in path.iterdir():
-        m = re.fullmatch(r"rank_(\d+)", child.name)
-        if m and child.is_dir():
-            out[int(m.group(1))] = child
+RANK_DIR = re.compile(r"rank_(0|[1-9][0-9]*)", re.ASCII)  # canonical: ASCII digits, no leading zeros
+_RANK_LIKE = re.compile(r"rank_\d+")  # what could be read as a rank (`\d` also matches non-ASCII digits)
+
+
+def rank_dirs(path: Path) -> dict[int, Path]:
+    """The `rank_<n>/` folders of a source, by rank. A folder that looks like one but is not canonical
+    (`rank_00`, `rank_٣`) is an error: it would alias another rank, and which one won would depend on the
+    order the folder is listed in."""
+    out, odd = {}, []
+    for child in list_dir(path):
+        if RANK_DIR.fullmatch(child.name):
+            if child.is_dir():
+                out[int(child.name[5:])] = child
+        elif _RANK_LIKE.fullmatch(child.name) and child.is_dir():
+            odd.append(child.name)
+    if odd:
+        raise FormatError(f"{path}: rank folder(s) {odd[:5]} are not named rank_<n> with ASCII digits and no leading "
+                          "zeros; rename them (rank_00 -> rank_0) so no two folders can name one rank")
+    return out
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """The checkpoint files of a folder, by name. Sub-folders are skipped; any other non-regular entry with a
+    checkpoint suffix (a FIFO, a device, a dangling link) is an error, never silently passed over."""
+    out = []
+    for child in list_dir(folder):
+        if child.suffix not in READERS:
+            continue
+        mode = stat_source(child, "checkpoint file").st_mode
+        if stat.S_ISREG(mode):
+            out.append(child)
+        elif not stat.S_ISDIR(mode):
+            raise FormatError(f"{child}: is {file_kind(mode)}; only regular files are read as checkpoints")
     return out
 
 
 def _pick_file(rank_dir: Path) -> Path:
-    candidates = sorted(p for p in rank_dir.iterdir() if p.suffix in READERS and p.is_file())
+    candidates = _checkpoint_files(rank_dir)
     if not candidates:
         raise FormatError(f"{rank_dir}: no checkpoint file ({', '.join('*' + s for s in READERS)}) in this rank folder")
     if len({p.suffix for p in candidates}) > 1:
@@ -126,28 +160,29 @@ def source_from_files(path: Path, files: dict[int, Path]) -> SourceCheckpoint:
 def open_source(path: str | Path) -> SourceCheckpoint:
     """Index a source checkpoint (see the module docstring for the accepted shapes)."""
     path = Path(path)
-    if not path.exists():
-        raise FormatError(f"{path}: source checkpoint does not exist")
-    if path.is_file():
+    mode = stat_source(path).st_mode
+    if stat.S_ISREG(mode):
         if path.suffix not in READERS:
-            raise FormatError(f"{path}: unknown checkpoint format {path.suffix!r}; supported: {sorted(READERS)}")
+            raise NotACheckpoint(f"{path}: unknown checkpoint format {path.suffix!r}; supported: {sorted(READERS)}")
         return _source(path, path.suffix, False, {0: path})
-    if (path / HF_INDEX).is_file():
+    if not stat.S_ISDIR(mode):
+        raise FormatError(f"{path}: the source is {file_kind(mode)}; give a checkpoint file (a regular file) or folder")
+    if os.path.lexists(path / HF_INDEX):
         entries = read_hf_index(path)
         files = tuple(dict.fromkeys(e.path for e in entries))
         order = tuple(e.param for e in entries)
         return SourceCheckpoint(path, ".safetensors", False, {0: files}, {0: {e.param: e for e in entries}},
                                 {0: {}}, {0: order}, {0: {}})
-    rank_dirs = _rank_dirs(path)
-    if not rank_dirs:
-        files = sorted(p for p in path.iterdir() if p.suffix in READERS and p.is_file())
+    ranks = rank_dirs(path)
+    if not ranks:
+        files = _checkpoint_files(path)
         if len(files) != 1:
-            raise FormatError(
+            raise NotACheckpoint(
                 f"{path}: expected rank_<n>/ folders, a {HF_INDEX}, or exactly one checkpoint file; found "
                 f"{[p.name for p in files] or 'nothing'}"
             )
         return open_source(files[0])
-    picked = {rank: _pick_file(d) for rank, d in sorted(rank_dirs.items())}
+    picked = {rank: _pick_file(d) for rank, d in sorted(ranks.items())}
     suffixes = {p.suffix for p in picked.values()}
     if len(suffixes) > 1:
         raise FormatError(f"{path}: rank folders mix formats {sorted(suffixes)}; convert them separately")

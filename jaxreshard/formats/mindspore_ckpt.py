@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import FormatError
 from .base import TensorEntry
+from .untrusted import MAX_DIMS, NotACheckpoint, check_name, open_regular
 
 RECORD_CHUNK_BYTES = 536_870_912  # save_checkpoint's byte chunk per record; tests monkeypatch it
 CRC_MARKER = b"crc_num"  # trailer: marker + 10-byte big-endian CRC-32 of all preceding bytes
@@ -125,6 +126,8 @@ def _tensor_proto(mm: mmap.mmap, start: int, end: int) -> tuple[str, list[int], 
             content = value
     if type_span is None or content is None:
         raise _Bad("its TensorProto lacks tensor_type or tensor_content")
+    if len(dims) > MAX_DIMS:
+        raise _Bad(f"{len(dims)} dims, more than the {MAX_DIMS} any array can have")
     if any(d >= 1 << 63 for d in dims):
         raise _Bad(f"negative dims {[d - (1 << 64) if d >= 1 << 63 else d for d in dims]}")
     return mm[type_span[0] : type_span[1]].decode("ascii", "replace"), dims, content
@@ -133,14 +136,14 @@ def _tensor_proto(mm: mmap.mmap, start: int, end: int) -> tuple[str, list[int], 
 def read_ckpt_index(path: Path, *, verify_crc: bool = False) -> CkptIndex:
     """Index a `.ckpt` without reading tensor bytes (the file is mmapped; only record headers are touched)."""
     path = Path(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise FormatError(f"{path}: cannot open the checkpoint: {e.strerror}") from e
-    with f:
+    with open_regular(path, "the checkpoint") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise FormatError(f"{path}: the file is empty, not a MindSpore checkpoint (an interrupted save?)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise FormatError(f"{path}: cannot map the checkpoint: {e.strerror}") from None
+        with mm:
             return _index(path, mm, verify_crc)
 
 
@@ -175,6 +178,7 @@ def _records(path: Path, mm: mmap.mmap, end: int):
                     kind, span = field, value
             if tag is None or kind is None:
                 raise _Bad("the record has no tag" if tag is None else "the record holds no tensor")
+            check_name(tag, f"{path}: record {index} at byte {pos}")
             if kind == 3:
                 raise FormatError(
                     f"{path}: parameter {tag!r} is a MapTensor (MapParameter hash table), which is unsupported "
@@ -184,7 +188,7 @@ def _records(path: Path, mm: mmap.mmap, end: int):
         except (_Bad, UnicodeDecodeError) as e:
             where = f"record {index} at byte {pos}" + (f" (parameter {tag!r})" if tag is not None else "")
             if index == 0 and mm[0] != 0x0A:
-                raise FormatError(f"{path}: not a MindSpore checkpoint, or an encrypted one ({where}: {e}); if it "
+                raise NotACheckpoint(f"{path}: not a MindSpore checkpoint, or an encrypted one ({where}: {e}); if it "
                                   f"was saved with enc_key, decrypt it with MindSpore first") from e
             raise FormatError(f"{path}: {where} is corrupt: {e}; the file is truncated or damaged") from e
         pos, index = body + n, index + 1

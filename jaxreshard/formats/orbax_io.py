@@ -21,6 +21,10 @@ from ..errors import FormatError
 SAVE_BATCH_BYTES = 512 << 20  # bounded memory per partial save; big enough that per-save overhead is small
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
 def is_orbax(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "_CHECKPOINT_METADATA").is_file()
 
@@ -42,10 +46,10 @@ def _metadata(path: Path) -> tuple[Any, list[str]]:
     import orbax.checkpoint.experimental.v1 as ocp
 
     try:
-        meta = ocp.metadata(str(path))
+        meta = ocp.metadata(str(Path(path).absolute()))  # orbax refuses relative paths
         tree = meta.metadata
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "not a readable checkpoint"
-        raise FormatError(f"{path}: not a readable orbax checkpoint: {e}") from None
+        raise FormatError(f"{path}: not a readable orbax checkpoint: {_one_line(e)}") from None
     broken = [n for n, m in _flatten(tree).items() if m is None or not hasattr(m, "shape")] if tree else ["(all)"]
     if broken:
         raise FormatError(f"{path}: damaged orbax checkpoint: no array metadata for {broken[:5]}")
@@ -78,7 +82,7 @@ class OrbaxSource:
 
     def __init__(self, path: Path):
 
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # orbax refuses relative paths
         self._keys = _key_paths(_metadata(self.path)[0])
         self.params = read_orbax_metadata(self.path)
 
@@ -94,7 +98,7 @@ class OrbaxSource:
                 target = _nest({param: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)}, self._keys)
                 restored = ocp.load(str(self.path), target)
         except Exception as e:  # noqa: BLE001
-            raise FormatError(f"{self.path}: restoring parameter {param!r} failed: {e}") from None
+            raise FormatError(f"{self.path}: restoring parameter {param!r} failed: {_one_line(e)}") from None
         return _flatten(restored)[param]
 
 
@@ -127,7 +131,7 @@ class OrbaxWriter:
     """Adds arrays to an orbax checkpoint in bounded batches; `close` finalizes (commits) it."""
 
     def __init__(self, path: Path, order: list[str]):
-        self.path = Path(path)
+        self.path = Path(path).absolute()
         self._order = order
         self._batch: dict[str, Any] = {}
         self._bytes = 0
@@ -183,6 +187,7 @@ def write_orbax(plan: Any, dst: Path, *, overwrite: bool) -> None:
     from ..execute import ensure_cpu_devices
     from ..fsutil import partial_dir
 
+    dst = Path(dst).absolute()  # orbax refuses relative paths (its temporaries are made from this one)
     if any(info.direct for info in plan.params.values()):
         raise FormatError("orbax output holds complete parameters; MindSpore pass-through copies cannot be written")
     ensure_cpu_devices(max((i.dst_layout.devices_per_stage for i in plan.params.values()), default=1))

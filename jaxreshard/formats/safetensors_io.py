@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..errors import FormatError
 from .base import TensorEntry
+from .untrusted import MAX_DIMS, check_name, check_text, list_dir, load_json, open_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit; bigger is corrupt, not a checkpoint
 
@@ -44,12 +46,21 @@ DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 HF_INDEX = "model.safetensors.index.json"
 
 
+MAX_INDEX_BYTES = 100_000_000  # a Hugging Face index lists names and file names: megabytes, never more
+MAX_ELEMENTS = 1 << 63  # more elements than any file (or int64 offset) can hold: the shape is corrupt
+
+
 def read_safetensors_index(path: Path) -> tuple[list[TensorEntry], dict[str, str]]:
-    """Tensor entries (in data-offset order) and `__metadata__` of one safetensors file."""
+    """Tensor entries (in data-offset order) and `__metadata__` of one safetensors file.
+
+    The header is held to what the safetensors library itself accepts: its tensors tile the data area exactly
+    (no overlap, no gap, nothing after the last one), `__metadata__` maps strings to strings; jaxreshard is
+    stricter only where a file could not be handled safely (more than 64 dims, empty or NUL names).
+    """
     path = Path(path)
     try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path, "the safetensors file") as f:
+            file_size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise FormatError(f"{path}: not a safetensors file: {file_size} bytes, shorter than its 8-byte header")
@@ -62,22 +73,57 @@ def read_safetensors_index(path: Path) -> tuple[list[TensorEntry], dict[str, str
             raw = f.read(header_len)
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        header = json.loads(raw, object_pairs_hook=_no_duplicates(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: corrupt safetensors header (not JSON: {e}); re-copy or re-save it") from None
+    header = load_json(raw, path, "safetensors header", _no_duplicates(path))
     if not isinstance(header, dict):
         raise FormatError(f"{path}: corrupt safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise FormatError(f"{path}: corrupt safetensors header: __metadata__ must be an object of strings")
+    metadata = _metadata(path, header.pop("__metadata__", None))
     data_start = 8 + header_len
     data_bytes = file_size - data_start
-    entries = []
-    for param, info in header.items():
-        entries.append(_parse_entry(path, param, info, data_start, data_bytes))
+    entries = [_parse_entry(path, param, info, data_start, data_bytes) for param, info in header.items()]
     entries.sort(key=lambda e: e.segments[0][0])
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+    _check_tiling(path, entries, data_start, data_bytes)
+    return entries, metadata
+
+
+def _metadata(path: Path, metadata: object) -> dict[str, str]:
+    """`__metadata__`: absent or null is empty, else an object of strings (as the safetensors library demands)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise FormatError(f"{path}: corrupt safetensors header: __metadata__ must be an object of strings")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise FormatError(f"{path}: corrupt safetensors header: __metadata__ {key!r} is {type(value).__name__} "
+                              f"{_short(value)}, not a string (the safetensors library refuses it too)")
+        check_text(key, str(path), "__metadata__ key")
+        check_text(value, str(path), f"__metadata__ {key!r} value")
+    return dict(metadata)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_tiling(path: Path, entries: Sequence[TensorEntry], data_start: int, data_bytes: int) -> None:
+    """Sorted by (begin, end), tensors must be contiguous from 0 to the end of the file, as the library checks:
+    an overlap means two tensors share bytes, a gap or trailing bytes belong to no tensor; either way the file
+    was not written by a safetensors writer and cannot be trusted."""
+    expected, previous = 0, None
+    for entry in sorted(entries, key=lambda e: (e.segments[0][0], e.segments[0][1])):
+        begin = entry.segments[0][0] - data_start
+        offsets = [begin, begin + entry.segments[0][1]]
+        if begin != expected:
+            after = f"the end of {previous!r}" if previous is not None else "the start of the data"
+            kind = f"a gap of {begin - expected} bytes" if begin > expected else f"an overlap of {expected - begin} bytes"
+            raise FormatError(f"{path}: parameter {entry.param!r}: data_offsets {offsets} leave {kind} after {after} "
+                              f"(byte {expected}); tensors must tile the data exactly, the file is corrupt")
+        expected, previous = offsets[1], entry.param
+    if expected != data_bytes:
+        after = f"after the last tensor {previous!r}" if previous is not None else "in a file with no tensors"
+        raise FormatError(f"{path}: {data_bytes - expected} bytes {after} belong to no tensor (data ends at byte "
+                          f"{data_start + expected}, the file has {data_start + data_bytes}); the file is corrupt or "
+                          "was appended to, re-copy or re-save it")
 
 
 def _no_duplicates(path: Path):
@@ -85,28 +131,42 @@ def _no_duplicates(path: Path):
         out: dict[str, object] = {}
         for key, value in pairs:
             if key in out:
-                raise FormatError(f"{path}: parameter {key!r} appears twice in the header; the file is corrupt")
+                raise FormatError(f"{path}: key {key!r} appears twice in one JSON object (a duplicate parameter or "
+                                  "field); the file is corrupt")
             out[key] = value
         return out
 
     return hook
 
 
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 def _parse_entry(path: Path, param: str, info: object, data_start: int, data_bytes: int) -> TensorEntry:
+    check_name(param, path)
     where = f"{path}: parameter {param!r}"
     if not isinstance(info, dict):
         raise FormatError(f"{where}: header entry is not an object")
-    dtype = DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+    code = info.get("dtype")
+    dtype = DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
-        raise FormatError(f"{where}: unsupported dtype {info.get('dtype')!r}; supported: {sorted(DTYPES)}")
+        raise FormatError(f"{where}: unsupported dtype {_short(code)}; supported: {sorted(DTYPES)}")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-        raise FormatError(f"{where}: bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise FormatError(f"{where}: bad data_offsets {offsets!r}")
+    if not (_int_list(shape) and all(0 <= s < MAX_ELEMENTS for s in shape)):
+        raise FormatError(f"{where}: bad shape {_short(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise FormatError(f"{where}: shape has {len(shape)} dimensions, more than the {MAX_DIMS} any array can have")
+    if not (_int_list(offsets) and len(offsets) == 2):
+        raise FormatError(f"{where}: bad data_offsets {_short(offsets)}")
+    elements = 1
+    for s in shape:
+        elements *= s
+        if elements >= MAX_ELEMENTS:
+            raise FormatError(f"{where}: shape {_short(shape)} has an absurd element count (2^63 or more); corrupt")
     begin, end = offsets
-    nbytes = math.prod(shape) * dtype.itemsize
+    nbytes = elements * dtype.itemsize
     if not 0 <= begin <= end or end - begin != nbytes:
         raise FormatError(f"{where}: data_offsets {offsets} do not hold {nbytes} bytes for shape {shape}")
     if end > data_bytes:
@@ -118,32 +178,90 @@ def _parse_entry(path: Path, param: str, info: object, data_start: int, data_byt
 
 
 def read_hf_index(dir_path: Path) -> list[TensorEntry]:
-    """Entries of a Hugging Face sharded directory (`model.safetensors.index.json` + its part files)."""
-    index_path = Path(dir_path) / HF_INDEX
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FormatError(f"{index_path}: unreadable index ({e}); it needs a 'weight_map' object") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise FormatError(f"{index_path}: 'weight_map' must map parameter names to file names")
+    """Entries of a Hugging Face sharded directory (`model.safetensors.index.json` + its part files).
+
+    The index and the parts must agree exactly: a tensor in a part but not in `weight_map` would silently
+    vanish from the output, so it is an error, like an entry whose tensor is missing. Entries name files of this
+    folder only (paths stay inside the source)."""
+    folder = Path(dir_path)
+    index_path = folder / HF_INDEX
+    weight_map = _weight_map(index_path)
     files = list(dict.fromkeys(weight_map.values()))
+    parts = {name: _part_path(folder, index_path, name) for name in files}
+    _check_all_parts_listed(folder, index_path, files)
     entries: dict[str, TensorEntry] = {}
     seen: dict[str, Path] = {}
     for name in files:
-        for entry in read_safetensors_index(index_path.parent / name)[0]:
+        for entry in read_safetensors_index(parts[name])[0]:
             if entry.param in seen:
                 raise FormatError(
                     f"{entry.path}: parameter {entry.param!r} is also in {seen[entry.param]}; "
                     "duplicate parameter names"
                 )
             seen[entry.param] = entry.path
-            if weight_map.get(entry.param) == name:
+            if entry.param not in weight_map:
+                raise FormatError(f"{index_path}: parameter {entry.param!r} of {name} is missing from weight_map, so "
+                                  "it would be dropped; add it to the index or remove it from the part file")
+            if weight_map[entry.param] == name:
                 entries[entry.param] = entry
     missing = [p for p in weight_map if p not in entries]
     if missing:
         raise FormatError(f"{index_path}: parameters listed but absent from their files: {missing[:10]}")
     return [entries[p] for p in weight_map]
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    """The index's `weight_map`, size-capped and strictly parsed (one-line errors for every malformation)."""
+    try:
+        with open_regular(index_path, "the Hugging Face index") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_INDEX_BYTES:
+                raise FormatError(f"{index_path}: the index is {size} bytes, over the {MAX_INDEX_BYTES}-byte limit; "
+                                  "an index lists names only, so this one is not a Hugging Face index")
+            raw = f.read(MAX_INDEX_BYTES + 1)
+    except OSError as e:
+        raise FormatError(f"{index_path}: cannot read: {e.strerror}") from None
+    index = load_json(raw, index_path, "Hugging Face index", _no_duplicates(index_path))
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FormatError(f"{index_path}: unreadable index: it needs a 'weight_map' object mapping parameter names "
+                          "to file names")
+    if not weight_map:
+        raise FormatError(f"{index_path}: 'weight_map' is empty, so the checkpoint would be empty; an index must list "
+                          "every tensor of its part files")
+    return weight_map
+
+
+_PART_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.safetensors")  # huggingface_hub's part file names
+
+
+def _check_all_parts_listed(folder: Path, index_path: Path, files: Sequence[str]) -> None:
+    """A `<prefix>-0000k-of-0000n.safetensors` file next to listed parts of the same series but absent from the
+    index is a whole part whose tensors would vanish; other files (a `consolidated.safetensors`) are not parts."""
+    series = {m.group(1, 3) for name in files if (m := _PART_NAME.fullmatch(name))}
+    if not series:
+        return
+    listed = set(files)
+    for child in list_dir(folder):
+        m = _PART_NAME.fullmatch(child.name)
+        if m and m.group(1, 3) in series and child.name not in listed:
+            raise FormatError(f"{index_path}: part file {child.name} is not in weight_map, so its tensors would be "
+                              "dropped; list them in the index or remove the file")
+
+
+def _part_path(folder: Path, index_path: Path, name: str) -> Path:
+    """`folder / name`, refused unless `name` is a plain file name resolving inside the folder (a link into the
+    Hugging Face cache's own `blobs/` folder, next to `snapshots/`, counts as inside)."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or os.path.isabs(name):
+        raise FormatError(f"{index_path}: weight_map names {name!r}, not a plain file name in {folder}; paths stay "
+                          "inside the source")
+    path = folder / name
+    root, target = folder.resolve(), path.resolve()
+    cache_blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    if not (target.is_relative_to(root) or (cache_blobs is not None and target.is_relative_to(cache_blobs))):
+        raise FormatError(f"{index_path}: weight_map file {name!r} is a link to {target}, outside {folder}; paths "
+                          "stay inside the source")
+    return path
 
 
 def header_bytes(params: Sequence[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:

@@ -431,3 +431,35 @@ def test_int4_and_maptensor_are_unsupported(tmp_path):
         t.dims.extend(dims)
     _expect(tmp_path / "m.ckpt", message.SerializeToString(), "'table'", "MapTensor", "unsupported")
     _expect(tmp_path / "u.ckpt", pb_record("c", [1], "Complex64", b"\0" * 8), "'c'", "Complex64")
+
+
+def test_more_dims_than_any_array_can_have(tmp_path):
+    _expect(tmp_path / "d.ckpt", pb_record("w", [1] * 65, "Int8", b"\1"), "'w'", "65 dims", "64")
+
+
+@pytest.mark.parametrize(("tag", "word"), [("", "empty name"), ("a\0b", "NUL")], ids=["empty", "nul"])
+def test_tags_that_cannot_name_a_parameter(tmp_path, tag, word):
+    _expect(tmp_path / "t.ckpt", pb_record(tag, [1], "Int8", b"\1"), "record 0", word)
+
+
+def test_huge_dims_never_allocate(tmp_path):
+    _expect(tmp_path / "h.ckpt", pb_record("w", [1 << 40, 1 << 40], "Float32", b"\0" * 8), "'w'", "holds 8 bytes")
+
+
+def test_a_fifo_is_refused_at_once_never_opened_to_block(tmp_path):
+    os.mkfifo(tmp_path / "pipe.ckpt")
+    with pytest.raises(FormatError, match="FIFO.*only regular files"):
+        mc.read_ckpt_index(tmp_path / "pipe.ckpt")
+
+
+def test_a_file_in_no_checkpoint_format_says_so_distinctly(tmp_path):
+    """`inspect` tries a strategy only for NotACheckpoint, so a truncated checkpoint is reported as truncated."""
+    from jaxreshard.formats.untrusted import NotACheckpoint
+
+    (tmp_path / "n.ckpt").write_bytes(b"\x08\x01 a strategy file starts with field 1 as a varint")
+    with pytest.raises(NotACheckpoint, match="not a MindSpore checkpoint"):
+        mc.read_ckpt_index(tmp_path / "n.ckpt")
+    (tmp_path / "t.ckpt").write_bytes(COMPLETE.read_bytes()[:4150])
+    with pytest.raises(FormatError, match="truncated") as info:
+        mc.read_ckpt_index(tmp_path / "t.ckpt")
+    assert not isinstance(info.value, NotACheckpoint)

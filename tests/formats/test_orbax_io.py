@@ -348,3 +348,14 @@ def test_orbax_source_with_ranks_writes_only_those(orbax_out, tmp_path):
     rc = main(["convert", "--src", str(orbax_out), "--dst", str(dst), "--dst-layout", DP2MP4, "--ranks", "2-3", "-q"])
     assert rc == 0
     assert sorted(p.name for p in dst.iterdir()) == ["rank_2", "rank_3"]
+
+
+def test_relative_paths_for_orbax_output_and_source(llama, tmp_path, monkeypatch):
+    """orbax itself refuses relative paths; jaxreshard makes them absolute (before: a traceback on output and a
+    false "damaged orbax checkpoint" on input)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "--src", str(llama), "--dst", "rel_orbax", "--output-format", "orbax", "-q"]) == 0
+    assert ocp.is_orbax_checkpoint(str(tmp_path / "rel_orbax"))
+    assert main(["convert", "--src", "rel_orbax", "--dst", "back", "-q"]) == 0
+    (f,) = list((tmp_path / "back").rglob("*.safetensors"))
+    assert f.read_bytes() == Path(llama).read_bytes()

@@ -1,0 +1,77 @@
+"""`jaxreshard inspect` of sources that are not plain checkpoints: an orbax folder lists its arrays; a damaged
+checkpoint is reported as damaged (before: "not a MindSpore strategy file"); a strategy file still shows its
+layouts. Expected shapes and dtypes come from the example generator and the fixture files, not the readers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxreshard.cli import main
+from jaxreshard.example import llama_params
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mindspore"
+
+
+def _run(capsys, argv: list[str]) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def orbax_ck(llama, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("orbax") / "ck"
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--output-format", "orbax", "-q"]) == 0
+    return dst
+
+
+def test_inspect_an_orbax_folder_lists_its_arrays(capsys, orbax_ck):
+    code, out, err = _run(capsys, ["inspect", orbax_ck])
+    assert code == 0, err
+    params = list(llama_params())
+    assert f"orbax checkpoint, {len(params)} array(s)" in out
+    for name, dtype, shape in params:
+        line = next(line for line in out.splitlines() if line.split()[:1] == [name])
+        assert str(np.dtype(dtype)) in line and str(list(shape)) in line, line
+    total = sum(np.dtype(d).itemsize * int(np.prod(s, dtype=np.int64)) for _, d, s in params)
+    assert re.search(rf"total: {len(params)} arrays, {total / 2**20:.2f} MiB", out), out
+
+
+def test_inspect_an_orbax_folder_with_a_relative_path(capsys, orbax_ck, monkeypatch):
+    monkeypatch.chdir(orbax_ck.parent)
+    code, out, err = _run(capsys, ["inspect", orbax_ck.name])
+    assert code == 0, err
+    assert "orbax checkpoint" in out
+
+
+@pytest.mark.parametrize(("name", "cut", "words"), [
+    ("model.safetensors", 5000, ("data ends at byte", "truncated")),
+    ("checkpoint.ckpt", 4150, ("record 1", "truncated")),
+])  # fmt: skip
+def test_inspect_a_truncated_checkpoint_says_truncated(capsys, tmp_path, llama, name, cut, words):
+    source = llama if name.endswith(".safetensors") else FIXTURES / "ckpt/complete/rank_0/checkpoint_0.ckpt"
+    path = tmp_path / name
+    path.write_bytes(Path(source).read_bytes()[:cut])
+    code, out, err = _run(capsys, ["inspect", path])
+    assert code == 2 and out == ""
+    (line,) = err.splitlines()
+    assert str(path) in line and "strategy" not in line
+    for word in words:
+        assert word in line, line
+
+
+def test_inspect_a_strategy_file_still_shows_its_layouts(capsys):
+    code, out, err = _run(capsys, ["inspect", FIXTURES / "strategy/dp2mp2.ckpt"])
+    assert code == 0, err
+    assert "MindSpore strategy, 8 parameters" in out
+
+
+def test_inspect_a_file_that_is_neither_names_the_strategy_reader(capsys, tmp_path):
+    path = tmp_path / "junk.ckpt"
+    path.write_bytes(b"\x08\x01\x12\xff")
+    code, _, err = _run(capsys, ["inspect", path])
+    assert code == 2 and "not a MindSpore strategy file" in err
