@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .caps import MAX_PROCESSES, MAX_RANKS
 from .config import JobOptions, add_arguments, options_from, read_job
 from .errors import ConfigError, JaxreshardError
 
 log = logging.getLogger("jaxreshard")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,13 +92,27 @@ def _require(opts: JobOptions, *names: str) -> None:
         raise ConfigError(f"missing required option(s) {', '.join(missing)}")
 
 
-def _int(value: str | None, flag: str, default: int | None = 1) -> int | None:
+def _int(value: str | None, flag: str, default: int | None = 1, *, minimum: int = 1,
+         maximum: int = MAX_PROCESSES) -> int | None:
+    """An integer flag in [minimum, maximum], written in ASCII digits (int() would also take '٣' or '1_0')."""
     if value is None:
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{flag} must be an integer, got {value!r}") from None
+    text = str(value).strip()
+    if not _INTEGER.fullmatch(text):
+        raise ConfigError(f"{flag} must be an integer, got {str(value)[:40]!r}")
+    number = int(text) if len(text) <= 12 else maximum + 1
+    if not minimum <= number <= maximum:
+        raise ConfigError(f"{flag} must be an integer in {minimum}..{maximum}, got {text[:40]}")
+    return number
+
+
+def _size(value: str | None, flag: str) -> str | None:
+    """A size flag (5GB, 500MiB, 1000) checked to be at least one byte; passed on as written."""
+    from .api import parse_size
+
+    if value is not None and (parse_size(value) or 0) < 1:
+        raise ConfigError(f"{flag} must be at least 1 byte, got {value!r:.40}")
+    return value
 
 
 def _inspect(opts: JobOptions):
@@ -118,10 +136,14 @@ def _inspect(opts: JobOptions):
 
 
 def _float(value: str | None, flag: str) -> float | None:
+    """A finite number (nan and inf would silently fill the output with nan/inf)."""
     try:
-        return None if value is None else float(value)
+        number = None if value is None else float(value)
     except ValueError:
-        raise ConfigError(f"{flag} must be a number, got {value!r}") from None
+        raise ConfigError(f"{flag} must be a number, got {str(value)[:40]!r}") from None
+    if number is not None and not math.isfinite(number):
+        raise ConfigError(f"{flag} must be a finite number, got {str(value)[:40]!r}")
+    return number
 
 
 def _merge(task: str, opts: JobOptions) -> int:
@@ -137,7 +159,7 @@ def _merge(task: str, opts: JobOptions) -> int:
             fan_in_fan_out=opts.fan_in_fan_out, prefix=opts.prefix, output_format=opts.output_format,
         )  # fmt: skip
         report = api.write_job(job, Path(opts.dst), overwrite=opts.overwrite, progress=not opts.quiet, hf=opts.hf,
-                               max_file_bytes=api.parse_size(opts.max_file_size),
+                               max_file_bytes=api.parse_size(_size(opts.max_file_size, "--max-file-size")),
                                process_num=_int(opts.process_num, "--process-num"))
         print(f"wrote {len(report.files)} file(s) to {report.dst}")
         return 0
@@ -148,7 +170,8 @@ def _merge(task: str, opts: JobOptions) -> int:
     job = merge.plan_unify(opts.src, src_layout=opts.src_layout, src_strategy=opts.src_strategy,
                            file_suffix=opts.file_suffix, has_redundancy=redundancy,
                            filter_out_param_prefix=opts.filter_out_param_prefix)
-    files = merge.write_unified(job, Path(opts.dst), max_file_bytes=api.parse_size(opts.max_file_size or "5GB"),
+    max_file_size = _size(opts.max_file_size, "--max-file-size") or "5GB"
+    files = merge.write_unified(job, Path(opts.dst), max_file_bytes=api.parse_size(max_file_size),
                                 process_num=_int(opts.process_num, "--process-num"), overwrite=opts.overwrite)
     print(f"wrote {len(files)} file(s) to {opts.dst}")
     return 0
@@ -186,10 +209,12 @@ def run(task: str, opts: JobOptions) -> int:
         return 0
     _require(opts, "dst")
     report = api.convert(
-        opts.src, opts.dst, hf=opts.hf, max_file_size=opts.max_file_size, overwrite=opts.overwrite,
+        opts.src, opts.dst, hf=opts.hf, max_file_size=_size(opts.max_file_size, "--max-file-size"),
+        overwrite=opts.overwrite,
         progress=not opts.quiet, ranks=opts.ranks, process_num=_int(opts.process_num, "--process-num"),
-        coordinator_address=opts.coordinator_address, num_processes=_int(opts.num_processes, "--num-processes", None),
-        process_id=_int(opts.process_id, "--process-id", None), **common,
+        coordinator_address=opts.coordinator_address,
+        num_processes=_int(opts.num_processes, "--num-processes", None, maximum=MAX_RANKS),
+        process_id=_int(opts.process_id, "--process-id", None, minimum=0, maximum=MAX_RANKS - 1), **common,
     )  # fmt: skip
     rate = report.stats.write_bytes / max(report.seconds, 1e-9)
     print(
