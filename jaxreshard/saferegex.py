@@ -62,7 +62,7 @@ def _walk(parsed: Any, *, in_repeat: bool, in_unbounded: bool, count: list[int])
             unbounded = high == sre_constants.MAXREPEAT or high > _LARGE
             if high > 1 and (in_unbounded or (in_repeat and unbounded)):
                 return "it nests a repeat inside an unbounded repeat (like (a+)+ or (.*)*)"
-            count[0] += unbounded
+            count[0] += unbounded and op != getattr(sre_constants, "POSSESSIVE_REPEAT", None)  # never backtracks
             found = _walk(body, in_repeat=in_repeat or high > 1, in_unbounded=in_unbounded or unbounded,
                           count=count)
         elif op == sre_constants.BRANCH and in_unbounded:
