@@ -58,7 +58,7 @@ def _children(op: Any, av: Any) -> list[Any]:
 def _walk(parsed: Any, *, in_repeat: bool, in_unbounded: bool, count: list[int]) -> str | None:
     for op, av in parsed:
         if op in _REPEATS:
-            low, high, body = av
+            _, high, body = av
             unbounded = high == sre_constants.MAXREPEAT or high > _LARGE
             if high > 1 and (in_unbounded or (in_repeat and unbounded)):
                 return "it nests a repeat inside an unbounded repeat (like (a+)+ or (.*)*)"

@@ -72,14 +72,17 @@ def _refuse_duplicate_keys(node: yaml.MappingNode) -> None:
 
 
 def _describe(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    if isinstance(e, yaml.MarkedYAMLError):
-        what = "; ".join(one_line(t) for t in (e.context, e.problem) if t)
-    else:  # a ReaderError: its text names "<unicode string>", so keep only the problem and the offset
-        what = one_line(f"{getattr(e, 'reason', '')} #x{getattr(e, 'character', 0):04x} at character "
-                        f"{getattr(e, 'position', '?')}") if hasattr(e, "reason") else one_line(str(e))
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{what}"
+    """'line L, column C: context (started at line l, column c); problem' from PyYAML's multi-line message."""
+    if not isinstance(e, yaml.MarkedYAMLError):  # a ReaderError: its text names "<unicode string>"
+        if hasattr(e, "reason"):
+            return one_line(f"{e.reason} #x{e.character:04x} at character {e.position}")
+        return one_line(str(e))
+    mark, start = e.problem_mark or e.context_mark, e.context_mark
+    context = one_line(e.context or "")
+    if context and start is not None and mark is not None and (start.line, start.column) != (mark.line, mark.column):
+        context += f" (started at line {start.line + 1}, column {start.column + 1})"
+    what = "; ".join(t for t in (context, one_line(e.problem or "")) if t)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
 
 
 def load_yaml(path: str | Path, error: type[JaxreshardError], what: str) -> Any:
