@@ -168,6 +168,9 @@ def _parse_proto(data: bytes, source: Any) -> Any:
     if not message.IsInitialized():
         raise FormatError(f"{source}: the strategy file lacks required fields {message.FindInitializationErrors()}; "
                           f"it is truncated or corrupt, save it again with MindSpore")
+    for item in message.parallel_layout_item:  # the runtime hands invalid UTF-8 over as bytes
+        if not isinstance(item.param_name, str):
+            raise FormatError(f"{source}: parameter name {item.param_name[:80]!r} is not UTF-8; the file is corrupt")
     return message
 
 

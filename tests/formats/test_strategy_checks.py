@@ -136,3 +136,11 @@ def test_folder_with_inconsistent_stage_files(tmp_path):
     (folder / "ckpt_strategy_rank_2.ckpt").write_bytes(msg.SerializeToString())
     with pytest.raises(FormatError, match=r"\(stage 1\) is laid out on 8 devices but .* on 2"):
         read_strategy(folder)
+
+
+def test_non_utf8_parameter_name(tmp_path):
+    data = (FIX / "dp2mp2.ckpt").read_bytes()
+    at = data.find(b"layer1.bias")
+    (tmp_path / "s.ckpt").write_bytes(data[:at] + b"\xff" + data[at + 1:])
+    with pytest.raises(FormatError, match=r"parameter name b'\\xffayer1.bias' is not UTF-8"):
+        read_strategy(tmp_path / "s.ckpt")
