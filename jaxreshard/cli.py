@@ -92,11 +92,15 @@ def _require(opts: JobOptions, *names: str) -> None:
         raise ConfigError(f"missing required option(s) {', '.join(missing)}")
 
 
-def _int(value: str | None, flag: str, default: int | None = 1, *, minimum: int = 1,
-         maximum: int = MAX_PROCESSES) -> int | None:
-    """An integer flag in [minimum, maximum], written in ASCII digits (int() would also take '٣' or '1_0')."""
+_BOUNDS = {"--process-num": (1, MAX_PROCESSES), "--num-processes": (1, MAX_RANKS), "--process-id": (0, MAX_RANKS - 1)}
+
+
+def _int(value: str | None, flag: str, default: int | None = 1) -> int | None:
+    """An integer flag within its bounds (`_BOUNDS`), written in ASCII digits (int() would also take '٣' or
+    '1_0'), so a zero, negative or absurd count is refused before anything runs."""
     if value is None:
         return default
+    minimum, maximum = _BOUNDS.get(flag, (1, MAX_PROCESSES))
     text = str(value).strip()
     if not _INTEGER.fullmatch(text):
         raise ConfigError(f"{flag} must be an integer, got {str(value)[:40]!r}")
@@ -159,7 +163,7 @@ def _merge(task: str, opts: JobOptions) -> int:
             fan_in_fan_out=opts.fan_in_fan_out, prefix=opts.prefix, output_format=opts.output_format,
         )  # fmt: skip
         report = api.write_job(job, Path(opts.dst), overwrite=opts.overwrite, progress=not opts.quiet, hf=opts.hf,
-                               max_file_bytes=api.parse_size(_size(opts.max_file_size, "--max-file-size")),
+                               max_file_bytes=api.parse_size(opts.max_file_size),
                                process_num=_int(opts.process_num, "--process-num"))
         print(f"wrote {len(report.files)} file(s) to {report.dst}")
         return 0
@@ -170,8 +174,7 @@ def _merge(task: str, opts: JobOptions) -> int:
     job = merge.plan_unify(opts.src, src_layout=opts.src_layout, src_strategy=opts.src_strategy,
                            file_suffix=opts.file_suffix, has_redundancy=redundancy,
                            filter_out_param_prefix=opts.filter_out_param_prefix)
-    max_file_size = _size(opts.max_file_size, "--max-file-size") or "5GB"
-    files = merge.write_unified(job, Path(opts.dst), max_file_bytes=api.parse_size(max_file_size),
+    files = merge.write_unified(job, Path(opts.dst), max_file_bytes=api.parse_size(opts.max_file_size or "5GB"),
                                 process_num=_int(opts.process_num, "--process-num"), overwrite=opts.overwrite)
     print(f"wrote {len(files)} file(s) to {opts.dst}")
     return 0
@@ -179,6 +182,8 @@ def _merge(task: str, opts: JobOptions) -> int:
 
 def run(task: str, opts: JobOptions) -> int:
     from . import api, describe
+
+    _size(opts.max_file_size, "--max-file-size")  # before any work: a size of 0 would plan, then fail late
 
     if task == "quickstart":
         from .quickstart import run_quickstart
@@ -209,12 +214,10 @@ def run(task: str, opts: JobOptions) -> int:
         return 0
     _require(opts, "dst")
     report = api.convert(
-        opts.src, opts.dst, hf=opts.hf, max_file_size=_size(opts.max_file_size, "--max-file-size"),
-        overwrite=opts.overwrite,
+        opts.src, opts.dst, hf=opts.hf, max_file_size=opts.max_file_size, overwrite=opts.overwrite,
         progress=not opts.quiet, ranks=opts.ranks, process_num=_int(opts.process_num, "--process-num"),
-        coordinator_address=opts.coordinator_address,
-        num_processes=_int(opts.num_processes, "--num-processes", None, maximum=MAX_RANKS),
-        process_id=_int(opts.process_id, "--process-id", None, minimum=0, maximum=MAX_RANKS - 1), **common,
+        coordinator_address=opts.coordinator_address, num_processes=_int(opts.num_processes, "--num-processes", None),
+        process_id=_int(opts.process_id, "--process-id", None), **common,
     )  # fmt: skip
     rate = report.stats.write_bytes / max(report.seconds, 1e-9)
     print(

@@ -10,7 +10,7 @@ from jaxreshard.errors import ConfigError
 def test_integers():
     assert _int("4", "--process-num") == 4 and _int(" 2 ", "--process-num") == 2
     assert _int(None, "--process-num") == 1 and _int(None, "--process-id", None) is None
-    assert _int("0", "--process-id", minimum=0) == 0
+    assert _int("0", "--process-id") == 0 and _int("16383", "--process-id") == 16383
 
 
 @pytest.mark.parametrize("value, pattern", [
@@ -48,3 +48,13 @@ def test_sizes_must_be_positive(value):
 
 def test_sizes():
     assert _size("5GB", "--max-file-size") == "5GB" and _size(None, "--max-file-size") is None
+
+
+@pytest.mark.parametrize("flag, value, pattern", [
+    ("--process-id", "-1", r"--process-id must be an integer in 0\.\.16383"),
+    ("--process-id", "16384", r"in 0\.\.16383"),
+    ("--num-processes", "0", r"--num-processes must be an integer in 1\.\.16384"),
+])
+def test_bounds_per_flag(flag, value, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        _int(value, flag)
