@@ -259,3 +259,25 @@ def test_read_layout_refuses_fifo_and_aliases(tmp_path):
         read_layout(tmp_path / "fifo.yaml")
     (tmp_path / "ok.yaml").write_text("mesh: {mp: 2}\nparams:\n  - {match: a, spec: &s [mp]}\n  - {match: b, spec: *s}\n")
     assert read_layout(tmp_path / "ok.yaml").resolve(["b"])["b"].spec == (("mp",),)
+
+
+def test_by_layer_with_gaps_keeps_every_layer_end_to_end(tmp_path):
+    """The issue's case through the CLI: layers {0, 1, 10, 11} on 2 stages; before the fix layers 10 and 11 were
+    written to no rank at all. Every tensor must come back whole and equal after split and merge."""
+    from safetensors.numpy import load_file, save_file
+
+    from jaxreshard.cli import main
+
+    tensors = {f"l.{i}.w": np.full((4, 2), i, dtype=np.float32) for i in (0, 1, 10, 11)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "pp2.yaml").write_text(
+        "mesh: {mp: 2}\npipeline_stages: 2\nparams:\n  - {match: 'l\\.(\\d+)\\.w', spec: [mp], stage: by_layer}\n")
+    split = ["convert", "--src", str(tmp_path / "model.safetensors"), "--dst", str(tmp_path / "pp"),
+             "--dst-layout", str(tmp_path / "pp2.yaml"), "-q"]
+    assert main(split) == 0
+    stage1 = load_file(str(next((tmp_path / "pp" / "rank_2").glob("*.safetensors"))))
+    assert sorted(stage1) == ["l.10.w", "l.11.w"]
+    assert main(["convert", "--src", str(tmp_path / "pp"), "--src-layout", str(tmp_path / "pp2.yaml"),
+                 "--dst", str(tmp_path / "whole"), "-q"]) == 0
+    merged = load_file(str(next((tmp_path / "whole").rglob("*.safetensors"))))
+    assert sorted(merged) == sorted(tensors) and all(np.array_equal(merged[k], v) for k, v in tensors.items())
