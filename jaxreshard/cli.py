@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .caps import MAX_PROCESSES, MAX_RANKS
 from .config import JobOptions, add_arguments, options_from, read_job
 from .errors import ConfigError, JaxreshardError
 
 log = logging.getLogger("jaxreshard")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,13 +101,31 @@ def _require(opts: JobOptions, *names: str) -> None:
         raise ConfigError(f"missing required option(s) {', '.join(missing)}")
 
 
+_BOUNDS = {"--process-num": (1, MAX_PROCESSES), "--num-processes": (1, MAX_RANKS), "--process-id": (0, MAX_RANKS - 1)}
+
+
 def _int(value: str | None, flag: str, default: int | None = 1) -> int | None:
+    """An integer flag within its bounds (`_BOUNDS`), written in ASCII digits (int() would also take '٣' or
+    '1_0'), so a zero, negative or absurd count is refused before anything runs."""
     if value is None:
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{flag} must be an integer, got {value!r}") from None
+    minimum, maximum = _BOUNDS.get(flag, (1, MAX_PROCESSES))
+    text = str(value).strip()
+    if not _INTEGER.fullmatch(text):
+        raise ConfigError(f"{flag} must be an integer, got {str(value)[:40]!r}")
+    number = int(text) if len(text) <= 12 else maximum + 1
+    if not minimum <= number <= maximum:
+        raise ConfigError(f"{flag} must be an integer in {minimum}..{maximum}, got {text[:40]}")
+    return number
+
+
+def _size(value: str | None, flag: str) -> str | None:
+    """A size flag (5GB, 500MiB, 1000) checked to be at least one byte; passed on as written."""
+    from .api import parse_size
+
+    if value is not None and (parse_size(value) or 0) < 1:
+        raise ConfigError(f"{flag} must be at least 1 byte, got {value!r:.40}")
+    return value
 
 
 def _inspect(opts: JobOptions):
@@ -130,10 +152,14 @@ def _inspect(opts: JobOptions):
 
 
 def _float(value: str | None, flag: str) -> float | None:
+    """A finite number (nan and inf would silently fill the output with nan/inf)."""
     try:
-        return None if value is None else float(value)
+        number = None if value is None else float(value)
     except ValueError:
-        raise ConfigError(f"{flag} must be a number, got {value!r}") from None
+        raise ConfigError(f"{flag} must be a number, got {str(value)[:40]!r}") from None
+    if number is not None and not math.isfinite(number):
+        raise ConfigError(f"{flag} must be a finite number, got {str(value)[:40]!r}")
+    return number
 
 
 def _merge(task: str, opts: JobOptions) -> int:
@@ -196,6 +222,8 @@ def _verify(opts: JobOptions) -> int:
 
 def run(task: str, opts: JobOptions) -> int:
     from . import api, describe
+
+    _size(opts.max_file_size, "--max-file-size")  # before any work: a size of 0 would plan, then fail late
 
     if task == "quickstart":
         from .quickstart import run_quickstart

@@ -101,40 +101,46 @@ def add_arguments(parser: argparse.ArgumentParser, task: str, *, skip: tuple[str
         parser.add_argument(*flags, **kwargs)
 
 
+def _scalar(key: str, value: Any, source: str) -> str:
+    """A scalar option value as text; a list or mapping (or a YAML alias expanding to one) is refused."""
+    if isinstance(value, (str, int, float)):  # bools too: `has_redundancy: true` is the text "True"
+        return str(value)
+    raise ConfigError(f"{source}: {key} must be a single value, got a {type(value).__name__} {value!r:.80}")
+
+
 def options_from(values: dict[str, Any], source: str) -> JobOptions:
-    """Build options from a dict of field values (CLI namespace or YAML), rejecting unknown keys."""
+    """Build options from a dict of field values (CLI namespace or YAML), rejecting unknown keys and values of
+    the wrong kind (a list where one value is wanted, a non-boolean flag)."""
     valid = {f.name: f for f in dataclasses.fields(JobOptions)}
-    unknown = sorted(set(values) - set(valid))
+    unknown = sorted(str(k) for k in values if k not in valid)
     if unknown:
         raise ConfigError(f"{source}: unknown keys {unknown}; valid keys are task, {', '.join(valid)}")
     clean: dict[str, Any] = {}
     for key, value in values.items():
         kind = valid[key].type
         if kind == "bool" and not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r:.80}")
         if kind == "tuple[str, ...]":
-            value = tuple(str(v) for v in ([value] if isinstance(value, str) else value or ()))
+            items = [value] if isinstance(value, str) else value or ()
+            if not isinstance(items, (list, tuple)):
+                raise ConfigError(f"{source}: {key} must be a list of values, got {value!r:.80}")
+            value = tuple(_scalar(key, v, source) for v in items)
         elif value is not None and kind != "bool":
-            value = str(value)
+            value = _scalar(key, value, source)
         clean[key] = value
     return JobOptions(**clean)
 
 
 def read_job(path: str | Path) -> tuple[str, JobOptions]:
-    """Read a YAML job file: `task:` (convert, plan, inspect, quickstart) plus option keys."""
-    import yaml
+    """Read a YAML job file: `task:` (convert, plan, inspect, quickstart) plus option keys (a regular UTF-8
+    file, size-, depth- and alias-capped: see `yamlfile`)."""
+    from .yamlfile import load_yaml
 
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = load_yaml(path, ConfigError, "job config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job config must be a mapping of option names to values")
     data = dict(data)
     task = data.pop("task", "convert")
-    if task not in TASKS:
-        raise ConfigError(f"{path}: task {task!r} is unknown; use one of {', '.join(TASKS)}")
+    if not isinstance(task, str) or task not in TASKS:
+        raise ConfigError(f"{path}: task {task!r:.80} is unknown; use one of {', '.join(TASKS)}")
     return task, options_from(data, str(path))

@@ -10,8 +10,10 @@ with exactly their ranks). There is no communication beyond JAX's own start-up h
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
+from .caps import MAX_RANKS
 from .errors import ConfigError
 
 
@@ -34,19 +36,33 @@ def cluster_from(coordinator_address: str | None, num_processes: int | None, pro
     if address is None or count is None or pid is None:
         raise ConfigError("a multi-process run needs --coordinator-address, --num-processes and --process-id "
                           "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
-    if not 0 <= pid < count:
-        raise ConfigError(f"--process-id {pid} must be in 0..{count - 1}")
+    check_address(address)
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_RANKS:
+        raise ConfigError(f"--num-processes {count!r:.40} must be an integer in 1..{MAX_RANKS}")
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < count:
+        raise ConfigError(f"--process-id {pid!r:.40} must be in 0..{count - 1}")
     return Cluster(address, count, pid)
+
+
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,253}[A-Za-z0-9])?):([0-9]{1,5})", re.ASCII)
+
+
+def check_address(address: str) -> None:
+    """Refuse a coordinator address that is not host:port with a port in 1..65535 (jax.distributed would wait
+    for a coordinator that can never answer, or fail deep inside with a traceback)."""
+    m = _ADDRESS.fullmatch(str(address))
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ConfigError(f"--coordinator-address {str(address)[:80]!r} must be host:port with a port in 1..65535, "
+                          "e.g. 10.0.0.1:1234 or [::1]:1234")
 
 
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value is None:
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{name}={value!r} is not an integer") from None
+    if not re.fullmatch(r"\s*[0-9]{1,9}\s*", value, re.ASCII):
+        raise ConfigError(f"{name}={value[:40]!r} is not a non-negative integer")
+    return int(value)
 
 
 def start(cluster: Cluster, devices_per_stage: int) -> int:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .box import Box
+from .caps import MAX_MESH_AXES, MAX_NAME_CHARS, MAX_RANKS
 from .errors import LayoutError
+from .saferegex import compile_safe
 
 Spec = tuple[tuple[str, ...], ...]  # per tensor dim: mesh axes splitting it, major first; () = whole
 
@@ -143,22 +145,34 @@ class Layout:
     def num_ranks(self) -> int:
         return self.devices_per_stage * self.pipeline_stages
 
+    def __post_init__(self) -> None:
+        check_mesh(self.mesh_axes, self.pipeline_stages, self.source)
+
     def resolve(self, params: Iterable[str]) -> dict[str, ParamLayout]:
-        """`ParamLayout` of every name, in the given order."""
+        """`ParamLayout` of every name, in the given order.
+
+        `stage: by_layer` puts a layer on stage `position * pipeline_stages // num_layers`, where `position` is
+        its index's place among the sorted distinct layer indices found (so indices {0, 1, 10, 11} on 2 stages
+        give {0, 1} to stage 0 and {10, 11} to stage 1, whatever the numbering's gaps).
+        """
         params = list(params)
-        compiled = [re.compile(rule.match) for rule in self.rules]
-        matched: dict[str, tuple[Rule, re.Match[str]] | None] = {}
+        compiled = [compile_safe(rule.match, f"{self.source}: rule {i}", LayoutError) for i, rule in enumerate(self.rules)]
+        matched: dict[str, tuple[Rule, int | None] | None] = {}
         layers: set[int] = set()
         for param in params:
+            if len(param) > MAX_NAME_CHARS:
+                raise LayoutError(f"{self.source}: parameter name {param[:80]!r}... is {len(param)} characters long, "
+                                  f"over the cap of {MAX_NAME_CHARS} for matching layout rules")
             matched[param] = None
             for rule, regex in zip(self.rules, compiled):
                 m = regex.fullmatch(param)
                 if m:
-                    matched[param] = (rule, m)
-                    if rule.stage == "by_layer":
-                        layers.add(_layer_index(self.source, rule, m, param))
+                    layer = _layer_index(self.source, rule, m, param) if rule.stage == "by_layer" else None
+                    matched[param] = (rule, layer)
+                    if layer is not None:
+                        layers.add(layer)
                     break
-        num_layers = len(layers)
+        position = {layer: i for i, layer in enumerate(sorted(layers))}
         out = {}
         all_stages = tuple(range(self.pipeline_stages))
         for param in params:
@@ -166,9 +180,9 @@ class Layout:
             if hit is None:
                 out[param] = ParamLayout(self.mesh_axes, (), all_stages)
                 continue
-            rule, m = hit
-            if rule.stage == "by_layer":
-                stage = _layer_index(self.source, rule, m, param) * self.pipeline_stages // num_layers
+            rule, layer = hit
+            if layer is not None:
+                stage = position[layer] * self.pipeline_stages // len(position)
             elif rule.stage is None:
                 stage = 0
             else:
@@ -178,13 +192,40 @@ class Layout:
 
 
 def _layer_index(source: str, rule: Rule, m: re.Match[str], param: str) -> int:
-    try:
-        return int(m.group(1))
-    except (IndexError, TypeError, ValueError):
+    text = m.group(1) if m.re.groups else None
+    if not isinstance(text, str) or not (text.isascii() and text.isdigit()):
         raise LayoutError(
             f"{source}: rule {rule.match!r} has stage: by_layer but its first capture group does not capture an "
             f"integer layer index in {param!r}; write the layer number as (\\d+)"
-        ) from None
+        )
+    return int(text)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_mesh(mesh_axes: Sequence[tuple[str, int]], stages: Any, source: str) -> None:
+    """Refuse a mesh or stage count that is not positive integers, or whose rank count exceeds the caps
+    (bools are ints in Python and are refused too: `dp: true` is a typo, not a size of 1)."""
+    if len(mesh_axes) > MAX_MESH_AXES:
+        raise LayoutError(f"{source}: mesh has {len(mesh_axes)} axes, over the cap of {MAX_MESH_AXES}")
+    devices = 1
+    for name, size in mesh_axes:
+        if not isinstance(name, str) or not name:
+            raise LayoutError(f"{source}: mesh axis name {name!r} must be a non-empty string")
+        if not _positive_int(size):
+            raise LayoutError(f"{source}: mesh axis {name!r} has size {size!r:.80}; sizes must be positive integers, "
+                              "e.g. {dp: 2, mp: 4}")
+        devices *= min(size, MAX_RANKS + 1)
+        if devices > MAX_RANKS:
+            raise LayoutError(f"{source}: mesh {dict(mesh_axes)} has over {MAX_RANKS} devices, the cap on devices "
+                              "per stage; check the sizes")
+    if not _positive_int(stages):
+        raise LayoutError(f"{source}: pipeline_stages must be a positive integer, got {stages!r:.80}")
+    if devices * stages > MAX_RANKS:
+        raise LayoutError(f"{source}: {stages} pipeline stages x {devices} devices = {devices * stages} ranks, over "
+                          f"the cap of {MAX_RANKS} ranks")
 
 
 def parse_spec(raw: Any, axes: Mapping[str, int], where: str) -> Spec:
@@ -215,62 +256,74 @@ def parse_spec(raw: Any, axes: Mapping[str, int], where: str) -> Spec:
     return tuple(spec)
 
 
+def _mesh_axes(mesh: Any, source: str) -> tuple[tuple[str, int], ...]:
+    if mesh is None:
+        return ()
+    if not isinstance(mesh, dict):
+        raise LayoutError(f"{source}: mesh must map axis names to positive integers, e.g. {{dp: 2, mp: 4}}")
+    axes = tuple(mesh.items())
+    check_mesh(axes, 1, source)
+    return axes
+
+
+def _rule(item: Any, mesh_axes: tuple[tuple[str, int], ...], stages: int, where: str) -> Rule:
+    if not isinstance(item, dict) or "match" not in item:
+        raise LayoutError(f"{where}: each rule needs a 'match' regex and a 'spec'")
+    extra = set(map(str, item)) - {"match", "spec", "stage"}
+    if extra:
+        raise LayoutError(f"{where}: unknown keys {sorted(extra)}; valid keys are match, spec, stage")
+    compile_safe(item["match"], where, LayoutError)
+    stage = item.get("stage")
+    in_range = isinstance(stage, int) and not isinstance(stage, bool) and -stages <= stage < stages
+    if not (stage is None or stage == "by_layer" or in_range):
+        raise LayoutError(f"{where}: stage must be an integer in [{-stages}, {stages - 1}] or by_layer, got {stage!r:.80}")
+    return Rule(item["match"], parse_spec(item.get("spec"), dict(mesh_axes), where), stage)
+
+
 def layout_from_dict(data: Any, source: str = "<layout>") -> Layout:
     """Build a `Layout` from the parsed native layout file (see README, "Layout files")."""
     if not isinstance(data, dict):
         raise LayoutError(f"{source}: a layout file must be a mapping with keys mesh, pipeline_stages, params")
-    unknown = set(data) - {"mesh", "pipeline_stages", "params"}
+    unknown = set(map(str, data)) - {"mesh", "pipeline_stages", "params"}
     if unknown:
         raise LayoutError(f"{source}: unknown keys {sorted(unknown)}; valid keys are mesh, pipeline_stages, params")
-    mesh = data.get("mesh") or {}
-    if not isinstance(mesh, dict) or not all(isinstance(v, int) and v >= 1 for v in mesh.values()):
-        raise LayoutError(f"{source}: mesh must map axis names to positive integers, e.g. {{dp: 2, mp: 4}}")
-    mesh_axes = tuple((str(k), int(v)) for k, v in mesh.items())
+    mesh_axes = _mesh_axes(data.get("mesh"), source)
     stages = data.get("pipeline_stages", 1)
-    if not isinstance(stages, int) or stages < 1:
-        raise LayoutError(f"{source}: pipeline_stages must be a positive integer, got {stages!r}")
-    rules = []
-    for i, item in enumerate(data.get("params") or []):
-        where = f"{source}: params[{i}]"
-        if not isinstance(item, dict) or "match" not in item:
-            raise LayoutError(f"{where}: each rule needs a 'match' regex and a 'spec'")
-        extra = set(item) - {"match", "spec", "stage"}
-        if extra:
-            raise LayoutError(f"{where}: unknown keys {sorted(extra)}; valid keys are match, spec, stage")
-        try:
-            re.compile(item["match"])
-        except re.error as e:
-            raise LayoutError(f"{where}: bad regex {item['match']!r}: {e}") from None
-        stage = item.get("stage")
-        if not (stage is None or stage == "by_layer" or (isinstance(stage, int) and -stages <= stage < stages)):
-            raise LayoutError(
-                f"{where}: stage must be an integer in [{-stages}, {stages - 1}] or by_layer, got {stage!r}"
-            )
-        rules.append(Rule(str(item["match"]), parse_spec(item.get("spec"), dict(mesh_axes), where), stage))
-    return Layout(mesh_axes, stages, tuple(rules), source)
+    check_mesh(mesh_axes, stages, source)
+    params = data.get("params")
+    if params is None:
+        params = []
+    if not isinstance(params, list):
+        raise LayoutError(f"{source}: params must be a list of rules like {{match: '.*', spec: []}}")
+    rules = tuple(_rule(item, mesh_axes, stages, f"{source}: params[{i}]") for i, item in enumerate(params))
+    return Layout(mesh_axes, stages, rules, source)
 
 
 def read_layout(path: str | Path) -> Layout:
-    """Read a native layout YAML file."""
-    import yaml
+    """Read a native layout YAML file (a regular UTF-8 file, size-, depth- and alias-capped)."""
+    from .yamlfile import load_yaml
 
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise LayoutError(f"{path}: cannot read layout file: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise LayoutError(f"{path}: not valid YAML: {e}") from None
-    return layout_from_dict(data, str(path))
+    return layout_from_dict(load_yaml(path, LayoutError, "layout file"), str(path))
 
 
 def layout_from_mesh(mesh: Any, specs: Mapping[str, Any], pipeline_stages: int = 1) -> Layout:
-    """A `Layout` from a `jax.sharding.Mesh` and a mapping of name regexes to `PartitionSpec`s (or lists)."""
-    mesh_axes = tuple((str(name), int(size)) for name, size in zip(mesh.axis_names, mesh.devices.shape))
-    rules = tuple(
-        Rule(pattern, parse_spec(list(spec), dict(mesh_axes), f"spec for {pattern!r}"), None)
-        for pattern, spec in specs.items()
-    )
-    return Layout(mesh_axes, pipeline_stages, rules, "<mesh layout>")
+    """A `Layout` from a `jax.sharding.Mesh` and a mapping of name regexes to `PartitionSpec`s (or lists),
+    checked like a layout file."""
+    source = "<mesh layout>"
+    try:
+        mesh_axes = tuple((str(name), size) for name, size in zip(mesh.axis_names, mesh.devices.shape))
+    except (AttributeError, TypeError):
+        raise LayoutError(f"{source}: {type(mesh).__name__} is not a jax.sharding.Mesh") from None
+    check_mesh(mesh_axes, pipeline_stages, source)
+    if not isinstance(specs, Mapping):
+        raise LayoutError(f"{source}: specs must map name regexes to PartitionSpecs, got {type(specs).__name__}")
+    rules = []
+    for pattern, spec in specs.items():
+        where = f"{source}: spec for {pattern!r:.80}"
+        compile_safe(pattern, where, LayoutError)
+        try:
+            entries = list(spec) if spec is not None else []
+        except TypeError:
+            raise LayoutError(f"{where}: spec must be a PartitionSpec or a list, got {spec!r:.80}") from None
+        rules.append(Rule(pattern, parse_spec(entries, dict(mesh_axes), where), None))
+    return Layout(mesh_axes, pipeline_stages, tuple(rules), source)

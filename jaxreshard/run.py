@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
+from .caps import MAX_RANKS
 from .errors import ConfigError, OutputExistsError
 from .execute import execute
 from .formats.writers import writer_factory
@@ -37,20 +38,24 @@ class Output:
 
 
 def parse_ranks(text: str | None) -> list[int] | None:
-    """'0-3,8' -> [0, 1, 2, 3, 8]."""
+    """'0-3,8' -> [0, 1, 2, 3, 8]; ASCII digits only, every rank below `MAX_RANKS`, checked before any range is
+    expanded (so '0-300000000' is refused at once instead of building a list of 300 million ranks)."""
     if text is None or text == "":
         return None
-    out: list[int] = []
-    try:
-        for part in str(text).split(","):
-            lo, _, hi = part.strip().partition("-")
-            first, last = int(lo), int(hi or lo)
-            if first > last:
-                raise ValueError
-            out.extend(range(first, last + 1))
-    except ValueError:
-        raise ConfigError(f"--ranks {text!r} is not a rank list; write e.g. 0-3,8 (ranges ascending)") from None
-    return sorted(set(out))
+    spans: list[tuple[int, int]] = []
+    for part in str(text).split(","):
+        bounds = [b.strip() for b in part.split("-")] if part.count("-") <= 1 else []
+        if not bounds or not all(b.isascii() and b.isdigit() for b in bounds):
+            raise ConfigError(f"--ranks {str(text)[:80]!r} is not a rank list; write e.g. 0-3,8 (ranges ascending)")
+        for digits in bounds:
+            if len(digits) > 9 or int(digits) >= MAX_RANKS:
+                raise ConfigError(f"--ranks {str(text)[:80]!r}: rank {digits[:20]} is beyond the cap of {MAX_RANKS} "
+                                  f"ranks (0-{MAX_RANKS - 1}); give the destination's ranks")
+        first, last = int(bounds[0]), int(bounds[-1])
+        if first > last:
+            raise ConfigError(f"--ranks {str(text)[:80]!r} is not a rank list; write e.g. 0-3,8 (ranges ascending)")
+        spans.append((first, last))
+    return sorted({r for first, last in spans for r in range(first, last + 1)})
 
 
 def run_plan(

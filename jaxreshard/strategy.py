@@ -105,6 +105,8 @@ def expanded_layout(p: ParamStrategy, shape: Sequence[int]) -> tuple[list[int], 
     step, size = p.opt_shard_step, opt_shard_size(p)
     has_layout = any(isinstance(t, list) for t in tmap)
     no_opt = step == 0 or size == 0
+    if not no_opt and not shape:
+        raise LayoutError(f"an optimizer shard (step {step}, size {size}) on a 0-dim tensor: there is no dim 0 to split")
     ts = tensor_strategy(p.dev_matrix, p.tensor_map)
     if has_layout:
         if no_opt:
@@ -146,7 +148,10 @@ def param_layout(name: str, p: ParamStrategy, ndim: int, stages: tuple[int, ...]
             f"{len(p.tensor_map)}; the strategy does not belong to this checkpoint"
         )
     big = max(math.prod(p.dev_matrix), 1) ** 2 * 64  # a placeholder size every split divides
-    dev, tmap, sub_shape = expanded_layout(p, [big] * ndim)
+    try:
+        dev, tmap, sub_shape = expanded_layout(p, [big] * ndim)
+    except LayoutError as e:  # name the file and the parameter the expansion failed for
+        raise LayoutError(f"{source}: parameter {name!r}: {e}") from None
     names = tuple(f"d{j}" for j in range(len(dev)))
     spec: list[tuple[str, ...]] = []
     k = 0

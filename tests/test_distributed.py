@@ -66,3 +66,31 @@ def test_two_processes_equal_one(tmp_path, args, reference):
     assert tree(tmp_path / "multi") == tree(tmp_path / "single")
     if reference is not None:
         assert tree(tmp_path / "multi") == tree(reference)
+
+
+@pytest.mark.parametrize("address", ["host", "host:", "host:0", "host:65536", ":1234", "a b:1", "host:12x", "::1:80"])
+def test_coordinator_address_needs_host_and_port(address):
+    with pytest.raises(ConfigError, match="must be host:port with a port in 1..65535"):
+        cluster_from(address, 2, 0)
+
+
+@pytest.mark.parametrize("address", ["localhost:1234", "10.0.0.1:80", "[::1]:65535", "node-01.cluster:8476"])
+def test_coordinator_addresses_accepted(address):
+    assert cluster_from(address, 2, 1).coordinator_address == address
+
+
+@pytest.mark.parametrize("count, pid, pattern", [(0, 0, "num-processes 0"), (True, 0, "num-processes True"),
+                                                 (2, 2, r"process-id 2 must be in 0..1"), (2, -1, "process-id -1")])
+def test_process_counts_checked(count, pid, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        cluster_from("localhost:1234", count, pid)
+
+
+def test_environment_integers_checked(monkeypatch):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "\u0661")  # an Arabic-Indic 1: int() would take it
+    with pytest.raises(ConfigError, match="JAX_PROCESS_ID='\u0661' is not a non-negative integer"):
+        cluster_from(None, None, None)
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert cluster_from(None, None, None).process_id == 1

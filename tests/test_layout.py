@@ -136,3 +136,148 @@ def test_layout_from_mesh():
     layout = layout_from_mesh(mesh, {r"w\d": P("x", None), "b": P(("x", "y"))})
     got = layout.resolve(["w1", "b", "other"])
     assert got["w1"].spec == (("x",), ()) and got["b"].spec == (("x", "y"),) and got["other"].spec == ()
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def test_by_layer_uses_position_among_sorted_distinct_indices():
+    """Indices {0, 1, 10, 11} on 2 stages: positions 0..3 -> stages 0, 0, 1, 1 (index * 2 // 4 would put 10
+    and 11 on stages 5 and 5, i.e. on no rank at all)."""
+    layout = layout_from_dict({"mesh": {"mp": 1}, "pipeline_stages": 2,
+                               "params": [{"match": r"l\.(\d+)\.w", "spec": [], "stage": "by_layer"}]})
+    got = layout.resolve(["l.11.w", "l.0.w", "l.10.w", "l.1.w"])
+    assert {name: pl.stages for name, pl in got.items()} == {
+        "l.0.w": (0,), "l.1.w": (0,), "l.10.w": (1,), "l.11.w": (1,)}
+    assert {s for pl in got.values() for s in pl.stages} <= set(range(layout.pipeline_stages))
+
+
+def test_by_layer_dense_indices_unchanged():
+    """0..7 on 4 stages gives index * 4 // 8, as before (existing layouts keep their placement)."""
+    layout = layout_from_dict({"mesh": {"mp": 1}, "pipeline_stages": 4,
+                               "params": [{"match": r"l\.(\d+)", "spec": [], "stage": "by_layer"}]})
+    got = layout.resolve([f"l.{i}" for i in range(8)])
+    assert [got[f"l.{i}"].stages[0] for i in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"mesh": {"dp": 0}}, r"mesh axis 'dp' has size 0"),
+        ({"mesh": {"dp": -2}}, r"mesh axis 'dp' has size -2"),
+        ({"mesh": {"dp": True}}, r"mesh axis 'dp' has size True"),
+        ({"mesh": {"dp": 2.0}}, r"mesh axis 'dp' has size 2.0"),
+        ({"mesh": {"dp": "4"}}, r"mesh axis 'dp' has size '4'"),
+        ({"mesh": {"dp": 65536}}, r"over 16384 devices"),
+        ({"mesh": {"a": 1024, "b": 1024}}, r"over 16384 devices"),
+        ({"mesh": {f"a{i}": 1 for i in range(33)}}, r"33 axes, over the cap of 32"),
+        ({"mesh": {"dp": 8}, "pipeline_stages": 4096}, r"4096 pipeline stages x 8 devices = 32768 ranks"),
+        ({"mesh": {"dp": 8}, "pipeline_stages": True}, r"pipeline_stages must be a positive integer"),
+        ({"mesh": {"dp": 8}, "pipeline_stages": 0}, r"pipeline_stages must be a positive integer"),
+        ({"mesh": [2, 4]}, r"mesh must map axis names"),
+        ({"mesh": {1: 2}}, r"axis name 1 must be a non-empty string"),
+        ({"params": "all"}, r"params must be a list"),
+        ({"params": [{"match": 5, "spec": []}]}, r"match must be a regex string"),
+        ({"params": [{"match": r"(a+)+$", "spec": []}]}, r"nests a repeat"),
+        ({"params": [{"match": r"(.*)*x", "spec": []}]}, r"nests a repeat"),
+        ({"params": [{"match": r"(a|aa)*b", "spec": []}]}, r"alternation"),
+        ({"params": [{"match": r".*.*.*.*x", "spec": []}]}, r"4 unbounded repeats"),
+        ({"params": [{"match": "a" * 2000, "spec": []}]}, r"over the cap of 1024"),
+        ({"params": [{"match": "w", "spec": [], "stage": True}]}, r"stage must be"),
+    ],
+)
+def test_refused_layouts(data, message):
+    with pytest.raises(LayoutError, match=message):
+        layout_from_dict(data, "x.yaml")
+
+
+def test_largest_layout_plans_fast():
+    """The cap is measured: a layout of exactly MAX_RANKS ranks resolves and gives its boxes at once."""
+    import time
+
+    from jaxreshard.caps import MAX_RANKS
+
+    layout = layout_from_dict({"mesh": {"dp": MAX_RANKS // 4, "mp": 4}, "params": [{"match": "w", "spec": ["mp"]}]})
+    start = time.monotonic()
+    pl = layout.resolve(["w"])["w"]
+    boxes = {pl.box((8,), r).start[0] for r in pl.global_ranks()}
+    assert layout.num_ranks == MAX_RANKS and boxes == {0, 2, 4, 6}
+    assert time.monotonic() - start < 5
+
+
+def test_long_names_refused_before_matching():
+    from jaxreshard.caps import MAX_NAME_CHARS
+
+    layout = layout_from_dict({"params": [{"match": r".*x", "spec": []}]}, "x.yaml")
+    assert layout.resolve(["a" * MAX_NAME_CHARS])  # at the cap: matched (and fast)
+    with pytest.raises(LayoutError, match=f"over the cap of {MAX_NAME_CHARS}"):
+        layout.resolve(["a" * (MAX_NAME_CHARS + 1)])
+
+
+def test_worst_accepted_regex_matches_fast():
+    """Three adjacent unbounded repeats (the most accepted) on a name at the length cap stay well under a second."""
+    import time
+
+    from jaxreshard.caps import MAX_NAME_CHARS
+
+    layout = layout_from_dict({"params": [{"match": r"\w*\w*\w*!", "spec": []}]}, "x.yaml")
+    start = time.monotonic()
+    layout.resolve(["a" * MAX_NAME_CHARS])
+    assert time.monotonic() - start < 3
+
+
+def test_layout_constructed_directly_is_checked():
+    from jaxreshard.layout import Layout
+
+    with pytest.raises(LayoutError, match="size 0"):
+        Layout((("dp", 0),), 1, ())
+    with pytest.raises(LayoutError, match="over 16384 devices"):
+        Layout((("dp", 2**20),), 1, ())
+
+
+def test_layout_from_mesh_is_checked():
+    class FakeMesh:  # only the two attributes layout_from_mesh reads
+        axis_names = ("x",)
+        devices = np.empty((4,))
+
+    assert layout_from_mesh(FakeMesh(), {"w": ["x"]}).num_ranks == 4
+    with pytest.raises(LayoutError, match="nests a repeat"):
+        layout_from_mesh(FakeMesh(), {"(a+)+": ["x"]})
+    with pytest.raises(LayoutError, match="pipeline_stages must be"):
+        layout_from_mesh(FakeMesh(), {"w": ["x"]}, pipeline_stages=0)
+    with pytest.raises(LayoutError, match="not a jax.sharding.Mesh"):
+        layout_from_mesh(object(), {"w": ["x"]})
+    with pytest.raises(LayoutError, match="must be a PartitionSpec or a list"):
+        layout_from_mesh(FakeMesh(), {"w": 3})
+
+
+def test_read_layout_refuses_fifo_and_aliases(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.yaml")
+    with pytest.raises(LayoutError, match="not a regular file"):
+        read_layout(tmp_path / "fifo.yaml")
+    (tmp_path / "ok.yaml").write_text("mesh: {mp: 2}\nparams:\n  - {match: a, spec: &s [mp]}\n  - {match: b, spec: *s}\n")
+    assert read_layout(tmp_path / "ok.yaml").resolve(["b"])["b"].spec == (("mp",),)
+
+
+def test_by_layer_with_gaps_keeps_every_layer_end_to_end(tmp_path):
+    """The issue's case through the CLI: layers {0, 1, 10, 11} on 2 stages; before the fix layers 10 and 11 were
+    written to no rank at all. Every tensor must come back whole and equal after split and merge."""
+    from safetensors.numpy import load_file, save_file
+
+    from jaxreshard.cli import main
+
+    tensors = {f"l.{i}.w": np.full((4, 2), i, dtype=np.float32) for i in (0, 1, 10, 11)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "pp2.yaml").write_text(
+        "mesh: {mp: 2}\npipeline_stages: 2\nparams:\n  - {match: 'l\\.(\\d+)\\.w', spec: [mp], stage: by_layer}\n")
+    split = ["convert", "--src", str(tmp_path / "model.safetensors"), "--dst", str(tmp_path / "pp"),
+             "--dst-layout", str(tmp_path / "pp2.yaml"), "-q"]
+    assert main(split) == 0
+    stage1 = load_file(str(next((tmp_path / "pp" / "rank_2").glob("*.safetensors"))))
+    assert sorted(stage1) == ["l.10.w", "l.11.w"]
+    assert main(["convert", "--src", str(tmp_path / "pp"), "--src-layout", str(tmp_path / "pp2.yaml"),
+                 "--dst", str(tmp_path / "whole"), "-q"]) == 0
+    merged = load_file(str(next((tmp_path / "whole").rglob("*.safetensors"))))
+    assert sorted(merged) == sorted(tensors) and all(np.array_equal(merged[k], v) for k, v in tensors.items())

@@ -12,6 +12,7 @@ natural name order (rank_2 before rank_10) instead of MindSpore's unordered glob
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -23,7 +24,10 @@ from typing import Any
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
+from ..caps import MAX_RANKS, MAX_STRATEGY_BYTES
 from ..errors import FormatError
+from ..readfile import one_line, read_regular_file
+from .strategy_checks import check_device_counts, check_layout_item, check_stage
 
 _F = descriptor_pb2.FieldDescriptorProto
 _SCHEMA: dict[str, list[tuple[str, int, int, Any]]] = {  # message -> (field, number, label, type or message)
@@ -164,24 +168,28 @@ def _parse_proto(data: bytes, source: Any) -> Any:
     if not message.IsInitialized():
         raise FormatError(f"{source}: the strategy file lacks required fields {message.FindInitializationErrors()}; "
                           f"it is truncated or corrupt, save it again with MindSpore")
+    for item in message.parallel_layout_item:  # the runtime hands invalid UTF-8 over as bytes
+        if not isinstance(item.param_name, str):
+            raise FormatError(f"{source}: parameter name {item.param_name[:80]!r} is not UTF-8; the file is corrupt")
     return message
 
 
 def _load_json(path: Path) -> dict:
+    data = read_regular_file(path, MAX_STRATEGY_BYTES, FormatError, "the JSON strategy file")
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: cannot read the JSON strategy file: {e}") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("parallel_layout_item", {}), dict):
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: cannot read the JSON strategy file: {one_line(str(e))}") from e
+    except RecursionError:
+        raise FormatError(f"{path}: the JSON strategy file is nested too deeply to be a strategy") from None
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k, {}), dict)
+                                            for k in ("parallel_layout_item", "parallel_strategy_item")):
         raise FormatError(f"{path}: not a MindSpore JSON strategy (no parallel_layout_item object)")
     return doc
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read the strategy file: {e.strerror}") from e
+    data = read_regular_file(path, MAX_STRATEGY_BYTES, FormatError, "the strategy file")
     if not data:
         raise FormatError(f"{path}: the strategy file is empty; save it again with MindSpore")
     return data
@@ -190,10 +198,12 @@ def _read_bytes(path: Path) -> bytes:
 def _first_stage(doc: Any, source: Any) -> int | None:
     """The pipeline stage of a file: that of its first strategy item, as MindSpore reads it (None without one)."""
     if not isinstance(doc, dict):
-        return doc.parallel_strategy_item[0].parallel_strategys.stage if doc.parallel_strategy_item else None
+        if not doc.parallel_strategy_item:
+            return None
+        return check_stage(doc.parallel_strategy_item[0].parallel_strategys.stage, f"{source}: first strategy item")
     try:
         items = doc.get("parallel_strategy_item") or {}
-        return int(next(iter(items.values()))["stage"]) if items else None
+        return check_stage(next(iter(items.values()))["stage"], f"{source}: first strategy item") if items else None
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise FormatError(f"{source}: malformed parallel_strategy_item, no stage in its first item ({e!r})") from e
 
@@ -207,15 +217,18 @@ def merge_pipeline_strategies(directory: Path) -> tuple[str, Any]:
     files = kinds["ckpt"] or kinds["json"]
     if not files:
         raise FormatError(f"{directory}: no strategy files (*.ckpt or *.json) in this directory")
+    if len(files) > MAX_RANKS:
+        raise FormatError(f"{directory}: {len(files)} strategy files, over the cap of {MAX_RANKS} (one per rank)")
     merged: Any = ParallelStrategyMap() if kinds["ckpt"] else {"current_stage": 1, "parallel_strategy_item": {},
                                                                "parallel_layout_item": {}}
     seen: set[bytes] = set()
     stages: list[int] = []
     for path in files:
         data = _read_bytes(path)
-        if data in seen:
+        digest = hashlib.sha256(data).digest()  # byte-identical copies of one stage's file are skipped
+        if digest in seen:
             continue
-        seen.add(data)
+        seen.add(digest)
         doc = _parse_proto(data, path) if kinds["ckpt"] else _load_json(path)
         stage = _first_stage(doc, path)
         layouts = doc.get("parallel_layout_item") if isinstance(doc, dict) else doc.parallel_layout_item
@@ -238,22 +251,36 @@ def merge_pipeline_strategies(directory: Path) -> tuple[str, Any]:
     return ("json" if kinds["json"] else "proto"), merged
 
 
+def _json_tensor_map(raw: Any) -> tuple[TensorMapEntry, ...]:
+    """A JSON tensor_map: each entry an integer or a list of integers (kept as found, checked later)."""
+    if not isinstance(raw, list):
+        raise TypeError(f"tensor_map must be a list, got {type(raw).__name__}")
+    return tuple((e[0] if len(e) == 1 else tuple(e)) if isinstance(e, list) else e for e in raw)
+
+
 def _raw_layouts(doc: Any, source: Any) -> Iterator[tuple[str, tuple, tuple, int, int]]:
-    """(name as stored, dev_matrix, tensor_map, opt step, opt size) per layout item, as a dict keeps them."""
+    """(name as stored, dev_matrix, tensor_map, opt step, opt size) per layout item, as a dict keeps them, each
+    checked (`strategy_checks.check_layout_item`) so a wrong value is refused naming the parameter."""
     if isinstance(doc, dict):
         for name, item in doc.get("parallel_layout_item", {}).items():
             try:
-                yield (name, tuple(int(d) for d in item["dev_matrix"]), _tensor_map([item["tensor_map"]]),
-                       int(item.get("opt_weight_shard_step", 0)), int(item.get("opt_weight_shard_size", 0)))
-            except (KeyError, TypeError, ValueError, IndexError) as e:
-                raise FormatError(f"{source}: parameter {name!r}: malformed JSON layout ({e!r})") from e
+                if not isinstance(item["dev_matrix"], list):
+                    raise TypeError("dev_matrix must be a list")
+                raw = (name, tuple(item["dev_matrix"]), _json_tensor_map(item["tensor_map"]),
+                       item.get("opt_weight_shard_step", 0), item.get("opt_weight_shard_size", 0))
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                raise FormatError(f"{source}: parameter {name!r:.200}: malformed JSON layout ({e!r:.200})") from e
+            check_layout_item(*raw[1:], f"{source}: parameter {name!r:.200}")
+            yield raw
         return
     items = {item.param_name: item.parallel_layouts for item in doc.parallel_layout_item}  # later duplicates win
     for name, layout in items.items():
         if not layout.dev_matrix or not layout.tensor_map:
             raise FormatError(f"{source}: parameter {name!r} has no dev_matrix or no tensor_map; the file is corrupt")
-        yield (name, tuple(layout.dev_matrix[0].dim), _tensor_map([list(t.dim) for t in layout.tensor_map]),
+        raw = (name, tuple(layout.dev_matrix[0].dim), _tensor_map([list(t.dim) for t in layout.tensor_map]),
                layout.opt_weight_shard_step, layout.opt_weight_shard_size)
+        check_layout_item(*raw[1:], f"{source}: parameter {name!r:.200}")
+        yield raw
 
 
 def _build(doc: Any, source: str) -> Strategy:
@@ -265,7 +292,7 @@ def _build(doc: Any, source: str) -> Strategy:
             if not head.isdecimal():
                 raise FormatError(f"{source}: parameter {raw!r}: MindSpore reads a '-' in a strategy name as "
                                   f"'<stage>-<name>', and {head!r} is no stage; rename the parameter")
-            stage = int(head)
+            stage = check_stage(head, f"{source}: parameter {raw!r:.200}")
         per_name.setdefault(name, []).append((stage, (dev, tmap, step, size)))
     if not per_name:
         raise FormatError(f"{source}: the strategy has no parameter layouts, so there is nothing to convert")
@@ -287,8 +314,9 @@ def _build(doc: Any, source: str) -> Strategy:
     if not params[first].dev_matrix:
         raise FormatError(f"{source}: parameter {first!r} has an empty dev_matrix: the strategy only contains "
                           f"pipeline-parallelism, which MindSpore cannot convert either")
-    return Strategy(FrozenMap(params), math.prod(params[first].dev_matrix), len(all_stages), source,
-                    FrozenMap(entries), _first_stage(doc, source) or 0)
+    devices = check_device_counts(entries, source, len(all_stages))
+    return Strategy(FrozenMap(params), devices, len(all_stages), source, FrozenMap(entries),
+                    _first_stage(doc, source) or 0)
 
 
 def read_strategy(path: Path) -> Strategy:

@@ -1,0 +1,93 @@
+"""A static check that a layout rule's `match` regex cannot backtrack catastrophically.
+
+Python's `re` backtracks: `(a+)+$` or `(a|aa)*b` take exponential time on a name that almost matches, and
+`k` unbounded repeats in a row take time ~ n^k. The check walks the parsed pattern (`re._parser`, the
+parser `re.compile` itself uses) and refuses a repeat nested in an unbounded repeat, an alternation inside an
+unbounded repeat, and more than `MAX_UNBOUNDED_REPEATS` unbounded repeats in all. Together with the cap on name
+length (`MAX_NAME_CHARS`, checked where names are matched) every match then takes at most a few milliseconds.
+Alternations of single characters (`(q|k|v)`) are compiled to character classes and stay allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .caps import MAX_PATTERN_CHARS, MAX_UNBOUNDED_REPEATS
+
+try:  # Python 3.11+
+    from re import _constants as sre_constants
+    from re import _parser as sre_parse
+except ImportError:  # pragma: no cover - Python < 3.11
+    import sre_constants  # type: ignore[no-redef]
+    import sre_parse  # type: ignore[no-redef]
+
+_REPEATS = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT} | (
+    {sre_constants.POSSESSIVE_REPEAT} if hasattr(sre_constants, "POSSESSIVE_REPEAT") else set()
+)
+_LARGE = 64  # a bounded repeat with more iterations than this is treated as unbounded
+
+
+def backtracking_risk(pattern: str) -> str | None:
+    """Why `pattern` may backtrack catastrophically (None when it cannot); it must already compile."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"it is {len(pattern)} characters long, over the cap of {MAX_PATTERN_CHARS}"
+    count = [0]
+    problem = _walk(sre_parse.parse(pattern), in_repeat=False, in_unbounded=False, count=count)
+    if problem is None and count[0] > MAX_UNBOUNDED_REPEATS:
+        problem = (f"it has {count[0]} unbounded repeats (*, +, {{n,}}); at most {MAX_UNBOUNDED_REPEATS} keep "
+                   "matching fast")
+    return problem
+
+
+def _children(op: Any, av: Any) -> list[Any]:
+    """The sub-patterns of one parsed node."""
+    if op == sre_constants.SUBPATTERN:
+        return [av[3]]
+    if op == sre_constants.BRANCH:
+        return list(av[1])
+    if op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+        return [av[1]]
+    if op == getattr(sre_constants, "ATOMIC_GROUP", None):
+        return [av]
+    if op == sre_constants.GROUPREF_EXISTS:
+        return [p for p in av[1:] if p is not None]
+    return []
+
+
+def _walk(parsed: Any, *, in_repeat: bool, in_unbounded: bool, count: list[int]) -> str | None:
+    for op, av in parsed:
+        if op in _REPEATS:
+            _, high, body = av
+            unbounded = high == sre_constants.MAXREPEAT or high > _LARGE
+            if high > 1 and (in_unbounded or (in_repeat and unbounded)):
+                return "it nests a repeat inside an unbounded repeat (like (a+)+ or (.*)*)"
+            count[0] += unbounded and op != getattr(sre_constants, "POSSESSIVE_REPEAT", None)  # never backtracks
+            found = _walk(body, in_repeat=in_repeat or high > 1, in_unbounded=in_unbounded or unbounded,
+                          count=count)
+        elif op == sre_constants.BRANCH and in_unbounded:
+            return "it repeats an alternation without bound (like (a|aa)*); use a character class or one branch"
+        else:
+            found = None
+            for child in _children(op, av):
+                found = found or _walk(child, in_repeat=in_repeat, in_unbounded=in_unbounded, count=count)
+        if found:
+            return found
+    return None
+
+
+def compile_safe(pattern: Any, where: str, error: type[Exception]) -> re.Pattern[str]:
+    """`re.compile(pattern)` for a layout rule, or `error` naming `where` if it is not a safe regex string."""
+    if not isinstance(pattern, str):
+        raise error(f"{where}: match must be a regex string, got {type(pattern).__name__} {pattern!r:.80}")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise error(f"{where}: match regex is {len(pattern)} characters long, over the cap of {MAX_PATTERN_CHARS}")
+    try:
+        compiled = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise error(f"{where}: bad regex {pattern!r:.200}: {e}") from None
+    risk = backtracking_risk(pattern)
+    if risk:
+        raise error(f"{where}: match regex {pattern!r:.200} could take exponential or very long time to match: "
+                    f"{risk}; simplify it")
+    return compiled
