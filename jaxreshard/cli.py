@@ -7,10 +7,13 @@ Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the file,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .config import JobOptions, add_arguments, options_from, read_job
@@ -45,7 +48,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler, `timeout`, a closed terminal): handled like Ctrl-C, so every temporary
+    is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once (the next run cleans up)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Terminated` while the block runs (main thread only; restored afterwards)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _signals_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse usage errors exit 2 already; keep --help's 0
@@ -73,9 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `jaxreshard inspect ... | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
-    except KeyboardInterrupt:
-        print("jaxreshard: interrupted; no output was left behind", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"jaxreshard: interrupted by {signal.Signals(signum).name}; this run's temporary files were removed",
+              file=sys.stderr)
+        return 128 + signum
 
 
 def _fields(opts: JobOptions) -> dict[str, object]:
