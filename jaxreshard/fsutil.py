@@ -90,12 +90,13 @@ def atomic_output(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
         fault("locked")
         check_destination(target, [], overwrite=overwrite)  # again, now that no other run can write it
         remove_stale_partials(target)
+        was_empty_dir = target.is_dir()  # (check_destination passed: an empty folder, if anything)
         tmp = partial_dir(target)
         try:
             yield tmp
             fsync_tree(tmp)
             fault("before-commit")
-            commit_tree(tmp, target, overwrite=overwrite)
+            commit_tree(tmp, target, overwrite=overwrite, replace_empty_dir=was_empty_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -127,15 +128,15 @@ def staged_rank_folders(dst: Path, folders: Sequence[str], ranks: Sequence[int],
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def commit_tree(tmp: Path, target: Path, *, overwrite: bool) -> None:
+def commit_tree(tmp: Path, target: Path, *, overwrite: bool, replace_empty_dir: bool = False) -> None:
     """Move the complete tree `tmp` to `target` (both in one folder). Without `overwrite` nothing that exists
-    is replaced except an empty folder that was there before; with it an existing target is swapped out
-    atomically, then removed."""
+    is replaced, except, with `replace_empty_dir`, the empty folder the user named as destination (if it is
+    still empty); with `overwrite` an existing target is swapped out atomically, then removed."""
     try:
         if overwrite and os.path.lexists(target):
             _swap_in(tmp, target)
         else:
-            if target.is_dir() and not target.is_symlink():
+            if replace_empty_dir and target.is_dir() and not target.is_symlink():
                 with contextlib.suppress(FileNotFoundError):
                     os.rmdir(target)  # an empty folder given as destination; fails if anything is in it now
             _rename_noreplace(tmp, target)
