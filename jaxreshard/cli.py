@@ -57,7 +57,7 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def _on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
+def _on_signal(signum: int, frame: object) -> None:
     signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once (the next run cleans up)
     raise Terminated(signum)
 

@@ -32,9 +32,19 @@ from .errors import ConfigError, OutputError, OutputExistsError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "atomic_output", "staged_rank_folders", "check_destination", "check_file_prefix", "commit_tree",
-    "destination_lock", "lock_path", "partial_dir", "resolve_destination", "stale_partials",
-    "remove_stale_partials", "fsync_tree", "fault",
+    "atomic_output",
+    "check_destination",
+    "check_file_prefix",
+    "commit_tree",
+    "destination_lock",
+    "fault",
+    "fsync_tree",
+    "lock_path",
+    "partial_dir",
+    "remove_stale_partials",
+    "resolve_destination",
+    "staged_rank_folders",
+    "stale_partials",
 ]  # fmt: skip
 
 PREFIX_MAX = 128  # bytes; a rank file name is prefix + rank + suffix, and names are capped at 255 bytes
@@ -296,13 +306,21 @@ def _make_parent(target: Path) -> None:
 def _make_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise OutputError(f"cannot create {path}: {blocker} is a file, not a folder; choose another "
+                          "destination") from None
     except OSError as e:
         raise OutputError(f"cannot create {path}: {e.strerror}; choose a writable destination") from None
 
 
 def fsync_tree(root: Path) -> None:
+    """Make the folders of a finished tree durable before it is committed (file writers sync their files)."""
     for dirpath, _, _ in os.walk(root):
-        _fsync_dir(Path(dirpath))
+        try:
+            _fsync_dir(Path(dirpath))
+        except OSError as e:
+            raise OutputError(f"syncing {dirpath} to disk failed: {e.strerror}") from None
 
 
 def _fsync_dir(path: Path) -> None:
