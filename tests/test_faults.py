@@ -219,3 +219,39 @@ def test_a_dead_worker_fails_the_run_naming_its_ranks(llama, tmp_path, monkeypat
     assert err.startswith("jaxreshard: error: a --process-num worker died") and "ranks 0-3" in err, err
     assert "nothing was committed" in err
     assert not dst.exists() and temporaries(dst) == []
+
+
+def _marked(marker: str) -> dict[int, str]:
+    """pid -> state of every process whose environment holds `marker` (Linux /proc)."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    out[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_workers_die_with_their_parent(llama, tmp_path):
+    """Workers stop themselves mid-write; SIGKILL of the parent must take them down (nobody else would)."""
+    marker = f"JAXRESHARD_TEST_MARK={tmp_path.name}"
+    env = {**ENV, FAULT_ENV: "param-written:STOP", marker.split("=")[0]: marker.split("=")[1]}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxreshard", *_args(llama, tmp_path / "out", "--process-num",
+                                                                           "2")], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while list(_marked(marker).values()).count("T") != 2:  # (the other marked ones: parent, resource tracker)
+            assert time.monotonic() < deadline and proc.poll() is None, "the workers never reached their stop"
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while _marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _marked(marker) == {}, "workers outlived their parent"
+    finally:
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)
