@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -28,6 +27,9 @@ from pathlib import Path
 
 from .dstlock import destination_lock, lock_path
 from .errors import ConfigError, OutputError, OutputExistsError
+from .renameat import RENAME_EXCHANGE, RENAME_NOREPLACE
+from .renameat import Unsupported as _Unsupported
+from .renameat import renameat2 as _renameat2
 
 log = logging.getLogger(__name__)
 
@@ -176,29 +178,6 @@ def _swap_in(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)  # replaced only after the new output is in place, as asked
 
 
-# ------------------------------------------------------------------------------------------------ renameat2
-
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-_AT_FDCWD = -100
-
-
-class _Unsupported(Exception):
-    """renameat2 (or the flag) is not available here."""
-
-
-def _renameat2(src: Path, dst: Path, flags: int) -> None:
-    func = getattr(_libc(), "renameat2", None) if _libc() is not None else None
-    if func is None:
-        raise _Unsupported
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if func(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
-        return
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        raise _Unsupported
-    raise OSError(err, os.strerror(err), str(dst))
-
-
 def _rename_noreplace(src: Path, dst: Path) -> None:
     try:
         _renameat2(src, dst, RENAME_NOREPLACE)
@@ -206,18 +185,6 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
         if os.path.lexists(dst):  # the fallback: a check, then a rename (a window, but a small one)
             raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
         os.rename(src, dst)
-
-
-_LIBC: list = []
-
-
-def _libc():
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL(None, use_errno=True))
-        except OSError:
-            _LIBC.append(None)
-    return _LIBC[0]
 
 
 # ------------------------------------------------------------------------------------------------ temporaries
