@@ -175,7 +175,10 @@ def _swap_in(tmp: Path, target: Path) -> None:
         old = _temp_name(target, "old")
         os.rename(tmp, old)
     _fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)  # replaced only after the new output is in place, as asked
+    if old.is_dir() and not old.is_symlink():  # replaced only after the new output is in place, as asked
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()  # a file or a symlink that stood where a rank folder goes (never what it points to)
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:

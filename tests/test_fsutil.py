@@ -402,3 +402,20 @@ def test_adopt_takes_over_the_newest_stale_partial(tmp_path, caplog):
     assert newer.name in caplog.text and _leftovers(tmp_path, "out") == []
     with atomic_output(tmp_path / "fresh", adopt=True) as tmp:
         assert _tree(tmp) == {}, "nothing to adopt: an empty temporary"
+
+
+def test_overwriting_a_rank_folder_that_is_a_symlink_replaces_the_link_only(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_bytes(b"p")
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "rank_0").symlink_to(elsewhere)
+    (dst / "rank_1").write_bytes(b"a file where a folder goes")
+    with staged_rank_folders(dst, ["rank_0", "rank_1"], [0, 1], overwrite=True) as tmp:
+        for r in (0, 1):
+            (tmp / f"rank_{r}").mkdir()
+            (tmp / f"rank_{r}" / "f").write_bytes(b"%d" % r)
+    assert _tree(dst) == {"rank_0/f": b"0", "rank_1/f": b"1"} and not (dst / "rank_0").is_symlink()
+    assert _tree(elsewhere) == {"precious": b"p"}
+    assert _leftovers(tmp_path, "out") == []
