@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from .box import Box
-from .errors import FormatError, LayoutError, OutputError
+from .errors import FormatError, LayoutError
 from .fill import fill_boxes, prefetch
 from .formats.base import FileHandles, RankWriter, aligned_empty
-from .fsutil import fault
+from .fsutil import fault, write_failure
 from .layout import ParamLayout
 from .plan import Plan, RankPlan, ShardPlan
 
@@ -168,8 +168,7 @@ def _writing(file: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise OutputError(f"writing {file} failed: {e.strerror or e}; free space or choose another "
-                          "destination") from None
+        raise write_failure(e, file) from None
 
 
 def _jax_dtype(dtype: np.dtype) -> tuple[np.dtype, tuple[int, ...]]:

@@ -47,6 +47,7 @@ __all__ = [
     "resolve_destination",
     "staged_rank_folders",
     "stale_partials",
+    "write_failure",
 ]  # fmt: skip
 
 PREFIX_MAX = 128  # bytes; a rank file name is prefix + rank + suffix, and names are capped at 255 bytes
@@ -106,7 +107,8 @@ def atomic_output(dst: Path, *, overwrite: bool = False, adopt: bool = False) ->
         was_empty_dir = target.is_dir()  # (check_destination passed: an empty folder, if anything)
         tmp = _fresh_or_adopted(target, adopt)
         try:
-            yield tmp
+            with _writes_named(target):
+                yield tmp
             fsync_tree(tmp)
             fault("before-commit")
             commit_tree(tmp, target, overwrite=overwrite, replace_empty_dir=was_empty_dir)
@@ -129,7 +131,8 @@ def staged_rank_folders(dst: Path, folders: Sequence[str], ranks: Sequence[int],
             raise OutputExistsError(f"{dst}: {', '.join(taken)} already exist; pass --overwrite to replace them")
         tmp = _fresh_or_adopted(target, adopt)
         try:
-            yield tmp
+            with _writes_named(target):
+                yield tmp
             fsync_tree(tmp)
             fault("before-commit")
             _make_dir(target)
@@ -281,6 +284,30 @@ def remove_stale_partials(dst: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ small helpers
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def write_failure(e: OSError, file: str | Path) -> OutputError:
+    """The one-line error for an OS failure while writing `file` under the destination, with what to do."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "free space (or quota) or choose another destination"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "make the destination writable or choose another one"
+    else:
+        hint = "check the destination's file system"
+    return OutputError(f"writing {file} failed: {e.strerror or e}; {hint}")
+
+
+@contextlib.contextmanager
+def _writes_named(dst: Path) -> Iterator[None]:
+    """Destination failures (full, read-only, denied) that escape a writer are named as writes, not tracebacks."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise write_failure(e, e.filename or dst) from None
 
 
 def _make_parent(target: Path) -> None:

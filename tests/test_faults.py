@@ -207,7 +207,7 @@ def test_a_full_disk_is_a_write_error_naming_the_file(llama, tmp_path, monkeypat
     assert main(_args(llama, dst)) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("jaxreshard: error: writing rank_0/checkpoint_0.safetensors failed: No space left on device; "
-                   "free space or choose another destination")
+                   "free space (or quota) or choose another destination")
     assert not dst.exists() and temporaries(dst) == []
 
 

@@ -419,3 +419,17 @@ def test_overwriting_a_rank_folder_that_is_a_symlink_replaces_the_link_only(tmp_
     assert _tree(dst) == {"rank_0/f": b"0", "rank_1/f": b"1"} and not (dst / "rank_0").is_symlink()
     assert _tree(elsewhere) == {"precious": b"p"}
     assert _leftovers(tmp_path, "out") == []
+
+
+def test_destination_failures_inside_the_block_are_named_as_writes(tmp_path):
+    dst = tmp_path / "out"
+    with pytest.raises(OutputError, match=r"writing .*/x\.bin failed: No space left on device; free space"):
+        with atomic_output(dst) as tmp:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "x.bin"))
+    with pytest.raises(OutputError, match=r"writing .*out failed: Read-only file system; make the destination"):
+        with staged_rank_folders(dst, ["rank_0"], [0]):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    with pytest.raises(FileNotFoundError):  # anything else is not the destination's fault: left as it is
+        with atomic_output(dst):
+            raise FileNotFoundError(errno.ENOENT, "gone", "/some/source")
+    assert not dst.exists() and _leftovers(tmp_path, "out") == []
