@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, JaxreshardError
+from .fsutil import check_file_prefix
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def auto_convert(
     from . import api
     from .run import parse_ranks
 
+    check_file_prefix(prefix)  # before any marker or output is written
     src = Path(load_checkpoint)
     rank_id = _env("RANK_ID", 0) if rank_id is None else rank_id
     world_size = _env("RANK_SIZE", 1) if world_size is None else world_size

@@ -91,3 +91,10 @@ def test_config_keys(tmp_path):
     got = auto_convert_from_config({**cfg, "auto_trans_ckpt": True, "use_parallel": False})
     assert got == tmp_path / "transformed_checkpoint" / "dp2mp2"
     assert tree(got) == tree(FIX / "ckpt" / "dp2mp2__to__complete")  # use_parallel False: one complete file
+
+
+def test_a_prefix_that_escapes_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(JaxreshardError, match=r"--prefix '\.\./\.\./x' contains the character '/'"):
+        auto_convert(tmp_path / "ckpt", None, dst_layout="configs/layouts/llama_dp8.yaml",
+                     output_dir=tmp_path / "out", prefix="../../x")
+    assert list(tmp_path.iterdir()) == []
