@@ -155,10 +155,15 @@ def execute(
         for writer in writers.values():  # release file descriptors; the caller removes the partial output
             writer.abort()
         raise
-    for rank, writer in writers.items():
-        with _writing(files[rank]):
-            writer.close()
-        fault("file-closed")
+    try:
+        for rank, writer in writers.items():
+            with _writing(files[rank]):
+                writer.close()
+            fault("file-closed")
+    except BaseException:
+        for writer in writers.values():  # the ones not closed yet (abort is a no-op on a closed writer)
+            writer.abort()
+        raise
 
 
 @contextlib.contextmanager
