@@ -133,6 +133,7 @@ def test_kills_of_a_real_conversion(llama, reference, tmp_path, caplog):
         "kill-between-swap-and-removal": ("commit-swapped", True, []),
         "kill-after-two-rank-folders": ("folder-committed@2", False, ["--ranks", "0-3"]),
         "kill-at-a-random-instant": (None, True, []),
+        "term-before-the-swap": ("before-commit:TERM", True, []),
     }
     old, procs = {}, {}
     for name, (fault, overwrite, extra) in cases.items():
@@ -158,6 +159,10 @@ def test_kills_of_a_real_conversion(llama, reference, tmp_path, caplog):
     ranks_dst = tmp_path / "kill-after-two-rank-folders" / "out"
     assert tree(ranks_dst) == {k: v for k, v in reference.items() if k.split("/")[0] in ("rank_0", "rank_1")}
     assert tree(random_dst) in (old["kill-at-a-random-instant"], reference)
+    (_, err), code = results["term-before-the-swap"]
+    assert code == 143 and "interrupted by SIGTERM" in err
+    assert tree(tmp_path / "term-before-the-swap" / "out") == old["term-before-the-swap"]
+    assert temporaries(tmp_path / "term-before-the-swap" / "out") == []
 
     for name, (fault, overwrite, extra) in cases.items():
         dst = tmp_path / name / "out"
@@ -169,6 +174,24 @@ def test_kills_of_a_real_conversion(llama, reference, tmp_path, caplog):
         assert tree(dst) == reference, name
         assert temporaries(dst) == [], name
         assert all(t in log for t in stale) and ("removed" in log) == bool(stale), (name, stale, log)
+
+
+def test_real_runs_at_once_on_one_destination(llama, reference, tmp_path):
+    """Two whole runs on one destination: one wins, the other exits 2 (never both 0, never a mixed output);
+    two disjoint --ranks runs: both succeed and together make the whole output."""
+    same, shared = tmp_path / "same" / "out", tmp_path / "shared" / "out"
+    procs = [spawn(["-m", "jaxreshard", *_args(llama, same)], None) for _ in range(2)]
+    procs += [spawn(["-m", "jaxreshard", *_args(llama, shared, "--ranks", r)], None) for r in ("0-3", "4-7")]
+    results = [(proc.communicate(timeout=120), proc.returncode) for proc in procs]
+    (_, err0), code0 = results[0]
+    (_, err1), code1 = results[1]
+    assert sorted([code0, code1]) == [0, 2], (err0, err1)
+    loser = err1 if code1 else err0
+    assert loser.startswith("jaxreshard: error:") and ("is writing this destination" in loser
+                                                       or "already exists and is not empty" in loser), loser
+    assert tree(same) == reference and temporaries(same) == []
+    assert [code for _, code in results[2:]] == [0, 0], results[2:]
+    assert tree(shared) == reference and temporaries(shared) == []
 
 
 def test_a_second_run_on_a_held_destination_exits_2_naming_the_holder(llama, reference, tmp_path, capsys):
