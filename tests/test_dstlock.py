@@ -14,6 +14,7 @@ from jaxreshard import dstlock
 from jaxreshard.dstlock import destination_lock, lock_path
 from jaxreshard.errors import OutputError
 
+REPO = str(Path(__file__).resolve().parents[1])  # the package the subprocesses import
 HOLDER = """
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ with destination_lock(Path(sys.argv[1]), ranks):
 def start_holder(dst: Path, ranks: str = "-") -> subprocess.Popen:
     """Another process holding `dst`'s lock (whole, or the ranks "0,1") until its stdin closes."""
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(dst), ranks], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -112,7 +113,7 @@ def test_a_lock_file_replaced_while_locking_is_locked_again(tmp_path, monkeypatc
         assert lock_path(dst).exists()
         monkeypatch.setattr(dstlock, "_same_file", real)
         proc = subprocess.run([sys.executable, "-c", HOLDER, str(dst), "-"], input="", capture_output=True, check=False,
-                              text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                              text=True, env={**os.environ, "PYTHONPATH": REPO})
         assert proc.returncode != 0 and "is writing this destination" in proc.stderr, \
             "the lock taken on the second file excludes others"
     assert len(calls) >= 2

@@ -22,11 +22,11 @@ from jaxreshard.cli import main
 from jaxreshard.fsutil import FAULT_ENV, atomic_output
 
 from .helpers import tree
-from .test_dstlock import start_holder, stop
+from .test_dstlock import REPO, start_holder, stop
 
 LAYOUT = "configs/layouts/llama_dp2mp4.yaml"
 OLD_LAYOUT = "configs/layouts/llama_dp8.yaml"
-ENV = {**os.environ, "PYTHONPATH": os.getcwd(), "JAX_PLATFORMS": "cpu",
+ENV = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
        "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 SCRIPT = """

@@ -12,6 +12,7 @@ import pytest
 
 from .harness import Case, corpus_test
 
+REPO = str(Path(__file__).resolve().parents[2])  # the package the subprocesses import
 DP8 = "configs/layouts/llama_dp8.yaml"
 CONVERT = ["convert", "--src", "{llama}", "--dst", "{tmp}/out"]
 _HOLDERS: list[subprocess.Popen] = []
@@ -39,7 +40,7 @@ def _holder(ranks: str = "-"):
     def setup(tmp: Path) -> dict[str, str]:
         proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp.resolve() / "out"), ranks],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+                                env={**os.environ, "PYTHONPATH": REPO})
         _HOLDERS.append(proc)
         assert proc.stdout.readline().strip() == "locked"
         return {"pid": str(proc.pid)}
