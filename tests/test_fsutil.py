@@ -393,7 +393,7 @@ def test_adopt_takes_over_the_newest_stale_partial(tmp_path, caplog):
         d.mkdir()
         (d / "kept.bin").write_bytes(b"%d" % i)
         os.utime(d, (1000 + i, 1000 + i))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="jaxreshard"):  # (a quiet CLI run may have raised its level)
         with atomic_output(dst, adopt=True) as tmp:
             assert _tree(tmp) == {"kept.bin": b"1"}, "the newest partial, contents and all"
             assert str(os.getpid()) in tmp.name and not newer.exists() and not older.exists()
