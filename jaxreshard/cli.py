@@ -165,6 +165,7 @@ def _float(value: str | None, flag: str) -> float | None:
 def _merge(task: str, opts: JobOptions) -> int:
     from . import api, merge
     from .compat import parse_bool
+    from .fsutil import check_destination
 
     _require(opts, "dst")
     if task == "merge-lora":
@@ -174,6 +175,7 @@ def _merge(task: str, opts: JobOptions) -> int:
             lora_scaling=_float(opts.lora_scaling, "--lora-scaling"), keep_optimizer_states=opts.keep_optimizer_states,
             fan_in_fan_out=opts.fan_in_fan_out, prefix=opts.prefix, output_format=opts.output_format,
         )  # fmt: skip
+        check_destination(Path(opts.dst), merge.adapter_reads(opts.adapter), overwrite=True)  # overlap only
         report = api.write_job(job, Path(opts.dst), overwrite=opts.overwrite, progress=not opts.quiet, hf=opts.hf,
                                max_file_bytes=api.parse_size(opts.max_file_size),
                                process_num=_int(opts.process_num, "--process-num"))

@@ -16,7 +16,7 @@ from .api import Job, LayoutArg, native_layouts, read_paths
 from .errors import ConfigError, FormatError, OutputError, PlanError
 from .formats import open_source
 from .formats.base import TensorEntry
-from .fsutil import check_file_prefix
+from .fsutil import check_destination, check_file_prefix
 from .lora import OPTIMIZER_PREFIXES, base_name, find_pairs, fold_for, is_lora, read_scaling, strip_peft
 from .plan import make_plan, merge_orders
 
@@ -160,7 +160,7 @@ def write_unified(
     `part{i}.safetensors` + `param_name_map.json`, with the `hyper` parameters in `hyper_param.safetensors`.
     """
     from .formats.writers import hf_layout, ms_layout, write_index
-    from .fsutil import atomic_output, check_destination
+    from .fsutil import atomic_output
 
     plan = job.plan
     (rank,) = plan.ranks
@@ -214,12 +214,23 @@ def _write_hyper(plan, tmp: Path, params) -> None:
                                                                      {"format": "ms"}))
 
 
+def adapter_reads(adapter: str | Path | None) -> list[Path]:
+    """The paths a merge reads from a separate adapter (its folder or file, weights, config): like the source's,
+    they may not lie inside the destination, which `--overwrite` deletes."""
+    if adapter is None:
+        return []
+    path = Path(adapter)
+    folder = path if path.is_dir() else path.parent
+    return [p for p in (path, folder / "adapter_model.safetensors", folder / "adapter_config.json") if p.exists()]
+
+
 def merge_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, hf: bool = False,
                max_file_size: str | int | None = None, **options):
     """Library form of `jaxreshard merge-lora` (options as `plan_merge_lora`); returns the write report."""
     from .api import parse_size, write_job
 
     job = plan_merge_lora(src, **options)
+    check_destination(Path(dst), adapter_reads(options.get("adapter")), overwrite=True)
     return write_job(job, Path(dst), overwrite=overwrite, hf=hf, max_file_bytes=parse_size(max_file_size))
 
 

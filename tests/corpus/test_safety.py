@@ -97,6 +97,18 @@ def _hf_part_symlinked_into_dst(tmp: Path) -> None:
         json.dumps({"metadata": {}, "weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
 
 
+def _adapter_inside_dst(tmp: Path) -> None:
+    """A base checkpoint with one LoRA-able weight, and its PEFT adapter stored inside --dst."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    (tmp / "out" / "adapter").mkdir(parents=True)
+    save_file({"m.q_proj.weight": np.ones((4, 4), np.float32)}, str(tmp / "base.safetensors"))
+    save_file({"base_model.model.m.q_proj.lora_A.weight": np.ones((2, 4), np.float32),
+               "base_model.model.m.q_proj.lora_B.weight": np.ones((4, 2), np.float32)},
+              str(tmp / "out" / "adapter" / "adapter_model.safetensors"))
+
+
 def _file_parent(tmp: Path) -> None:
     (tmp / "afile").write_bytes(b"x")
 
@@ -113,6 +125,9 @@ CASES = [
     Case("prefix-merge-lora", ["merge-lora", "--src", "{llama}", "--dst", "{tmp}/out", "--prefix", "../x"], 2,
          r"--prefix '\.\./x' contains the character '/'"),
     Case("prefix-plan", ["plan", "--src", "{llama}", "--dst-layout", DP8, "--prefix", "a/../../b"], 2, r"--prefix"),
+    Case("lora-adapter-inside-dst", ["merge-lora", "--src", "{tmp}/base.safetensors", "--adapter", "{tmp}/out/adapter",
+                                     "--lora-scaling", "1", "--dst", "{tmp}/out", "--overwrite"], 2,
+         r"out: the destination overlaps the source .*out/adapter", _adapter_inside_dst),
     Case("dst-is-a-file", CONVERT, 2, r"out: exists and is not a directory", _file_dst),
     Case("dst-is-a-file-overwrite", [*CONVERT, "--overwrite"], 2, r"out: exists and is not a directory", _file_dst),
     Case("dst-not-empty", CONVERT, 2, r"out: already exists and is not empty; pass --overwrite", _full_dst),
