@@ -242,6 +242,12 @@ def test_a_dead_worker_fails_the_run_naming_its_ranks(llama, tmp_path, monkeypat
     assert err.startswith("jaxreshard: error: a --process-num worker died") and "ranks 0-3" in err, err
     assert "nothing was committed" in err
     assert not dst.exists() and temporaries(dst) == []
+    unified = tmp_path / "unified"
+    assert main(["unify", "--src", str(llama), "--dst", str(unified), "--max-file-size", "200KB",
+                 "--process-num", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxreshard: error: a --process-num worker died") and "part files ['model-0000" in err, err
+    assert not unified.exists() and temporaries(unified) == []
 
 
 def _marked(marker: str) -> dict[int, str]:
