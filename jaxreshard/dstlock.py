@@ -57,7 +57,7 @@ def destination_lock(dst: Path, ranks: Sequence[int] | None = None) -> Iterator[
     (a symlink and its target) must share one lock file. Yields the lock file's path.
     """
     path = lock_path(dst)
-    ranges = [WHOLE] if ranks is None else [(1 + r, 1) for r in sorted(set(ranks))]
+    ranges = [WHOLE] if ranks is None else _byte_ranges(ranks)
     with _GUARD:
         entry = _acquire(path, dst, ranges, ranks)
     try:
@@ -65,6 +65,17 @@ def destination_lock(dst: Path, ranks: Sequence[int] | None = None) -> Iterator[
     finally:
         with _GUARD:
             _release(path, entry, ranges)
+
+
+def _byte_ranges(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """Bytes `1 + r` of the ranks as few (start, length) ranges (ranks 0-1023: one range, one system call)."""
+    out: list[tuple[int, int]] = []
+    for r in sorted(set(ranks)):
+        if out and out[-1][0] + out[-1][1] == 1 + r:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((1 + r, 1))
+    return out
 
 
 def _acquire(path: Path, dst: Path, ranges: list[tuple[int, int]], ranks: Sequence[int] | None) -> _LockFile:

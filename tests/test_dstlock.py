@@ -127,3 +127,8 @@ def test_an_unwritable_parent_is_named(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=r"cannot create the lock file .*\.out\.lock: Permission denied"):
         with destination_lock(tmp_path / "out"):
             pass
+
+
+def test_rank_bytes_are_coalesced_into_ranges():
+    assert dstlock._byte_ranges([3, 0, 1, 2, 7, 9, 8, 2]) == [(1, 4), (8, 3)]
+    assert dstlock._byte_ranges(range(100_000)) == [(1, 100_000)], "one range, whatever the rank count"
