@@ -13,6 +13,7 @@ from .errors import ConfigError as ConfigError
 from .errors import FormatError as FormatError
 from .errors import JaxreshardError as JaxreshardError
 from .errors import LayoutError as LayoutError
+from .errors import OutputError as OutputError
 from .errors import OutputExistsError as OutputExistsError
 from .errors import PlanError as PlanError
 from .layout import Layout as Layout

@@ -17,7 +17,7 @@ from .distributed import start as start_cluster
 from .errors import ConfigError, JaxreshardError
 from .formats import SourceCheckpoint, open_source
 from .formats.writers import OUTPUT_FORMATS
-from .fsutil import atomic_output, check_destination
+from .fsutil import atomic_output, check_destination, check_file_prefix
 from .layout import Layout, layout_from_mesh, read_layout
 from .plan import LayoutLike, Plan, PlanStats, make_plan, plan_stats, with_dtype
 from .run import Output, parse_ranks, run_plan
@@ -148,6 +148,7 @@ def plan_conversion(
     from .strategy import StrategyLayout
 
     _one_per_side(src_layout, src_strategy, dst_layout, dst_strategy)
+    check_file_prefix(prefix)
     from .formats.orbax_io import is_orbax, plan_orbax_source, read_orbax_metadata
 
     if is_orbax(Path(src)):
@@ -287,7 +288,7 @@ def write_job(
         mine = set(owned_ranks([r.dst_rank for r in job.plan.ranks], n, local, cluster.process_id))
         job = replace(job, plan=replace(job.plan, ranks=tuple(r for r in job.plan.ranks if r.dst_rank in mine)))
         wanted = sorted(mine)
-    check_destination(dst, [job.source.path], overwrite=overwrite or wanted is not None)
+    check_destination(dst, read_paths(job.source), overwrite=overwrite or wanted is not None)
     if job.output_format == "orbax":
         if wanted is not None or process_num != 1 or hf:
             raise ConfigError("--output-format orbax writes one orbax checkpoint in one process: no --ranks, "
@@ -315,6 +316,14 @@ def write_job(
     return ConvertReport(dst, tuple(files), stats, time.perf_counter() - start)
 
 
+def read_paths(source: SourceCheckpoint) -> list[Path]:
+    """Every path a conversion of `source` reads (its folder, its files, each tensor's file), for the overlap
+    check: a rank folder or part file that is a symlink into the destination must be refused."""
+    paths = {source.path, *(p for files in source.files.values() for p in files)}
+    paths.update(e.path for entries in source.entries.values() for e in entries.values())
+    return sorted(paths)
+
+
 def save_strategy(src: str | Path, layout: LayoutArg, out: str | Path, *, overwrite: bool = False) -> list[Path]:
     """MindSpore strategy files for a native layout applied to `src`'s parameters (MindSpore's
     `only_save_strategy` without launching a job): `ckpt_strategy_rank_<r>.ckpt` per global rank (identical
@@ -329,7 +338,7 @@ def save_strategy(src: str | Path, layout: LayoutArg, out: str | Path, *, overwr
     shapes = source.shapes
     stages = strategies_by_stage(native.resolve(list(shapes)), shapes, native.pipeline_stages)
     out = Path(out)
-    check_destination(out, [source.path], overwrite=overwrite)
+    check_destination(out, read_paths(source), overwrite=overwrite)
     with atomic_output(out, overwrite=overwrite) as tmp:
         for rank in range(native.num_ranks):
             write_strategy_file(tmp / f"ckpt_strategy_rank_{rank}.ckpt", stages[rank // native.devices_per_stage],

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, FormatError, JaxreshardError
+from .fsutil import check_file_prefix
 from .reuse import MANIFEST, Reuse, block_record
 from .scope import Scope, default_npu_num_per_node, make_scope
 
@@ -60,6 +61,7 @@ def auto_convert(
     """Return the checkpoint this process should load: `load_checkpoint` itself when it already matches the
     destination layout/strategy, else the converted copy under `output_dir/<name>` (converted once), which
     holds this process's rank folder complete."""
+    check_file_prefix(prefix)  # before any marker or output is written
     src = Path(load_checkpoint)
     rank_id = _env("RANK_ID", 0) if rank_id is None else rank_id
     world_size = _env("RANK_SIZE", 1) if world_size is None else world_size

@@ -7,12 +7,15 @@ Exit codes: 0 success; 2 bad input or usage (one line on stderr naming the file,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .caps import MAX_PROCESSES, MAX_RANKS
@@ -54,7 +57,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a scheduler, `timeout`, a closed terminal): handled like Ctrl-C, so every temporary
+    is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once (the next run cleans up)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Terminated` while the block runs (main thread only; restored afterwards)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with _signals_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse usage errors exit 2 already; keep --help's 0
@@ -86,9 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `jaxreshard inspect ... | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
-    except KeyboardInterrupt:
-        print("jaxreshard: interrupted; no output was left behind", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+        print(f"jaxreshard: interrupted by {signal.Signals(signum).name}; this run's temporary files were removed",
+              file=sys.stderr)
+        return 128 + signum
 
 
 def _fields(opts: JobOptions) -> dict[str, object]:
@@ -165,6 +203,7 @@ def _float(value: str | None, flag: str) -> float | None:
 def _merge(task: str, opts: JobOptions) -> int:
     from . import api, merge
     from .compat import parse_bool
+    from .fsutil import check_destination
 
     _require(opts, "dst")
     if task == "merge-lora":
@@ -174,6 +213,7 @@ def _merge(task: str, opts: JobOptions) -> int:
             lora_scaling=_float(opts.lora_scaling, "--lora-scaling"), keep_optimizer_states=opts.keep_optimizer_states,
             fan_in_fan_out=opts.fan_in_fan_out, prefix=opts.prefix, output_format=opts.output_format,
         )  # fmt: skip
+        check_destination(Path(opts.dst), merge.adapter_reads(opts.adapter), overwrite=True)  # overlap only
         report = api.write_job(job, Path(opts.dst), overwrite=opts.overwrite, progress=not opts.quiet, hf=opts.hf,
                                max_file_bytes=api.parse_size(opts.max_file_size),
                                process_num=_int(opts.process_num, "--process-num"))

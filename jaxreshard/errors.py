@@ -30,3 +30,8 @@ class PlanError(JaxreshardError):
 
 class OutputExistsError(JaxreshardError):
     """The destination exists and `overwrite` was not given."""
+
+
+class OutputError(JaxreshardError):
+    """The destination cannot be written: another run holds it, it is not writable, the disk is full, or it
+    changed underneath the run."""

@@ -8,12 +8,13 @@ handed to the writer of every rank that holds it. Only one parameter's boxes are
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .box import Box
 from .errors import FormatError, LayoutError
 from .fill import fill_boxes, prefetch
 from .formats.base import FileHandles, RankWriter, aligned_empty
+from .fsutil import fault, write_failure
 from .layout import ParamLayout
 from .plan import Plan, RankPlan, ShardPlan
 
@@ -89,10 +91,12 @@ def execute(
 
     devices = sorted(jax.devices("cpu"), key=lambda d: (d.process_index, d.id))  # rank r = device r, by process
     writers: dict[int, RankWriter] = {}
+    files = {rank.dst_rank: rank.dst_file for rank in plan.ranks}
     users: dict[str, dict[ShardPlan, list[int]]] = {p: {} for p in plan.params}
     for rank in plan.ranks:
         entries = [(s.param, plan.params[s.param].dst_dtype, s.dst_box.shape) for s in rank.shards]
-        writers[rank.dst_rank] = make_writer(dst_dir / rank.dst_file, entries, rank)
+        with _writing(rank.dst_file):
+            writers[rank.dst_rank] = make_writer(dst_dir / rank.dst_file, entries, rank)
         for shard in rank.shards:
             users[shard.param].setdefault(shard, []).append(rank.dst_rank)
     meshes: dict[tuple[tuple[str, int], ...], Any] = {}
@@ -101,7 +105,8 @@ def execute(
         info = plan.params[param]
         out = data if info.dst_dtype == info.src_dtype else data.astype(info.dst_dtype)
         for rank in ranks:
-            writers[rank].write(param, out)
+            with _writing(files[rank]):
+                writers[rank].write(param, out)
             on_bytes(out.nbytes)
 
     def write_param(param: str, handles: FileHandles) -> None:
@@ -143,14 +148,32 @@ def execute(
                 except OSError as e:
                     raise FormatError(f"parameter {param!r}: reading the source failed: {e}") from e
                 on_bytes(0, param)
+                fault("param-written")
                 if plan.params[param].src_dtype.itemsize * math.prod(plan.params[param].shape) >= GC_BYTES:
                     gc.collect(1)  # make_array_from_callback leaves a reference cycle holding our buffers
     except BaseException:
         for writer in writers.values():  # release file descriptors; the caller removes the partial output
             writer.abort()
         raise
-    for writer in writers.values():
-        writer.close()
+    try:
+        for rank, writer in writers.items():
+            with _writing(files[rank]):
+                writer.close()
+            fault("file-closed")
+    except BaseException:
+        for writer in writers.values():  # the ones not closed yet (abort is a no-op on a closed writer)
+            writer.abort()
+        raise
+
+
+@contextlib.contextmanager
+def _writing(file: str) -> Iterator[None]:
+    """An OSError while writing `file` (a path under the destination) is the destination's fault (full,
+    read-only, quota), not the source's: say so, naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise write_failure(e, file) from None
 
 
 def _jax_dtype(dtype: np.dtype) -> tuple[np.dtype, tuple[int, ...]]:

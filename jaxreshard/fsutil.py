@@ -1,70 +1,337 @@
-"""Crash-safe output: write into a temporary sibling directory, fsync, rename into place.
+"""Crash-safe output: one writer per destination, a temporary sibling, fsync, an atomic commit.
 
-An interrupted run therefore never leaves a directory that looks finished, an existing destination is never
-touched without `overwrite`, and on failure only our own `.<name>.partial-<pid>` directory is removed.
+- A lock next to the destination (`dstlock`) admits one writer per destination (or per destination rank).
+- Everything is written into `.<name>.partial-<host>-<pid>-<random>`, a sibling of the destination, fsynced,
+  and committed with `renameat2`: `RENAME_NOREPLACE` without `overwrite` (an output that appeared meanwhile,
+  even an empty folder, is never replaced), `RENAME_EXCHANGE` with it (the destination path holds the old or
+  the new output at every instant; the old one is removed afterwards). Where the file system lacks them, a
+  check + rename (logged) is the fallback.
+- On failure only our own temporary is removed; a later run removes temporaries whose owner on this host is
+  gone (and says so), leaving those of live processes and other hosts alone.
+- A destination that is a symlink is kept: the output goes where it points.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import signal
+import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import ConfigError, OutputExistsError
+from .dstlock import destination_lock, lock_path
+from .errors import ConfigError, OutputError, OutputExistsError
+from .renameat import RENAME_EXCHANGE, RENAME_NOREPLACE
+from .renameat import Unsupported as _Unsupported
+from .renameat import renameat2 as _renameat2
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "atomic_output",
+    "check_destination",
+    "check_file_prefix",
+    "commit_tree",
+    "destination_lock",
+    "fault",
+    "fsync_tree",
+    "lock_path",
+    "partial_dir",
+    "remove_stale_partials",
+    "resolve_destination",
+    "staged_rank_folders",
+    "stale_partials",
+    "write_failure",
+]  # fmt: skip
+
+PREFIX_MAX = 128  # bytes; a rank file name is prefix + rank + suffix, and names are capped at 255 bytes
+FAULT_ENV = "JAXRESHARD_FAULT"  # tests only: "<point>[@<n>][:<SIGNAL>]" kills this process at a named point
+
+
+def resolve_destination(dst: str | Path) -> Path:
+    """The real path a destination names (symlinks followed, also a dangling one): where the output goes, and
+    what the lock and the temporaries sit next to."""
+    return Path(os.path.realpath(Path(dst).absolute()))
 
 
 def check_destination(dst: Path, sources: Sequence[Path], *, overwrite: bool) -> None:
-    """Refuse a destination that exists (unless `overwrite`) or that overlaps a source."""
-    dst = Path(dst).absolute()
+    """Refuse a destination that exists (unless `overwrite`) or that overlaps a source: `sources` should list
+    the source folder and every file actually read, so a rank folder or part file that is a symlink into the
+    destination is caught too (`--overwrite` must never delete what a source reads)."""
+    real_dst = resolve_destination(dst)
     for src in sources:
         src = Path(src).resolve()
-        real_dst = dst.resolve()
         if real_dst == src or src in real_dst.parents or real_dst in src.parents:
             raise ConfigError(f"{dst}: the destination overlaps the source {src}; choose another destination")
-    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
+    if real_dst.exists() and not (real_dst.is_dir() and not any(real_dst.iterdir())):
+        if not real_dst.is_dir():
+            raise OutputExistsError(f"{dst}: exists and is not a directory; remove it or choose another destination")
         if not overwrite:
             raise OutputExistsError(f"{dst}: already exists and is not empty; pass --overwrite to replace it")
-        if not dst.is_dir():
-            raise OutputExistsError(f"{dst}: exists and is not a directory; remove it or choose another destination")
+
+
+def check_file_prefix(prefix: str) -> str:
+    """`prefix` if it is a plain file-name prefix (rank files are `<prefix><rank>.<suffix>`), else ConfigError:
+    no path separators, NUL or control characters, no leading '.', at most PREFIX_MAX bytes."""
+    if not isinstance(prefix, str):
+        raise ConfigError(f"--prefix must be a string, got {type(prefix).__name__}")
+    bad = next((c for c in prefix if c in "/\\" or ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None or prefix.startswith("."):
+        what = "a leading '.'" if bad is None else f"the character {bad!r}"
+        raise ConfigError(f"--prefix {prefix!r} contains {what}; it must be a plain file-name prefix such as "
+                          "'checkpoint_' (files are always written inside --dst)")
+    if len(prefix.encode("utf-8", "surrogatepass")) > PREFIX_MAX:
+        raise ConfigError(f"--prefix is {len(prefix.encode('utf-8', 'surrogatepass'))} bytes long; at most "
+                          f"{PREFIX_MAX} are allowed")
+    return prefix
 
 
 @contextlib.contextmanager
-def atomic_output(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces `dst`, on error it is removed."""
-    dst = Path(dst).absolute()
-    check_destination(dst, [], overwrite=overwrite)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_dir(dst)
+def atomic_output(dst: Path, *, overwrite: bool = False, adopt: bool = False) -> Iterator[Path]:
+    """Hold the destination's lock, yield a fresh temporary sibling directory; on success commit it as `dst`
+    (see the module docstring), on error remove it. With `adopt` (for `--resume`) the newest stale partial of a
+    killed run on `dst`, if any, is taken over and yielded instead of an empty one: the caller decides what
+    in it is still good."""
+    target = resolve_destination(dst)
+    check_destination(target, [], overwrite=overwrite)
+    _make_parent(target)
+    with destination_lock(target, None):
+        fault("locked")
+        check_destination(target, [], overwrite=overwrite)  # again, now that no other run can write it
+        was_empty_dir = target.is_dir()  # (check_destination passed: an empty folder, if anything)
+        tmp = _fresh_or_adopted(target, adopt)
+        try:
+            with _writes_named(target):
+                yield tmp
+            fsync_tree(tmp)
+            fault("before-commit")
+            commit_tree(tmp, target, overwrite=overwrite, replace_empty_dir=was_empty_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def staged_rank_folders(dst: Path, folders: Sequence[str], ranks: Sequence[int], *,
+                        overwrite: bool = False, adopt: bool = False) -> Iterator[Path]:  # fmt: skip
+    """Like `atomic_output` for some ranks only (`--ranks`): lock only those ranks, yield a temporary, then
+    commit each of its top-level `folders` into `dst` on its own; other rank folders are never touched."""
+    target = resolve_destination(dst)
+    _make_parent(target)
+    with destination_lock(target, ranks):
+        fault("locked")
+        taken = [f for f in folders if os.path.lexists(target / f)]
+        if taken and not overwrite:
+            raise OutputExistsError(f"{dst}: {', '.join(taken)} already exist; pass --overwrite to replace them")
+        tmp = _fresh_or_adopted(target, adopt)
+        try:
+            with _writes_named(target):
+                yield tmp
+            fsync_tree(tmp)
+            fault("before-commit")
+            _make_dir(target)
+            for folder in folders:  # each rank folder replaces its old self only once complete
+                commit_tree(tmp / folder, target / folder, overwrite=overwrite)
+                fault("folder-committed")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def commit_tree(tmp: Path, target: Path, *, overwrite: bool, replace_empty_dir: bool = False) -> None:
+    """Move the complete tree `tmp` to `target` (both in one folder). Without `overwrite` nothing that exists
+    is replaced, except, with `replace_empty_dir`, the empty folder the user named as destination (if it is
+    still empty); with `overwrite` an existing target is swapped out atomically, then removed."""
     try:
-        yield tmp
-        fsync_tree(tmp)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            old.rmdir()
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old)  # replaced only after the new output is complete, as --overwrite asked
+        if overwrite and os.path.lexists(target):
+            _swap_in(tmp, target)
         else:
-            os.rename(tmp, dst)
-        _fsync_dir(dst.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            if replace_empty_dir and target.is_dir() and not target.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(target)  # an empty folder given as destination; fails if anything is in it now
+            _rename_noreplace(tmp, target)
+        _fsync_dir(target.parent)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise OutputError(f"{target}: appeared while this run was writing (another program?); it was left "
+                              "as it is and this run's output was discarded") from None
+        raise OutputError(f"committing {target} failed: {e.strerror}") from None
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    try:
+        _renameat2(tmp, target, RENAME_EXCHANGE)
+    except _Unsupported:
+        log.warning("%s: this file system cannot swap folders atomically; replacing the old output in two "
+                    "steps (it is missing for an instant)", target)
+        old = _temp_name(target, "old")
+        os.rename(target, old)
+        fault("commit-moved-old")
+        os.rename(tmp, target)
+    else:
+        fault("commit-swapped")  # tmp now holds the old output
+        old = _temp_name(target, "old")
+        os.rename(tmp, old)
+    _fsync_dir(target.parent)
+    if old.is_dir() and not old.is_symlink():  # replaced only after the new output is in place, as asked
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()  # a file or a symlink that stood where a rank folder goes (never what it points to)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    try:
+        _renameat2(src, dst, RENAME_NOREPLACE)
+    except _Unsupported:
+        if os.path.lexists(dst):  # the fallback: a check, then a rename (a window, but a small one)
+            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+
+
+# ------------------------------------------------------------------------------------------------ temporaries
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _temp_name(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def partial_dir(dst: Path) -> Path:
-    """A fresh, uniquely named temporary sibling `.<name>.partial-<random>` of `dst` (unique per process and
-    thread, so concurrent writers of one destination never share it)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    """A fresh, uniquely named temporary sibling `.<name>.partial-<host>-<pid>-<random>` of `dst`, created
+    with the umask's permissions (unique per process and call, so concurrent writers never share one)."""
+    dst = resolve_destination(dst)
+    for _ in range(100):
+        tmp = _temp_name(dst, "partial")
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputError(f"cannot create {tmp}: {e.strerror}; make {dst.parent} writable or choose "
+                              "another destination") from None
+    raise OutputError(f"cannot find a free temporary name next to {dst}")
+
+
+def _fresh_or_adopted(target: Path, adopt: bool) -> Path:
+    """Our temporary for `target`: with `adopt`, the newest stale partial renamed to our own name (so no other
+    run removes it meanwhile), else a new empty one; other stale temporaries are removed either way."""
+    stale = sorted(stale_partials(target), key=lambda p: p.stat().st_mtime) if adopt else []
+    if stale:
+        tmp = _temp_name(target, "partial")
+        os.rename(stale[-1], tmp)
+        log.info("%s: resuming from %s, left by a killed run", target, stale[-1].name)
+        remove_stale_partials(target)
+        return tmp
+    remove_stale_partials(target)
+    return partial_dir(target)
+
+
+def _owned_temporaries(dst: Path, kind: str) -> list[tuple[Path, str, int]]:
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.{kind}-([^-]+)-(\d+)-[0-9a-f]{{8}}")
+    out = []
+    with contextlib.suppress(OSError):
+        for child in dst.parent.iterdir():
+            m = pattern.fullmatch(child.name)
+            if m:
+                out.append((child, m.group(1), int(m.group(2))))
+    return sorted(out)
+
+
+def _gone(host: str, pid: int) -> bool:
+    """True when the owner of a temporary surely no longer runs: on this host, and no process has its pid."""
+    if host != _host() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def stale_partials(dst: Path) -> list[Path]:
+    """Temporaries `.<name>.partial-*` of `dst` whose owner (a run on this host) is gone."""
+    dst = resolve_destination(dst)
+    return [p for p, host, pid in _owned_temporaries(dst, "partial") if _gone(host, pid)]
+
+
+def remove_stale_partials(dst: Path) -> list[Path]:
+    """Remove the stale temporaries of `dst` (partials, and old outputs a killed `--overwrite` was removing)
+    and log one line naming them; returns what was removed."""
+    dst = resolve_destination(dst)
+    stale = stale_partials(dst)
+    olds = [p for p, host, pid in _owned_temporaries(dst, "old") if _gone(host, pid)]
+    if olds and not os.path.lexists(dst):  # a two-step replacement was killed between its steps: keep it
+        log.warning("%s is missing but %s holds its previous output (a run was killed while replacing it); "
+                    "rename it back or remove it", dst, olds[0])
+        olds = []
+    for path in stale + olds:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale or olds:
+        log.warning("removed %d stale temporary folder(s) of killed runs next to %s: %s", len(stale + olds),
+                    dst, ", ".join(p.name for p in stale + olds))
+    return stale + olds
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def write_failure(e: OSError, file: str | Path) -> OutputError:
+    """The one-line error for an OS failure while writing `file` under the destination, with what to do."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "free space (or quota) or choose another destination"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "make the destination writable or choose another one"
+    else:
+        hint = "check the destination's file system"
+    return OutputError(f"writing {file} failed: {e.strerror or e}; {hint}")
+
+
+@contextlib.contextmanager
+def _writes_named(dst: Path) -> Iterator[None]:
+    """Destination failures (full, read-only, denied) that escape a writer are named as writes, not tracebacks."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise write_failure(e, e.filename or dst) from None
+
+
+def _make_parent(target: Path) -> None:
+    _make_dir(target.parent)
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
+        raise OutputError(f"cannot create {path}: {blocker} is a file, not a folder; choose another "
+                          "destination") from None
+    except OSError as e:
+        raise OutputError(f"cannot create {path}: {e.strerror}; choose a writable destination") from None
 
 
 def fsync_tree(root: Path) -> None:
+    """Make the folders of a finished tree durable before it is committed (file writers sync their files)."""
     for dirpath, _, _ in os.walk(root):
-        _fsync_dir(Path(dirpath))
+        try:
+            _fsync_dir(Path(dirpath))
+        except OSError as e:
+            raise OutputError(f"syncing {dirpath} to disk failed: {e.strerror}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,3 +340,20 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def fault(point: str) -> None:
+    """Fault injection for tests: with JAXRESHARD_FAULT=<point>[@<n>][:<SIGNAL>] the process sends itself
+    SIGNAL (default KILL) the n-th time (default first) it reaches `point`. Unset, this does nothing."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    m = re.fullmatch(r"([\w-]+)(?:@(\d+))?(?::(\w+))?", spec)
+    if m is None or m.group(1) != point:
+        return
+    _FAULT_COUNTS[point] = _FAULT_COUNTS.get(point, 0) + 1
+    if _FAULT_COUNTS[point] == int(m.group(2) or 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{m.group(3) or 'KILL'}"))

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import Job, LayoutArg, native_layouts
-from .errors import ConfigError, FormatError, PlanError
+from .api import Job, LayoutArg, native_layouts, read_paths
+from .errors import ConfigError, FormatError, OutputError, PlanError
 from .formats import open_source
 from .formats.base import TensorEntry
+from .fsutil import check_destination, check_file_prefix
 from .lora import OPTIMIZER_PREFIXES, base_name, find_pairs, fold_for, is_lora, read_scaling, strip_peft
 from .plan import make_plan, merge_orders
 
@@ -27,6 +28,7 @@ def plan_merge_lora(
     prefix: str = "checkpoint_", output_format: str | None = None,
 ) -> Job:  # fmt: skip
     """Plan the base model, laid out as asked, with every LoRA branch folded into its base weight."""
+    check_file_prefix(prefix)
     source = open_source(src)
     adapter_path = Path(adapter) if adapter is not None else None
     adapter_entries: dict[str, TensorEntry] = {}
@@ -163,11 +165,8 @@ def write_unified(
     layout "hf": `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`; "ms": MindSpore's
     `part{i}.safetensors` + `param_name_map.json`, with the `hyper` parameters in `hyper_param.safetensors`.
     """
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
     from .formats.writers import hf_layout, ms_layout, write_index
-    from .fsutil import atomic_output, check_destination
+    from .fsutil import atomic_output
 
     plan = job.plan
     (rank,) = plan.ranks
@@ -179,16 +178,25 @@ def write_unified(
         raise ConfigError(f"--process-num {process_num} must be at least 1")
     workers = min(process_num, len(groups))
     blocks = [list(range(len(groups)))[i::workers] for i in range(workers)]
-    check_destination(dst, [job.source.path], overwrite=overwrite)
+    check_destination(dst, read_paths(job.source), overwrite=overwrite)
     with atomic_output(dst, overwrite=overwrite) as tmp:
         jobs = [(restrict(plan, {params[j][0] for i in b for j in groups[i]}), tmp, params, parts, set(b))
                 for b in blocks]
         if workers == 1:
             _write_parts(*jobs[0])
         else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-                for future in [pool.submit(_write_parts, *j) for j in jobs]:
-                    future.result()  # a failed worker fails the command; atomic_output removes everything
+            from concurrent.futures.process import BrokenProcessPool
+
+            from .run import worker_pool
+
+            with worker_pool(workers) as pool:
+                for future, block in zip([pool.submit(_write_parts, *j) for j in jobs], blocks):
+                    try:
+                        future.result()  # a failed worker fails the command; atomic_output removes everything
+                    except BrokenProcessPool:
+                        raise OutputError(f"a --process-num worker died (killed, or out of memory?) while writing "
+                                          f"part files {[names[i] for i in block][:4]}; nothing was committed") \
+                            from None
         extra = [p for p in everything if p[0] in hyper]
         if extra:
             _write_hyper(restrict(plan, {p[0] for p in extra}), tmp, extra)
@@ -212,12 +220,23 @@ def _write_hyper(plan, tmp: Path, params) -> None:
                                                                      {"format": "ms"}))
 
 
+def adapter_reads(adapter: str | Path | None) -> list[Path]:
+    """The paths a merge reads from a separate adapter (its folder or file, weights, config): like the source's,
+    they may not lie inside the destination, which `--overwrite` deletes."""
+    if adapter is None:
+        return []
+    path = Path(adapter)
+    folder = path if path.is_dir() else path.parent
+    return [p for p in (path, folder / "adapter_model.safetensors", folder / "adapter_config.json") if p.exists()]
+
+
 def merge_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, hf: bool = False,
                max_file_size: str | int | None = None, **options):
     """Library form of `jaxreshard merge-lora` (options as `plan_merge_lora`); returns the write report."""
     from .api import parse_size, write_job
 
     job = plan_merge_lora(src, **options)
+    check_destination(Path(dst), adapter_reads(options.get("adapter")), overwrite=True)
     return write_job(job, Path(dst), overwrite=overwrite, hf=hf, max_file_bytes=parse_size(max_file_size))
 
 

@@ -11,20 +11,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
-import shutil
-from collections.abc import Callable
+import signal
+import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 from .caps import MAX_RANKS
-from .errors import ConfigError, OutputExistsError
+from .errors import ConfigError, OutputError
 from .execute import execute
 from .formats.writers import writer_factory
-from .fsutil import atomic_output, fsync_tree, partial_dir
+from .fsutil import atomic_output, staged_rank_folders
 from .plan import Plan
+
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -75,24 +81,11 @@ def run_plan(
             if before_commit is not None:
                 before_commit(tmp)
         return
-    dst = Path(dst).absolute()
     folders = sorted({r.dst_file.split("/")[0] for r in plan.ranks})
-    taken = [f for f in folders if (dst / f).exists()]
-    if taken and not overwrite:
-        raise OutputExistsError(f"{dst}: {', '.join(taken)} already exist; pass --overwrite to replace them")
-    tmp = partial_dir(dst)
-    try:
+    with staged_rank_folders(dst, folders, [r.dst_rank for r in plan.ranks], overwrite=overwrite) as tmp:
         _execute(plan, tmp, output, process_num, on_bytes)
         if before_commit is not None:
             before_commit(tmp)
-        fsync_tree(tmp)
-        dst.mkdir(parents=True, exist_ok=True)
-        for folder in folders:  # each rank folder replaces its old self only once complete
-            if (dst / folder).exists():
-                shutil.rmtree(dst / folder)
-            os.rename(tmp / folder, dst / folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _execute(plan: Plan, tmp: Path, output: Output, process_num: int, on_bytes) -> None:
@@ -101,12 +94,52 @@ def _execute(plan: Plan, tmp: Path, output: Output, process_num: int, on_bytes) 
         return
     size = len(plan.ranks) // process_num
     blocks = [replace(plan, ranks=plan.ranks[i : i + size]) for i in range(0, len(plan.ranks), size)]
-    with ProcessPoolExecutor(process_num, mp_context=get_context("spawn")) as pool:
+    with worker_pool(process_num) as pool:
         futures = [pool.submit(_execute_block, block, tmp, output) for block in blocks]
         for future, block in zip(futures, blocks):
-            future.result()  # re-raises a worker's error: the run fails and nothing is committed
+            try:
+                future.result()  # re-raises a worker's error: the run fails and nothing is committed
+            except BrokenProcessPool:
+                lost = [_rank_span(b) for f, b in zip(futures, blocks) if not f.done() or f.exception()]
+                raise OutputError(
+                    f"a --process-num worker died (killed, or out of memory?) while converting destination ranks "
+                    f"{' or '.join(lost)}; nothing was committed"
+                ) from None
             on_bytes(sum(s.dst_box.size * block.params[s.param].dst_dtype.itemsize
                          for r in block.ranks for s in r.shards))
+
+
+def _rank_span(plan: Plan) -> str:
+    first, last = plan.ranks[0].dst_rank, plan.ranks[-1].dst_rank
+    return f"{first}-{last}" if first != last else str(first)
+
+
+@contextlib.contextmanager
+def worker_pool(n: int) -> Iterator[ProcessPoolExecutor]:
+    """`n` spawned worker processes that die with this one (PR_SET_PDEATHSIG), ignore Ctrl-C (the parent
+    handles it), and are killed at once if the parent's work fails or is interrupted, so no worker goes on
+    writing for nobody."""
+    pool = ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    try:
+        yield pool
+    except BaseException:
+        for pid in list(getattr(pool, "_processes", None) or {}):  # private, but stable since 3.2
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _worker_init(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _execute_block(plan: Plan, tmp: Path, output: Output) -> None:

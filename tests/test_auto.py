@@ -345,3 +345,10 @@ def test_default_npu_num_per_node_under_jax_distributed(monkeypatch):
     assert default_npu_num_per_node() == 4
     fake.distributed.is_initialized = lambda: False
     assert default_npu_num_per_node() == 16
+
+
+def test_a_prefix_that_escapes_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(JaxreshardError, match=r"--prefix '\.\./\.\./x' contains the character '/'"):
+        auto_convert(tmp_path / "ckpt", None, dst_layout="configs/layouts/llama_dp8.yaml",
+                     output_dir=tmp_path / "out", prefix="../../x")
+    assert list(tmp_path.iterdir()) == []

@@ -182,26 +182,22 @@ def write_orbax(plan: Any, dst: Path, *, overwrite: bool) -> None:
     """The complete parameters of `plan` as one orbax checkpoint at `dst`, each array carrying its destination
     sharding; written into a temporary sibling and renamed into place when finalized."""
     import os
-    import shutil
 
     from ..execute import ensure_cpu_devices
-    from ..fsutil import partial_dir
+    from ..fsutil import atomic_output
 
     dst = Path(dst).absolute()  # orbax refuses relative paths (its temporaries are made from this one)
     if any(info.direct for info in plan.params.values()):
         raise FormatError("orbax output holds complete parameters; MindSpore pass-through copies cannot be written")
     ensure_cpu_devices(max((i.dst_layout.devices_per_stage for i in plan.params.values()), default=1))
-    tmp = partial_dir(Path(dst))
-    try:
+    with atomic_output(Path(dst), overwrite=overwrite) as tmp:
         with x64(any(i.dst_dtype.itemsize == 8 for i in plan.params.values())):  # keep 64-bit parameters 64-bit
             _write_all(plan, tmp / "checkpoint")
-        if Path(dst).exists():
-            if not overwrite:
-                raise FormatError(f"{dst}: exists; pass --overwrite")
-            shutil.rmtree(dst)
-        os.rename(tmp / "checkpoint", dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        inner = tmp / ".orbax-checkpoint"  # orbax wants a path of its own: move its files up into the temporary
+        os.rename(tmp / "checkpoint", inner)
+        for child in inner.iterdir():
+            os.rename(child, tmp / child.name)
+        inner.rmdir()
 
 
 def _write_all(plan: Any, path: Path) -> None:
