@@ -189,7 +189,7 @@ def run(task: str, opts: JobOptions) -> int:
         opts.src, opts.dst, hf=opts.hf, max_file_size=opts.max_file_size, overwrite=opts.overwrite,
         progress=not opts.quiet, ranks=opts.ranks, process_num=_int(opts.process_num, "--process-num"),
         coordinator_address=opts.coordinator_address, num_processes=_int(opts.num_processes, "--num-processes", None),
-        process_id=_int(opts.process_id, "--process-id", None), **common,
+        process_id=_int(opts.process_id, "--process-id", None), resume=opts.resume, **common,
     )  # fmt: skip
     rate = report.stats.write_bytes / max(report.seconds, 1e-9)
     print(

@@ -23,6 +23,7 @@ from .box import Box
 from .errors import FormatError, LayoutError
 from .fill import fill_boxes, prefetch
 from .formats.base import FileHandles, RankWriter, aligned_empty
+from .formats.manifest import FileRecord
 from .layout import ParamLayout
 from .plan import Plan, RankPlan, ShardPlan
 
@@ -77,10 +78,15 @@ def execute(
     make_writer: WriterFactory,
     *,
     on_bytes: Callable[..., None] = lambda n, param=None: None,
-) -> None:
-    """Write every rank file of `plan` under `dst_dir` (which the caller has made and will commit).
+    on_file: Callable[[str, FileRecord], None] = lambda rel, record: None,
+) -> dict[str, FileRecord]:
+    """Write every rank file of `plan` under `dst_dir` (which the caller has made and will commit); returns the
+    size and SHA-256 of every file written, by POSIX path relative to `dst_dir`.
 
     `on_bytes(n)` is called with the bytes of each rank write, and `on_bytes(0, param)` when a parameter is done.
+    Each rank's writer is closed (fsynced) as soon as its last parameter is written, and `on_file(rel, record)`
+    is told of each file then (so `--resume` can keep the ranks a killed run completed, e.g. earlier pipeline
+    stages).
     """
     n_needed = max((info.dst_layout.devices_per_stage for info in plan.params.values()), default=1)
     ensure_cpu_devices(n_needed)  # before JAX is imported, so fake CPU devices can still be created
@@ -133,6 +139,20 @@ def execute(
         array.delete()  # release the device buffers (our aliased host memory) now, not at some later collection
 
     order = [p for p in plan.params if users[p]]
+    last_of: dict[str, list[int]] = {}  # parameter -> ranks whose file is complete once it is written
+    for rank in plan.ranks:
+        mine = {s.param for s in rank.shards}
+        last = next((p for p in reversed(order) if p in mine), None)
+        if last is not None:
+            last_of.setdefault(last, []).append(rank.dst_rank)
+    done: dict[str, FileRecord] = {}
+
+    def close(rank: int) -> None:
+        for path, record in (writers.pop(rank).close() or {}).items():
+            rel = Path(path).relative_to(dst_dir).as_posix()
+            done[rel] = record
+            on_file(rel, record)
+
     try:
         with FileHandles() as handles:
             for i, param in enumerate(order):
@@ -143,14 +163,17 @@ def execute(
                 except OSError as e:
                     raise FormatError(f"parameter {param!r}: reading the source failed: {e}") from e
                 on_bytes(0, param)
+                for rank in last_of.get(param, ()):
+                    close(rank)
                 if plan.params[param].src_dtype.itemsize * math.prod(plan.params[param].shape) >= GC_BYTES:
                     gc.collect(1)  # make_array_from_callback leaves a reference cycle holding our buffers
+        for rank in list(writers):  # ranks with text entries only
+            close(rank)
     except BaseException:
         for writer in writers.values():  # release file descriptors; the caller removes the partial output
             writer.abort()
         raise
-    for writer in writers.values():
-        writer.close()
+    return done
 
 
 def _jax_dtype(dtype: np.dtype) -> tuple[np.dtype, tuple[int, ...]]:

@@ -11,18 +11,24 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
+from . import manifests, resume
 from .errors import ConfigError, OutputExistsError
 from .execute import execute
+from .formats.manifest import FileRecord, Manifest, write_manifest
 from .formats.writers import writer_factory
 from .fsutil import atomic_output, fsync_tree, partial_dir
 from .plan import Plan
+
+Describe = Callable[[dict[str, FileRecord]], Manifest]  # the output's manifest, given its files
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,8 @@ class Output:
     hf: bool = False
     max_file_bytes: int | None = None
     mindspore: bool = False
+    metadata: tuple[tuple[str, str], ...] = ()  # the source's safetensors metadata, carried into every file
+    num_ranks: int = 1  # ranks of the destination layout (> 1: rank files record their block, see manifests)
 
 
 def parse_ranks(text: str | None) -> list[int] | None:
@@ -54,54 +62,92 @@ def parse_ranks(text: str | None) -> list[int] | None:
 
 def run_plan(
     plan: Plan, dst: Path, output: Output, *, overwrite: bool, some_ranks: bool, process_num: int = 1,
-    on_bytes=lambda n, param=None: None,
-) -> None:  # fmt: skip
-    """Write every rank of `plan` under `dst` (see the module docstring)."""
+    on_bytes=lambda n, param=None: None, describe: Describe | None = None,
+    before_commit: Callable[[Path], None] | None = None, resume_run: bool = False,
+) -> dict[str, FileRecord]:  # fmt: skip
+    """Write every rank of `plan` under `dst` (see the module docstring); returns each file's size and SHA-256
+    by path relative to `dst`.
+
+    `describe` builds the manifest: written into the temporary folder once every file is complete (a whole
+    destination), or merged into `dst`'s root manifest after the rank folders are committed (`some_ranks`).
+    `before_commit(tmp)` runs after that, before anything is committed (e.g. verifying the output).
+    `resume_run` first adopts the verified files of an interrupted run of the same conversion (see resume.py).
+    """
     if process_num < 1 or len(plan.ranks) % process_num:
         raise ConfigError(
             f"--process-num {process_num} must divide the {len(plan.ranks)} destination ranks being written "
             "(each process converts one contiguous block)"
         )
+    key = resume.plan_key(plan, output)
+    held = resume.adopt(dst, key, plan) if resume_run else None
     if not some_ranks:
-        with atomic_output(dst, overwrite=overwrite) as tmp:
-            _execute(plan, tmp, output, process_num, on_bytes)
-        return
+        try:
+            with atomic_output(dst, overwrite=overwrite) as tmp:
+                files = _execute(plan, tmp, output, process_num, on_bytes, key, held)
+                resume.finish(tmp)
+                if describe is not None:
+                    write_manifest(tmp, describe(files))
+                if before_commit is not None:
+                    before_commit(tmp)
+        finally:
+            resume.release(held)
+        return files
     dst = Path(dst).absolute()
+    if describe is not None:
+        manifests.check_root_layout(dst, describe({}))
     folders = sorted({r.dst_file.split("/")[0] for r in plan.ranks})
     taken = [f for f in folders if (dst / f).exists()]
     if taken and not overwrite:
         raise OutputExistsError(f"{dst}: {', '.join(taken)} already exist; pass --overwrite to replace them")
     tmp = partial_dir(dst)
     try:
-        _execute(plan, tmp, output, process_num, on_bytes)
+        files = _execute(plan, tmp, output, process_num, on_bytes, key, held)
+        resume.finish(tmp)
+        if before_commit is not None:
+            before_commit(tmp)
         fsync_tree(tmp)
         dst.mkdir(parents=True, exist_ok=True)
         for folder in folders:  # each rank folder replaces its old self only once complete
             if (dst / folder).exists():
                 shutil.rmtree(dst / folder)
             os.rename(tmp / folder, dst / folder)
+        if describe is not None:
+            manifests.merge_root_manifest(dst, describe(files), folders)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        resume.release(held)
+    return files
 
 
-def _execute(plan: Plan, tmp: Path, output: Output, process_num: int, on_bytes) -> None:
+def _execute(plan: Plan, tmp: Path, output: Output, process_num: int, on_bytes, key: str,
+             held: resume.Held | None) -> dict[str, FileRecord]:
+    files = resume.start(tmp, key, held)  # the files kept from an interrupted run, moved into tmp
+    plan = replace(plan, ranks=tuple(r for r in plan.ranks if r.dst_file not in files))
+    if not plan.ranks:
+        return files
     if process_num == 1:
-        execute(plan, tmp, _factory(output, tmp), on_bytes=on_bytes)
-        return
-    size = len(plan.ranks) // process_num
+        files.update(execute(plan, tmp, _factory(output, tmp, plan), on_bytes=on_bytes,
+                             on_file=resume.journal_writer(tmp)))
+        return files
+    size = math.ceil(len(plan.ranks) / process_num)  # after a resume the rest need not divide evenly
     blocks = [replace(plan, ranks=plan.ranks[i : i + size]) for i in range(0, len(plan.ranks), size)]
-    with ProcessPoolExecutor(process_num, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(len(blocks), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(_execute_block, block, tmp, output) for block in blocks]
         for future, block in zip(futures, blocks):
-            future.result()  # re-raises a worker's error: the run fails and nothing is committed
+            files.update(future.result())  # re-raises a worker's error: the run fails and nothing is committed
             on_bytes(sum(s.dst_box.size * block.params[s.param].dst_dtype.itemsize
                          for r in block.ranks for s in r.shards))
+    return files
 
 
-def _execute_block(plan: Plan, tmp: Path, output: Output) -> None:
-    execute(plan, tmp, _factory(output, tmp))
+def _execute_block(plan: Plan, tmp: Path, output: Output) -> dict[str, FileRecord]:
+    return execute(plan, tmp, _factory(output, tmp, plan), on_file=resume.journal_writer(tmp))
 
 
-def _factory(output: Output, tmp: Path):
+def _factory(output: Output, tmp: Path, plan: Plan):
+    describe = None
+    if output.num_ranks > 1:
+        def describe(rank):
+            return manifests.rank_metadata(plan, rank, output.num_ranks)
     return writer_factory(output.output_format, tmp, hf=output.hf, max_file_bytes=output.max_file_bytes,
-                          mindspore=output.mindspore)
+                          mindspore=output.mindspore, metadata=dict(output.metadata), describe=describe)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import FormatError
 from .base import TensorEntry
+from .manifest import FileRecord, StreamingHash
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit; bigger is corrupt, not a checkpoint
 
@@ -162,7 +163,8 @@ def header_bytes(params: Sequence[tuple[str, np.dtype, tuple[int, ...]]], metada
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file: the header at open, then each tensor at its offset as it arrives."""
+    """Writes one safetensors file: the header at open, then each tensor at its offset as it arrives; the
+    bytes are hashed as they go (`close` returns the file's size and SHA-256 for the manifest)."""
 
     def __init__(
         self,
@@ -178,17 +180,22 @@ class SafetensorsWriter:
             self._slots[param] = (offset, np.dtype(dtype), tuple(shape))
             offset += math.prod(shape) * np.dtype(dtype).itemsize
         self._pending = set(self._slots)
+        self._size = offset
+        self._hash = StreamingHash()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.ftruncate(self._fd, offset)
         _pwrite_all(self._fd, head, 0)
+        self._hash.update(0, head)
 
     def write(self, param: str, array: np.ndarray) -> None:
         offset, dtype, shape = self._slots[param]
         if array.dtype != dtype or array.shape != shape:
             raise ValueError(f"{self.path}: {param!r} expects {dtype}{list(shape)}, got {array.dtype}{list(array.shape)}")
         array = np.ascontiguousarray(array)  # safetensors stores C order; never write a strided view's memory
-        _pwrite_all(self._fd, memoryview(array.reshape(-1).view(np.uint8)), offset)
+        data = memoryview(array.reshape(-1).view(np.uint8))
+        _pwrite_all(self._fd, data, offset)
+        self._hash.update(offset, data)
         self._pending.discard(param)
 
     def abort(self) -> None:
@@ -197,13 +204,15 @@ class SafetensorsWriter:
             os.close(self._fd)
             self._fd = None
 
-    def close(self) -> None:
+    def close(self) -> dict[Path, FileRecord]:
+        """fsync and close; the complete file's size and SHA-256."""
         if self._pending:
             self.abort()
             raise RuntimeError(f"{self.path}: closed with unwritten parameters {sorted(self._pending)[:5]}")
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
+        return {self.path: FileRecord(self._size, self._hash.digest(self.path, self._size))}
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
