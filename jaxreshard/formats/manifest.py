@@ -9,10 +9,12 @@ Plain JSON so other tools (and people) can read it; pure data here, no layout lo
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -169,21 +171,54 @@ def file_sha256(path: Path) -> str:
 class StreamingHash:
     """SHA-256 of a file being written at offsets: bytes are hashed as they are written while the writes
     arrive in file order (the usual case: parameters are written in file order), else the file is hashed
-    again from disk (page cache) at `digest`, so the result is always the hash of the file's bytes."""
+    again from disk (page cache) at `digest`, so the result is always the hash of the file's bytes.
+
+    Hashing runs on one background thread per process (hashlib releases the GIL), overlapping the next
+    parameter's reads and writes; at most `MAX_PENDING` bytes wait, so memory stays bounded."""
 
     def __init__(self) -> None:
         self._hash = hashlib.sha256()
-        self._next = 0  # bytes hashed so far, from offset 0
+        self._next = 0  # bytes hashed (or queued) so far, from offset 0
         self._in_order = True
+        self._pending: collections.deque[tuple[Future, int]] = collections.deque()
+        self._pending_bytes = 0
 
     def update(self, offset: int, data: bytes | memoryview) -> None:
-        if self._in_order and offset == self._next:
-            self._hash.update(data)
-            self._next += len(memoryview(data).cast("B"))
-        else:
+        if not (self._in_order and offset == self._next):
             self._in_order = False
+            return
+        n = len(memoryview(data).cast("B"))
+        self._next += n
+        if n < ASYNC_MIN_BYTES:
+            self._wait(0)
+            self._hash.update(data)
+            return
+        self._wait(MAX_PENDING - n)
+        self._pending.append((_executor().submit(self._hash.update, data), n))  # data stays alive until hashed
+        self._pending_bytes += n
+
+    def _wait(self, allowed: int) -> None:
+        while self._pending and self._pending_bytes > max(allowed, 0):
+            future, n = self._pending.popleft()
+            future.result()
+            self._pending_bytes -= n
 
     def digest(self, path: Path, size: int) -> str:
+        self._wait(0)
         if self._in_order and self._next == size:
             return self._hash.hexdigest()
         return file_sha256(path)
+
+
+ASYNC_MIN_BYTES = 1 << 20  # smaller updates are hashed at once (a thread hop costs more than hashing them)
+MAX_PENDING = 1 << 30
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_PID = 0
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The process's hashing thread (made anew in a forked child: threads do not survive a fork)."""
+    global _EXECUTOR, _EXECUTOR_PID
+    if _EXECUTOR is None or _EXECUTOR_PID != os.getpid():
+        _EXECUTOR, _EXECUTOR_PID = ThreadPoolExecutor(1, thread_name_prefix="jaxreshard-sha256"), os.getpid()
+    return _EXECUTOR
