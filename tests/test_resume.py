@@ -1,0 +1,130 @@
+"""`--resume`: a conversion killed with SIGKILL midway is finished by a rerun that keeps the rank files the
+killed run completed (checked again) and writes the rest; the result equals an uninterrupted run's bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from jaxreshard.cli import main
+from jaxreshard.formats.manifest import MANIFEST_NAME, read_manifest
+from jaxreshard.resume import JOURNAL
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYOUT = ROOT / "configs" / "layouts" / "llama_dp2mp2pp2.yaml"
+
+# the real CLI in a child process that SIGKILLs itself right after its `KILL_AFTER`-th rank file is complete
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import jaxreshard.run as run
+    real, done = run.execute, [0]
+
+    def execute(plan, dst_dir, make_writer, *, on_bytes=lambda n, param=None: None, on_file=lambda r, x: None):
+        def on_file_then_die(rel, record):
+            on_file(rel, record)
+            done[0] += 1
+            if done[0] == int(os.environ["KILL_AFTER"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(plan, dst_dir, make_writer, on_bytes=on_bytes, on_file=on_file_then_die)
+
+    run.execute = execute
+    from jaxreshard.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+
+
+def partials(dst: Path) -> list[Path]:
+    return sorted(p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.partial-"))
+
+
+def killed_run(src: Path, dst: Path, kill_after: int) -> Path:
+    """Run a conversion that dies after `kill_after` complete rank files; returns its temporary folder."""
+    env = {**os.environ, "KILL_AFTER": str(kill_after), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", KILLER, "convert", "--src", str(src), "--dst", str(dst),
+                           "--dst-layout", str(LAYOUT), "-q"], env=env, cwd=ROOT, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert not dst.exists()
+    (tmp,) = partials(dst)
+    return tmp
+
+
+def journaled(tmp: Path) -> list[str]:
+    return [json.loads(line)["file"] for line in (tmp / JOURNAL).read_text().splitlines()[1:]]
+
+
+@pytest.fixture(scope="module")
+def reference(llama, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("ref") / "out"
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(LAYOUT), "-q"]) == 0
+    return dst
+
+
+def test_resume_after_sigkill_keeps_complete_files_and_equals_an_uninterrupted_run(tmp_path, llama, reference,
+                                                                                  caplog):
+    dst = tmp_path / "out"
+    tmp = killed_run(llama, dst, kill_after=4)  # the first pipeline stage's 4 ranks are complete
+    done = journaled(tmp)
+    assert len(done) == 4
+    kept = {f: (tmp / f).stat().st_ino for f in done}
+    caplog.set_level("INFO")
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(LAYOUT), "--resume"]) == 0
+    assert tree(dst) == tree(reference)
+    assert {f: (dst / f).stat().st_ino for f in done} == kept  # the very files of the killed run, not rewritten
+    assert "kept 4 of 8 rank files" in caplog.text
+    assert read_manifest(dst).files == read_manifest(reference).files
+    assert partials(dst) == []
+    assert not (dst / JOURNAL).exists()
+
+
+def test_a_damaged_journaled_file_is_written_again(tmp_path, llama, reference, caplog):
+    dst = tmp_path / "out"
+    tmp = killed_run(llama, dst, kill_after=4)
+    victim = tmp / journaled(tmp)[0]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: only the checksum can tell
+    victim.write_bytes(bytes(data))
+    caplog.set_level("INFO")
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(LAYOUT), "--resume"]) == 0
+    assert tree(dst) == tree(reference)
+    assert "is damaged; it is written again" in caplog.text
+    assert "kept 3 of 8 rank files" in caplog.text
+
+
+def test_resume_ignores_an_interrupted_run_of_another_conversion(tmp_path, llama, reference, caplog):
+    dst = tmp_path / "out"
+    killed_run(llama, dst, kill_after=4)
+    caplog.set_level("INFO")
+    other = ROOT / "configs" / "layouts" / "llama_dp8.yaml"
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(other), "--resume"]) == 0
+    assert "no interrupted run of this conversion" in caplog.text
+    assert len(list(dst.glob("rank_*"))) == 8
+
+
+def test_resume_with_nothing_to_resume_converts_everything(tmp_path, llama, reference):
+    dst = tmp_path / "out"
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(LAYOUT), "--resume"]) == 0
+    assert tree(dst) == tree(reference)
+
+
+def test_a_running_owner_is_never_robbed(tmp_path, llama):
+    """A temporary folder whose journal names a live process (this one) is not adopted."""
+    from jaxreshard import resume
+
+    dst = tmp_path / "out"
+    live = tmp_path / ".out.partial-live"
+    live.mkdir()
+    resume.start(live, "k", None)
+    assert resume._stale_partials(dst) == []
