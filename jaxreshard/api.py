@@ -16,6 +16,7 @@ from .distributed import Cluster, cluster_from, owned_ranks
 from .distributed import start as start_cluster
 from .errors import ConfigError, JaxreshardError
 from .formats import SourceCheckpoint, open_source
+from .formats.manifest import MANIFEST_NAME
 from .formats.writers import OUTPUT_FORMATS
 from .fsutil import atomic_output, check_destination
 from .layout import Layout, layout_from_mesh, read_layout
@@ -293,7 +294,8 @@ def write_job(
         run_plan(job.plan, dst, output, overwrite=overwrite, some_ranks=wanted is not None,
                  process_num=process_num, on_bytes=bar.update, before_commit=before_commit, resume_run=resume,
                  describe=lambda files: manifests.build_manifest(job.plan, source, fmt, files))
-    folders = {r.dst_file.split("/")[0] for r in job.plan.ranks} if not hf else {p.name for p in dst.iterdir()}
+    folders = {r.dst_file.split("/")[0] for r in job.plan.ranks} if not hf else \
+        {p.name for p in dst.iterdir() if p.name != MANIFEST_NAME}  # fmt: skip
     files = sorted(p for f in folders for p in ([dst / f] if (dst / f).is_file() else (dst / f).rglob("*"))
                    if p.is_file())
     return ConvertReport(dst, tuple(files), stats, time.perf_counter() - start)

@@ -88,8 +88,7 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=root)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(manifest.to_json(), f, indent=1)
-            f.write("\n")
+            f.write(_dumps(manifest.to_json()))
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
@@ -98,6 +97,18 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _dumps(data: dict) -> str:
+    """JSON with one line per parameter and per file (readable, and ~10x smaller than indenting every list)."""
+    lines = []
+    for key, value in data.items():
+        if key in ("params", "files") and isinstance(value, dict) and value:
+            inner = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
+            lines.append(f" {json.dumps(key)}: {{\n{inner}\n }}")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def _umask() -> int:
