@@ -281,10 +281,7 @@ def write_job(
     stats = plan_stats(job.plan)
     from . import manifests
 
-    num_ranks = manifests.layout_num_ranks(job.plan)
-    carried = {} if job.mindspore else manifests.carried_metadata(job.source.metadata)
-    carried = tuple((manifests.hf_metadata(carried) if hf else carried).items())
-    output = Output(job.output_format, hf, max_file_bytes, job.mindspore, carried, num_ranks)
+    output = output_of(job, hf, max_file_bytes)
     fmt = "hf" if hf else job.output_format
     source = str(Path(job.source.path).absolute())
     from .progress import Progress
@@ -299,6 +296,16 @@ def write_job(
     files = sorted(p for f in folders for p in ([dst / f] if (dst / f).is_file() else (dst / f).rglob("*"))
                    if p.is_file())
     return ConvertReport(dst, tuple(files), stats, time.perf_counter() - start)
+
+
+def output_of(job: Job, hf: bool = False, max_file_bytes: int | None = None) -> Output:
+    """How `write_job` writes a job's files: format, flavour, the source metadata they carry, the layout's ranks."""
+    from . import manifests
+
+    carried = {} if job.mindspore else manifests.carried_metadata(job.source.metadata)
+    carried = manifests.hf_metadata(carried) if hf else carried
+    return Output(job.output_format, hf, max_file_bytes, job.mindspore, tuple(carried.items()),
+                  manifests.layout_num_ranks(job.plan))
 
 
 def save_strategy(src: str | Path, layout: LayoutArg, out: str | Path, *, overwrite: bool = False) -> list[Path]:

@@ -128,3 +128,39 @@ def test_a_running_owner_is_never_robbed(tmp_path, llama):
     live.mkdir()
     resume.start(live, "k", None)
     assert resume._stale_partials(dst) == []
+
+
+# the parent of a --process-num 2 run SIGKILLs itself once its first block of ranks is reported complete
+KILL_PARENT = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from jaxreshard.api import output_of, plan_conversion
+    from jaxreshard.run import run_plan
+
+    def on_bytes(n, param=None):
+        if n:  # a whole block's bytes: its worker has finished and journaled its files
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    src, dst, layout = sys.argv[1:]
+    job = plan_conversion(src, dst_layout=layout)
+    run_plan(job.plan, Path(dst), output_of(job), overwrite=False, some_ranks=False, process_num=2,
+             on_bytes=on_bytes)
+""")
+
+
+def test_resume_after_the_parent_of_worker_processes_is_killed(tmp_path, llama, caplog):
+    flat = ROOT / "configs" / "layouts" / "llama_dp2mp4.yaml"
+    reference = tmp_path / "ref"
+    assert main(["convert", "--src", str(llama), "--dst", str(reference), "--dst-layout", str(flat), "-q"]) == 0
+    dst = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", KILL_PARENT, str(llama), str(dst), str(flat)], env=env, cwd=ROOT,
+                          timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    (tmp,) = partials(dst)
+    assert len(journaled(tmp)) >= 4  # at least the finished block's four ranks
+    caplog.set_level("INFO")
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(flat), "--resume",
+                 "--process-num", "2"]) == 0
+    assert tree(dst) == tree(reference)
+    assert "rank files from" in caplog.text and "kept 0 of" not in caplog.text
