@@ -112,8 +112,10 @@ def _inspect(opts: JobOptions):
         except FormatError:
             raise
         return describe.describe_strategy(strategy)
-    if opts.src_layout is None and opts.src_strategy is None:  # a distributed source is listed rank by rank
-        return describe.describe_source(source, None)
+    if opts.src_layout is None and opts.src_strategy is None:  # by its manifest's layout, else rank by rank
+        from .srccheck import source_layout
+
+        return describe.describe_source(source, source_layout(source, None))
     return describe.describe_source(source, api.native_layouts(source, opts.src_layout, opts.src_strategy)[0])
 
 

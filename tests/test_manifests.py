@@ -215,3 +215,11 @@ def test_the_right_layout_under_other_axis_names_is_accepted(tmp_path, small, mp
     same.write_text("mesh: {data: 2, model: 4}\nparams:\n  - match: 'embed.*|layers.*'\n    spec: [model]\n")
     jr.convert(tmp_path / "dist", tmp_path / "back", src_layout=same)
     assert (tmp_path / "back" / "rank_0" / "checkpoint_0.safetensors").read_bytes() == src.read_bytes()
+
+
+def test_inspect_shows_the_layout_the_manifest_records(tmp_path, small, mp4, capsys):
+    src, _ = small
+    jr.convert(src, tmp_path / "dist", dst_layout=mp4)
+    assert main(["inspect", str(tmp_path / "dist")]) == 0
+    out = capsys.readouterr().out
+    assert "[0:4, 0:8] on ranks 0,4  [4:8, 0:8] on ranks 1,5" in out  # embed.weight [16, 8] split 4 ways
