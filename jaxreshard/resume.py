@@ -18,11 +18,11 @@ import logging
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .formats.manifest import FileRecord, file_sha256
+from .formats.manifest import FileRecord, file_sha256, prefix_sha256
 from .fsutil import partial_dir
 from .plan import Plan
 
@@ -34,10 +34,13 @@ MAX_JOURNAL_BYTES = 64 << 20  # ~300k files; a bigger "journal" is not ours and 
 
 @dataclass(frozen=True)
 class Held:
-    """Verified files of an interrupted run, moved into a temporary folder of ours until `start` takes them."""
+    """Verified files of an interrupted run, moved into a temporary folder of ours until `start` takes them:
+    complete ones, and (single-process runs) the others written in part, continued from parameter `skip`."""
 
     dir: Path
     files: dict[str, FileRecord]
+    partial: dict[str, tuple[int, Any]] = field(default_factory=dict)  # rel -> (bytes, hashlib sha256 of them)
+    skip: int = 0
 
 
 def plan_key(plan: Plan, output: Any) -> str:
@@ -64,8 +67,9 @@ def plan_key(plan: Plan, output: Any) -> str:
     return hashlib.sha256(json.dumps(data, default=str).encode()).hexdigest()
 
 
-def adopt(dst: Path, key: str, plan: Plan) -> Held | None:
-    """Take over the verified rank files of the newest interrupted run of this conversion into `dst`."""
+def adopt(dst: Path, key: str, plan: Plan, *, continuable: bool = False) -> Held | None:
+    """Take over the verified rank files of the newest interrupted run of this conversion into `dst` (with
+    `continuable`, also the files it wrote in part, when the last progress record of them verifies)."""
     dst = Path(dst).absolute()
     found = sorted((p for p in _stale_partials(dst) if _header(p).get("key") == key),
                    key=lambda p: p.stat().st_mtime, reverse=True)
@@ -86,9 +90,55 @@ def adopt(dst: Path, key: str, plan: Plan) -> Held | None:
         (held / rel).parent.mkdir(parents=True, exist_ok=True)
         os.rename(path, held / rel)
         files[rel] = record
+    partial, skip = _continue(old, held, wanted - set(files)) if continuable else ({}, 0)
     shutil.rmtree(old, ignore_errors=True)
     log.info("--resume: kept %d of %d rank files from %s", len(files), len(wanted), old.name)
-    return Held(held, files)
+    if partial:
+        log.info("--resume: continuing %d rank files after parameter %d of %d", len(partial), skip, len(plan.params))
+    return Held(held, files, partial, skip)
+
+
+def _continue(old: Path, held: Path, remaining: set[str]) -> tuple[dict[str, tuple[int, Any]], int]:
+    """The files of the interrupted run's last progress record, if it covers every remaining rank file and
+    each file's recorded prefix still has its SHA-256; they are moved into `held`."""
+    record = _last_progress(old / JOURNAL)
+    if record is None or set(record[1]) != remaining:
+        return {}, 0
+    skip, states = record
+    prefixes = {}
+    for rel, (size, sha) in states.items():
+        path = old / rel
+        try:
+            h = prefix_sha256(path, size) if path.is_file() and not path.is_symlink() else None
+        except OSError:
+            h = None
+        if h is None or h.hexdigest() != sha:
+            log.warning("--resume: %s of the interrupted run is damaged; the unfinished ranks are written anew", rel)
+            return {}, 0
+        prefixes[rel] = (size, h)
+    for rel in prefixes:
+        (held / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(old / rel, held / rel)
+    return prefixes, skip
+
+
+def _last_progress(journal: Path) -> tuple[int, dict[str, tuple[int, str]]] | None:
+    try:
+        if journal.stat().st_size > MAX_JOURNAL_BYTES:
+            return None
+        lines = journal.read_bytes().splitlines()[1:]
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            item = json.loads(line)
+            skip, states = item["progress"], item["files"]
+            out = {str(rel): (int(size), str(sha)) for rel, (size, sha) in dict(states).items()}
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(skip, int) and all(not r.startswith("/") and ".." not in r.split("/") for r in out):
+            return skip, out
+    return None
 
 
 def _intact(path: Path, record: FileRecord) -> bool:
@@ -106,12 +156,29 @@ def start(tmp: Path, key: str, held: Held | None) -> dict[str, FileRecord]:
     files: dict[str, FileRecord] = {}
     if held is not None:
         record = journal_writer(tmp)
-        for rel, rec in held.files.items():
+        for rel in [*held.files, *held.partial]:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             os.rename(held.dir / rel, tmp / rel)
+        for rel, rec in held.files.items():
             record(rel, rec)
             files[rel] = rec
     return files
+
+
+def progress_writer(tmp: Path):
+    """`on_progress` for the executor: append how far the open files are written (first k parameters)."""
+    path = Path(tmp) / JOURNAL
+
+    def record(skip: int, states: dict[str, tuple[int, str]]) -> None:
+        line = (json.dumps({"progress": skip, "files": {r: list(v) for r, v in states.items()}}) + "\n").encode()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    return record
 
 
 def journal_writer(tmp: Path):

@@ -79,11 +79,13 @@ def run_plan(
             "(each process converts one contiguous block)"
         )
     key = resume.plan_key(plan, output)
-    held = resume.adopt(dst, key, plan) if resume_run else None
+    continuable = process_num == 1 and output.output_format == "safetensors" and not output.hf \
+        and not output.mindspore  # fmt: skip - written in file order by one process: files can be continued
+    held = resume.adopt(dst, key, plan, continuable=continuable) if resume_run else None
     if not some_ranks:
         try:
             with atomic_output(dst, overwrite=overwrite) as tmp:
-                files = _execute(plan, tmp, output, process_num, on_bytes, key, held)
+                files = _execute(plan, tmp, output, process_num, on_bytes, key, held, continuable)
                 resume.finish(tmp)
                 if describe is not None:
                     write_manifest(tmp, describe(files))
@@ -101,7 +103,7 @@ def run_plan(
         raise OutputExistsError(f"{dst}: {', '.join(taken)} already exist; pass --overwrite to replace them")
     tmp = partial_dir(dst)
     try:
-        files = _execute(plan, tmp, output, process_num, on_bytes, key, held)
+        files = _execute(plan, tmp, output, process_num, on_bytes, key, held, continuable)
         resume.finish(tmp)
         if before_commit is not None:
             before_commit(tmp)
@@ -120,14 +122,16 @@ def run_plan(
 
 
 def _execute(plan: Plan, tmp: Path, output: Output, process_num: int, on_bytes, key: str,
-             held: resume.Held | None) -> dict[str, FileRecord]:
+             held: resume.Held | None, continuable: bool) -> dict[str, FileRecord]:
     files = resume.start(tmp, key, held)  # the files kept from an interrupted run, moved into tmp
     plan = replace(plan, ranks=tuple(r for r in plan.ranks if r.dst_file not in files))
     if not plan.ranks:
         return files
     if process_num == 1:
-        files.update(execute(plan, tmp, _factory(output, tmp, plan), on_bytes=on_bytes,
-                             on_file=resume.journal_writer(tmp)))
+        resumed = {tmp / rel: prefix for rel, prefix in held.partial.items()} if held else {}
+        files.update(execute(plan, tmp, _factory(output, tmp, plan, resumed), on_bytes=on_bytes,
+                             on_file=resume.journal_writer(tmp), skip=held.skip if held and resumed else 0,
+                             on_progress=resume.progress_writer(tmp) if continuable else None))
         return files
     size = math.ceil(len(plan.ranks) / process_num)  # after a resume the rest need not divide evenly
     blocks = [replace(plan, ranks=plan.ranks[i : i + size]) for i in range(0, len(plan.ranks), size)]
@@ -144,10 +148,11 @@ def _execute_block(plan: Plan, tmp: Path, output: Output) -> dict[str, FileRecor
     return execute(plan, tmp, _factory(output, tmp, plan), on_file=resume.journal_writer(tmp))
 
 
-def _factory(output: Output, tmp: Path, plan: Plan):
+def _factory(output: Output, tmp: Path, plan: Plan, resumed: dict | None = None):
     describe = None
     if output.num_ranks > 1:
         def describe(rank):
             return manifests.rank_metadata(plan, rank, output.num_ranks)
     return writer_factory(output.output_format, tmp, hf=output.hf, max_file_bytes=output.max_file_bytes,
-                          mindspore=output.mindspore, metadata=dict(output.metadata), describe=describe)
+                          mindspore=output.mindspore, metadata=dict(output.metadata), describe=describe,
+                          resumed=resumed)

@@ -27,13 +27,13 @@ KILLER = textwrap.dedent("""
     import jaxreshard.run as run
     real, done = run.execute, [0]
 
-    def execute(plan, dst_dir, make_writer, *, on_bytes=lambda n, param=None: None, on_file=lambda r, x: None):
+    def execute(plan, dst_dir, make_writer, *, on_file=lambda r, x: None, **options):
         def on_file_then_die(rel, record):
             on_file(rel, record)
             done[0] += 1
             if done[0] == int(os.environ["KILL_AFTER"]):
                 os.kill(os.getpid(), signal.SIGKILL)
-        return real(plan, dst_dir, make_writer, on_bytes=on_bytes, on_file=on_file_then_die)
+        return real(plan, dst_dir, make_writer, on_file=on_file_then_die, **options)
 
     run.execute = execute
     from jaxreshard.cli import main
@@ -164,3 +164,73 @@ def test_resume_after_the_parent_of_worker_processes_is_killed(tmp_path, llama, 
                  "--process-num", "2"]) == 0
     assert tree(dst) == tree(reference)
     assert "rank files from" in caplog.text and "kept 0 of" not in caplog.text
+
+
+# a single-process run of a flat layout (every rank file completes only at the end), SIGKILLed after its
+# `KILL_AFTER`-th progress record (fsynced files + how far they are written), with records every 64 KiB
+KILL_MIDWAY = textwrap.dedent("""
+    import os, signal, sys
+    import jaxreshard.execute as ex
+    import jaxreshard.run as run
+    ex.PROGRESS_BYTES = 64 << 10
+    real, done = run.execute, [0]
+
+    def execute(plan, dst_dir, make_writer, *, on_progress=None, **options):
+        def record_then_die(skip, states):
+            on_progress(skip, states)
+            done[0] += 1
+            if done[0] == int(os.environ["KILL_AFTER"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(plan, dst_dir, make_writer, on_progress=record_then_die if on_progress else None, **options)
+
+    run.execute = execute
+    from jaxreshard.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+FLAT = ROOT / "configs" / "layouts" / "llama_dp2mp4.yaml"
+
+
+@pytest.fixture(scope="module")
+def flat_reference(llama, tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("flat") / "out"
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(FLAT), "-q"]) == 0
+    return dst
+
+
+def killed_midway(src: Path, dst: Path) -> Path:
+    env = {**os.environ, "KILL_AFTER": "3", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", KILL_MIDWAY, "convert", "--src", str(src), "--dst", str(dst),
+                           "--dst-layout", str(FLAT), "-q"], env=env, cwd=ROOT, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    (tmp,) = partials(dst)
+    return tmp
+
+
+def test_a_single_process_run_is_continued_from_its_last_progress_record(tmp_path, llama, flat_reference, caplog):
+    dst = tmp_path / "out"
+    tmp = killed_midway(llama, dst)
+    last = json.loads((tmp / JOURNAL).read_text().splitlines()[-1])
+    assert 0 < last["progress"] < 40 and len(last["files"]) == 8  # stopped midway, nothing complete yet
+    inodes = {f: (tmp / f).stat().st_ino for f in last["files"]}
+    caplog.set_level("INFO")
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(FLAT), "--resume"]) == 0
+    assert tree(dst) == tree(flat_reference)
+    assert read_manifest(dst).files == read_manifest(flat_reference).files
+    assert f"continuing 8 rank files after parameter {last['progress']} of" in caplog.text
+    assert {f: (dst / f).stat().st_ino for f in inodes} == inodes  # continued in place, not rewritten
+
+
+def test_a_damaged_partial_file_restarts_the_unfinished_ranks(tmp_path, llama, flat_reference, caplog):
+    dst = tmp_path / "out"
+    tmp = killed_midway(llama, dst)
+    victim = tmp / "rank_5" / "checkpoint_5.safetensors"
+    with open(victim, "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0x01]))
+    caplog.set_level("INFO")
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(FLAT), "--resume"]) == 0
+    assert tree(dst) == tree(flat_reference)
+    assert "rank_5/checkpoint_5.safetensors of the interrupted run is damaged" in caplog.text
+    assert "continuing" not in caplog.text

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..errors import FormatError
 
@@ -172,11 +173,18 @@ def _positive(value: object) -> int:
 
 def file_sha256(path: Path) -> str:
     """SHA-256 of a whole file, streamed in large chunks (bounded memory)."""
+    return prefix_sha256(path, None).hexdigest()
+
+
+def prefix_sha256(path: Path, size: int | None) -> Any:
+    """A hashlib sha256 fed with the first `size` bytes of a file (all of it for None); it can be continued."""
     h = hashlib.sha256()
+    left = size if size is not None else float("inf")
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(HASH_CHUNK):
+        while left > 0 and (chunk := f.read(int(min(HASH_CHUNK, left)))):
             h.update(chunk)
-    return h.hexdigest()
+            left -= len(chunk)
+    return h
 
 
 class StreamingHash:
@@ -187,9 +195,10 @@ class StreamingHash:
     Hashing runs on one background thread per process (hashlib releases the GIL), overlapping the next
     parameter's reads and writes; at most `MAX_PENDING` bytes wait, so memory stays bounded."""
 
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self._next = 0  # bytes hashed (or queued) so far, from offset 0
+    def __init__(self, prefix: tuple[int, Any] | None = None) -> None:
+        """`prefix`: (n, a hashlib sha256 of the file's first n bytes), to continue a file already written
+        that far (`--resume`)."""
+        self._next, self._hash = prefix if prefix is not None else (0, hashlib.sha256())
         self._in_order = True
         self._pending: collections.deque[tuple[Future, int]] = collections.deque()
         self._pending_bytes = 0
@@ -213,6 +222,11 @@ class StreamingHash:
             future, n = self._pending.popleft()
             future.result()
             self._pending_bytes -= n
+
+    def snapshot(self) -> tuple[int, str] | None:
+        """(n, SHA-256 of the first n bytes) hashed so far, or None when writes came out of order."""
+        self._wait(0)
+        return (self._next, self._hash.copy().hexdigest()) if self._in_order else None
 
     def digest(self, path: Path, size: int) -> str:
         self._wait(0)

@@ -16,6 +16,7 @@ import os
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -171,7 +172,10 @@ class SafetensorsWriter:
         path: Path,
         params: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
         metadata: Mapping[str, str] | None = None,
+        resume: tuple[int, Any] | None = None,
     ) -> None:
+        """`resume`: (n, hashlib sha256 of the first n bytes) continues a file a killed run wrote that far;
+        the tensors lying wholly in those bytes are taken as written."""
         self.path = Path(path)
         head = header_bytes(params, metadata)
         self._slots: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
@@ -179,11 +183,18 @@ class SafetensorsWriter:
         for param, dtype, shape in params:
             self._slots[param] = (offset, np.dtype(dtype), tuple(shape))
             offset += math.prod(shape) * np.dtype(dtype).itemsize
-        self._pending = set(self._slots)
         self._size = offset
-        self._hash = StreamingHash()
+        self._hash = StreamingHash(resume)
+        if resume is not None:
+            self._pending = {p for p, (o, d, shp) in self._slots.items() if o + math.prod(shp) * d.itemsize > resume[0]}
+            self._fd: int | None = os.open(self.path, os.O_WRONLY)
+            if os.fstat(self._fd).st_size != offset:
+                os.close(self._fd)
+                raise FormatError(f"{self.path}: cannot be continued: it is not {offset} bytes long")
+            return
+        self._pending = set(self._slots)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.ftruncate(self._fd, offset)
         _pwrite_all(self._fd, head, 0)
         self._hash.update(0, head)
@@ -197,6 +208,13 @@ class SafetensorsWriter:
         _pwrite_all(self._fd, data, offset)
         self._hash.update(offset, data)
         self._pending.discard(param)
+
+    def sync(self) -> dict[Path, tuple[int, str]] | None:
+        """fsync, and (n, SHA-256 of the first n bytes) of what is written so far in file order (for
+        `--resume`); None when tensors arrived out of file order."""
+        os.fsync(self._fd)
+        snap = self._hash.snapshot()
+        return None if snap is None else {self.path: snap}
 
     def abort(self) -> None:
         """Close without completing (the caller discards the file)."""

@@ -31,12 +31,14 @@ def save_file_order(params: Params) -> Params:
 
 
 def writer_factory(output_format: str, dst_dir: Path, *, hf: bool = False, max_file_bytes: int | None = None,
-                   mindspore: bool = False, metadata: dict[str, str] | None = None, describe=None):
+                   mindspore: bool = False, metadata: dict[str, str] | None = None, describe=None,
+                   resumed: dict[Path, tuple] | None = None):
     """A `(path, params, rank_plan) -> RankWriter` for the executor.
 
     `mindspore` selects MindSpore's safetensors flavour (`{"format": "ms"}` metadata, save_file's tensor order)
     so files equal what `transform_checkpoints` writes. Otherwise safetensors files carry the source's
     `metadata`, plus what `describe(rank_plan)` returns (the `jaxreshard` key of distributed rank files).
+    `resumed` maps files a killed run wrote in part to (bytes written, their hashlib sha256): continued.
     """
 
     def make(path: Path, params: Params, rank) -> RankWriter:
@@ -50,7 +52,8 @@ def writer_factory(output_format: str, dst_dir: Path, *, hf: bool = False, max_f
             return CkptRankWriter(path, params, dict(rank.extras), rank.order or None)
         if mindspore:
             return SafetensorsWriter(path, save_file_order(params), {"format": "ms"})
-        return SafetensorsWriter(path, params, {**(metadata or {}), **(describe(rank) if describe else {})})
+        return SafetensorsWriter(path, params, {**(metadata or {}), **(describe(rank) if describe else {})},
+                                 resume=(resumed or {}).get(path))
 
     return make
 
