@@ -62,7 +62,7 @@ def mp4(tmp_path_factory) -> Path:
 
 
 def test_split_manifest_records_layout_source_and_every_file(tmp_path, small, mp4):
-    src, tensors = small
+    src, _ = small
     out = tmp_path / "out"
     jr.convert(src, out, dst_layout=mp4)
     manifest = read_manifest(out)
@@ -80,7 +80,7 @@ def test_split_manifest_records_layout_source_and_every_file(tmp_path, small, mp
 
 
 def test_rank_files_record_their_block_and_carry_the_source_metadata(tmp_path, small, mp4):
-    src, tensors = small
+    src, _ = small
     out = tmp_path / "out"
     jr.convert(src, out, dst_layout=mp4)
     for rank in range(8):
@@ -114,7 +114,7 @@ def test_quickstart_example_round_trips_byte_for_byte(tmp_path, llama):
 
 
 def test_hf_parts_carry_the_metadata_and_are_listed(tmp_path, small):
-    src, tensors = small
+    src, _ = small
     out = tmp_path / "hf"
     jr.convert(src, out, hf=True, max_file_size="400B")
     parts = sorted(out.glob("model-*.safetensors"))
@@ -132,6 +132,7 @@ def test_unify_gets_a_manifest_and_keeps_the_metadata(tmp_path, small, mp4):
     (part,) = out.glob("model-*.safetensors")
     assert header(part)["__metadata__"] == {"format": "pt"}
     got = load_file(str(part))
+    assert sorted(got) == sorted(tensors)
     assert all(got[k].tobytes() == v.tobytes() for k, v in tensors.items())
     assert recorded(out) == files_on_disk(out)
 
@@ -209,7 +210,7 @@ def test_reading_by_the_manifest_equals_reading_with_the_layout(tmp_path, llama)
 
 
 def test_the_right_layout_under_other_axis_names_is_accepted(tmp_path, small, mp4):
-    src, tensors = small
+    src, _ = small
     jr.convert(src, tmp_path / "dist", dst_layout=mp4)
     same = tmp_path / "same.yaml"  # same geometry, different axis names
     same.write_text("mesh: {data: 2, model: 4}\nparams:\n  - match: 'embed.*|layers.*'\n    spec: [model]\n")
