@@ -91,6 +91,7 @@ def adopt(dst: Path, key: str, plan: Plan, *, continuable: bool = False) -> Held
         os.rename(path, held / rel)
         files[rel] = record
     partial, skip = _continue(old, held, wanted - set(files)) if continuable else ({}, 0)
+    _journal(held, key, files, partial, skip)  # should this run die before taking them, a rerun adopts `held`
     shutil.rmtree(old, ignore_errors=True)
     log.info("--resume: kept %d of %d rank files from %s", len(files), len(wanted), old.name)
     if partial:
@@ -120,6 +121,18 @@ def _continue(old: Path, held: Path, remaining: set[str]) -> tuple[dict[str, tup
         (held / rel).parent.mkdir(parents=True, exist_ok=True)
         os.rename(old / rel, held / rel)
     return prefixes, skip
+
+
+def _journal(folder: Path, key: str, files: dict[str, FileRecord], partial: dict[str, tuple[int, Any]],
+             skip: int) -> None:
+    """A journal naming us as the owner of `folder` and the files it holds (as an interrupted run's would)."""
+    header = {"journal": 1, "key": key, "host": socket.gethostname(), "pid": os.getpid()}
+    (folder / JOURNAL).write_text(json.dumps(header) + "\n")
+    record = journal_writer(folder)
+    for rel, rec in files.items():
+        record(rel, rec)
+    if partial:
+        progress_writer(folder)(skip, {rel: (size, h.hexdigest()) for rel, (size, h) in partial.items()})
 
 
 def _last_progress(journal: Path) -> tuple[int, dict[str, tuple[int, str]]] | None:
@@ -162,6 +175,7 @@ def start(tmp: Path, key: str, held: Held | None) -> dict[str, FileRecord]:
         for rel, rec in held.files.items():
             record(rel, rec)
             files[rel] = rec
+        shutil.rmtree(held.dir, ignore_errors=True)  # only its journal is left
     return files
 
 
@@ -200,11 +214,6 @@ def journal_writer(tmp: Path):
 def finish(tmp: Path) -> None:
     """Remove the journal: the folder is about to become the output."""
     (Path(tmp) / JOURNAL).unlink(missing_ok=True)
-
-
-def release(held: Held | None) -> None:
-    if held is not None:
-        shutil.rmtree(held.dir, ignore_errors=True)
 
 
 def _stale_partials(dst: Path) -> list[Path]:

@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -82,17 +83,11 @@ def run_plan(
     continuable = process_num == 1 and output.output_format == "safetensors" and not output.hf \
         and not output.mindspore  # fmt: skip - written in file order by one process: files can be continued
     held = resume.adopt(dst, key, plan, continuable=continuable) if resume_run else None
+    fill = partial(_fill, plan, output=output, process_num=process_num, on_bytes=on_bytes, key=key, held=held,
+                   continuable=continuable, before_commit=before_commit)
     if not some_ranks:
-        try:
-            with atomic_output(dst, overwrite=overwrite) as tmp:
-                files = _execute(plan, tmp, output, process_num, on_bytes, key, held, continuable)
-                resume.finish(tmp)
-                if describe is not None:
-                    write_manifest(tmp, describe(files))
-                if before_commit is not None:
-                    before_commit(tmp)
-        finally:
-            resume.release(held)
+        with atomic_output(dst, overwrite=overwrite) as tmp:
+            files = fill(tmp, describe)
         return files
     dst = Path(dst).absolute()
     if describe is not None:
@@ -103,10 +98,7 @@ def run_plan(
         raise OutputExistsError(f"{dst}: {', '.join(taken)} already exist; pass --overwrite to replace them")
     tmp = partial_dir(dst)
     try:
-        files = _execute(plan, tmp, output, process_num, on_bytes, key, held, continuable)
-        resume.finish(tmp)
-        if before_commit is not None:
-            before_commit(tmp)
+        files = fill(tmp, None)
         fsync_tree(tmp)
         dst.mkdir(parents=True, exist_ok=True)
         for folder in folders:  # each rank folder replaces its old self only once complete
@@ -117,7 +109,20 @@ def run_plan(
             manifests.merge_root_manifest(dst, describe(files), folders)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        resume.release(held)
+    return files
+
+
+def _fill(plan: Plan, tmp: Path, describe: Describe | None, *, output: Output, process_num: int, on_bytes,
+          key: str, held: resume.Held | None, continuable: bool,
+          before_commit: Callable[[Path], None] | None) -> dict[str, FileRecord]:
+    """Everything that goes into the temporary folder before a commit: the rank files (journaled for
+    `--resume`), then the manifest (if `describe`), then `before_commit(tmp)`."""
+    files = _execute(plan, tmp, output, process_num, on_bytes, key, held, continuable)
+    resume.finish(tmp)
+    if describe is not None:
+        write_manifest(tmp, describe(files))
+    if before_commit is not None:
+        before_commit(tmp)
     return files
 
 

@@ -234,3 +234,26 @@ def test_a_damaged_partial_file_restarts_the_unfinished_ranks(tmp_path, llama, f
     assert tree(dst) == tree(flat_reference)
     assert "rank_5/checkpoint_5.safetensors of the interrupted run is damaged" in caplog.text
     assert "continuing" not in caplog.text
+
+
+def test_adopted_files_survive_a_run_that_dies_before_using_them(tmp_path, llama, reference):
+    """The folder holding adopted files carries its own journal: if the adopting run dies too, the next
+    --resume adopts them from there."""
+    from jaxreshard import resume
+    from jaxreshard.api import output_of, plan_conversion
+
+    dst = tmp_path / "out"
+    killed_run(llama, dst, kill_after=4)
+    job = plan_conversion(llama, dst_layout=LAYOUT)
+    key = resume.plan_key(job.plan, output_of(job))
+    held = resume.adopt(dst, key, job.plan)
+    assert len(held.files) == 4
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    head = json.loads((held.dir / JOURNAL).read_text().splitlines()[0])
+    lines = (held.dir / JOURNAL).read_text().splitlines()
+    (held.dir / JOURNAL).write_text("\n".join([json.dumps({**head, "pid": gone.pid}), *lines[1:]]) + "\n")
+    again = resume.adopt(dst, key, job.plan)  # the adopting run "died": its folder is stale now
+    assert again.files == held.files
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(LAYOUT), "--resume", "-q"]) == 0
+    assert tree(dst) == tree(reference)
