@@ -302,7 +302,7 @@ def output_of(job: Job, hf: bool = False, max_file_bytes: int | None = None) -> 
     """How `write_job` writes a job's files: format, flavour, the source metadata they carry, the layout's ranks."""
     from . import manifests
 
-    carried = {} if job.mindspore else manifests.carried_metadata(job.source.metadata)
+    carried = {} if job.mindspore else manifests.carried_metadata(manifests.source_metadata(job.source))
     carried = manifests.hf_metadata(carried) if hf else carried
     return Output(job.output_format, hf, max_file_bytes, job.mindspore, tuple(carried.items()),
                   manifests.layout_num_ranks(job.plan))

@@ -62,6 +62,19 @@ def rank_metadata(plan: Plan, rank: RankPlan, num_ranks: int) -> dict[str, str]:
                                  separators=(",", ":"))}
 
 
+def source_metadata(source) -> dict[int, dict[str, str]]:
+    """Per source rank, its safetensors metadata; for a Hugging Face folder, the entries all its parts share
+    (read from the part headers, headers only)."""
+    from .formats.safetensors_io import HF_INDEX, read_safetensors_index
+
+    out = {r: dict(m) for r, m in source.metadata.items()}
+    if source.suffix == ".safetensors" and Path(source.path).is_dir() and (Path(source.path) / HF_INDEX).is_file():
+        for rank, files in source.files.items():
+            parts = [read_safetensors_index(p)[1] for p in files]
+            out[rank] = {k: v for k, v in parts[0].items() if all(m.get(k) == v for m in parts[1:])} if parts else {}
+    return out
+
+
 def carried_metadata(metadata: Mapping[int, Mapping[str, str]]) -> dict[str, str]:
     """The source `__metadata__` entries every output file carries: those all source files agree on, except
     the ones that describe the source files themselves (our per-rank key, MindSpore's remove_redundancy)."""

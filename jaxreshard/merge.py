@@ -176,7 +176,7 @@ def write_unified(
     workers = min(process_num, len(groups))
     blocks = [list(range(len(groups)))[i::workers] for i in range(workers)]
     check_destination(dst, [job.source.path], overwrite=overwrite)
-    metadata = manifests.hf_metadata(manifests.carried_metadata(job.source.metadata)) if layout == "hf" else None
+    metadata = manifests.hf_metadata(manifests.carried_metadata(manifests.source_metadata(job.source))) if layout == "hf" else None
     with atomic_output(dst, overwrite=overwrite) as tmp:
         jobs = [(restrict(plan, {params[j][0] for i in b for j in groups[i]}), tmp, params, parts, set(b), metadata)
                 for b in blocks]

@@ -224,3 +224,19 @@ def test_inspect_shows_the_layout_the_manifest_records(tmp_path, small, mp4, cap
     assert main(["inspect", str(tmp_path / "dist")]) == 0
     out = capsys.readouterr().out
     assert "[0:4, 0:8] on ranks 0,4  [4:8, 0:8] on ranks 1,5" in out  # embed.weight [16, 8] split 4 ways
+
+
+def test_a_hugging_face_folder_keeps_its_parts_metadata(tmp_path, small):
+    """transformers writes {"format": "pt"} into every part; a merge or re-cut of the folder keeps it."""
+    _, tensors = small
+    hf = tmp_path / "hf_src"
+    hf.mkdir()
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[:2]}, str(hf / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file({k: tensors[k] for k in names[2:]}, str(hf / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    weight_map = {k: f"model-0000{1 + (i >= 2)}-of-00002.safetensors" for i, k in enumerate(names)}
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    jr.convert(hf, tmp_path / "one")
+    assert header(tmp_path / "one" / "rank_0" / "checkpoint_0.safetensors")["__metadata__"] == {"format": "pt"}
+    jr.convert(hf, tmp_path / "recut", hf=True, max_file_size="300B")
+    assert all(header(p)["__metadata__"] == {"format": "pt"} for p in (tmp_path / "recut").glob("model-*"))
