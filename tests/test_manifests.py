@@ -240,3 +240,17 @@ def test_a_hugging_face_folder_keeps_its_parts_metadata(tmp_path, small):
     assert header(tmp_path / "one" / "rank_0" / "checkpoint_0.safetensors")["__metadata__"] == {"format": "pt"}
     jr.convert(hf, tmp_path / "recut", hf=True, max_file_size="300B")
     assert all(header(p)["__metadata__"] == {"format": "pt"} for p in (tmp_path / "recut").glob("model-*"))
+
+
+def test_mindspore_pipeline_halves_fill_one_manifest(tmp_path):
+    """Under MindSpore semantics each node's plan holds only its stage's parameters: the root manifest
+    gathers both halves into what one full run records."""
+    strategy = Path(__file__).resolve().parents[1] / "configs" / "strategies" / "fixture_dp2mp4pp2" / \
+        "merged_ckpt_strategy.ckpt"  # fmt: skip
+    src = MS / "ckpt" / "complete"
+    jr.convert(src, tmp_path / "full", dst_strategy=strategy)
+    jr.convert(src, tmp_path / "nodes", dst_strategy=strategy, ranks="8-15")
+    jr.convert(src, tmp_path / "nodes", dst_strategy=strategy, ranks="0-7")
+    full, nodes = read_manifest(tmp_path / "full"), read_manifest(tmp_path / "nodes")
+    assert nodes.files == full.files and len(full.files) == 16
+    assert nodes.params == full.params and nodes.num_ranks == full.num_ranks == 16
