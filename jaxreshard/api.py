@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from .distributed import Cluster, cluster_from, owned_ranks
 from .distributed import start as start_cluster
 from .errors import ConfigError, JaxreshardError
 from .formats import SourceCheckpoint, open_source
+from .formats.manifest import MANIFEST_NAME
 from .formats.writers import OUTPUT_FORMATS
 from .fsutil import atomic_output, check_destination, check_file_prefix
 from .layout import Layout, layout_from_mesh, read_layout
@@ -95,7 +96,9 @@ def native_layouts(
             return as_layout(layout)
         return StrategyLayout(strategy if isinstance(strategy, Strategy) else read_strategy(Path(strategy)), ndims)
 
-    src_l, dst_l = one(src_layout, src_strategy), one(dst_layout, dst_strategy)
+    from .srccheck import source_layout
+
+    src_l, dst_l = source_layout(source, one(src_layout, src_strategy)), one(dst_layout, dst_strategy)
     if source.distributed and src_l is None:
         raise ConfigError(
             f"{source.path}: this is a distributed checkpoint ({len(source.entries)} rank folders); pass the "
@@ -176,6 +179,12 @@ def plan_conversion(
     mindspore = (src_s is not None or dst_s is not None) and src_layout is None and dst_layout is None \
         and fmt != "orbax"  # orbax output holds complete arrays: native semantics
     if mindspore:
+        from .srccheck import check_given_layout, source_manifest
+
+        manifest = source_manifest(source)  # sizes checked on every read; a given strategy checked against it
+        if src_s is not None:
+            ndims = {p: len(shape) for p, shape in source.shapes.items()}
+            check_given_layout(source, StrategyLayout(src_s, ndims), manifest)
         plan = plan_mindspore(source, src_s, dst_s, prefix=prefix, suffix="." + fmt, dst_ranks=ranks,
                               exact_replicas=exact_replicas)
     else:
@@ -219,6 +228,7 @@ def convert(
     num_processes: int | None = None,
     process_id: int | None = None,
     verify: bool = False,
+    resume: bool = False,
 ) -> ConvertReport:
     """Convert `src` (complete or per-rank) into `dst` laid out by `dst_layout` / `dst_strategy` (none = complete).
 
@@ -228,6 +238,7 @@ def convert(
     ranks, each rank folder committed on its own; `process_num` splits the ranks over that many processes.
     `verify` compares the output with the source (`jaxreshard.verify`) before committing it: on a difference
     nothing is committed and `VerifyError` is raised.
+    `resume` keeps the verified rank files of an interrupted run of the same conversion and writes the rest.
     """
     wanted = parse_ranks(ranks) if isinstance(ranks, str) or ranks is None else sorted(set(ranks))
     job = plan_conversion(
@@ -244,7 +255,7 @@ def convert(
     return write_job(
         job, Path(dst), overwrite=overwrite, progress=progress, ranks=wanted, process_num=process_num, hf=hf,
         max_file_bytes=parse_size(max_file_size),
-        cluster=cluster_from(coordinator_address, num_processes, process_id), before_commit=check,
+        cluster=cluster_from(coordinator_address, num_processes, process_id), before_commit=check, resume=resume,
     )  # fmt: skip
 
 
@@ -277,9 +288,10 @@ def _output_check(job: Job, src: str | Path, dst: Path, *, ranks: list[int] | No
 def write_job(
     job: Job, dst: Path, *, overwrite: bool = False, progress: bool = False, ranks: list[int] | None = None,
     process_num: int = 1, hf: bool = False, max_file_bytes: int | None = None, cluster: Cluster | None = None,
-    before_commit: Any = None,
+    resume: bool = False, before_commit: Callable[[Path], None] | None = None,
 ) -> ConvertReport:  # fmt: skip
-    """Write a planned job (the second half of `convert`, shared by merge-lora)."""
+    """Write a planned job (the second half of `convert`, shared by merge-lora); the output gets its manifest
+    (see manifests.py), and `before_commit(tmp)` runs on the complete output before it is committed."""
     start = time.perf_counter()
     wanted = ranks
     if cluster is not None:
@@ -303,14 +315,20 @@ def write_job(
         raise ConfigError("--hf writes one complete safetensors checkpoint; it cannot be combined with a "
                           "destination layout or strategy, --ranks, or --output-format ckpt")
     stats = plan_stats(job.plan)
-    output = Output(job.output_format, hf, max_file_bytes, job.mindspore)
+    from . import manifests
+
+    output = output_of(job, hf, max_file_bytes)
+    fmt = "hf" if hf else job.output_format
+    source = str(Path(job.source.path).absolute())
     from .progress import Progress
 
     counts = dict(params=len(job.plan.params), ranks=len(job.plan.ranks))
     with Progress(stats.write_bytes, enabled=progress, **counts) as bar:
         run_plan(job.plan, dst, output, overwrite=overwrite, some_ranks=wanted is not None,
-                 process_num=process_num, on_bytes=bar.update, before_commit=before_commit)
-    folders = {r.dst_file.split("/")[0] for r in job.plan.ranks} if not hf else {p.name for p in dst.iterdir()}
+                 process_num=process_num, on_bytes=bar.update, before_commit=before_commit, resume_run=resume,
+                 describe=lambda files: manifests.build_manifest(job.plan, source, fmt, files))
+    folders = {r.dst_file.split("/")[0] for r in job.plan.ranks} if not hf else \
+        {p.name for p in dst.iterdir() if p.name != MANIFEST_NAME}  # fmt: skip
     files = sorted(p for f in folders for p in ([dst / f] if (dst / f).is_file() else (dst / f).rglob("*"))
                    if p.is_file())
     return ConvertReport(dst, tuple(files), stats, time.perf_counter() - start)
@@ -322,6 +340,16 @@ def read_paths(source: SourceCheckpoint) -> list[Path]:
     paths = {source.path, *(p for files in source.files.values() for p in files)}
     paths.update(e.path for entries in source.entries.values() for e in entries.values())
     return sorted(paths)
+
+
+def output_of(job: Job, hf: bool = False, max_file_bytes: int | None = None) -> Output:
+    """How `write_job` writes a job's files: format, flavour, the source metadata they carry, the layout's ranks."""
+    from . import manifests
+
+    carried = {} if job.mindspore else manifests.carried_metadata(manifests.source_metadata(job.source))
+    carried = manifests.hf_metadata(carried) if hf else carried
+    return Output(job.output_format, hf, max_file_bytes, job.mindspore, tuple(carried.items()),
+                  manifests.layout_num_ranks(job.plan))
 
 
 def save_strategy(src: str | Path, layout: LayoutArg, out: str | Path, *, overwrite: bool = False) -> list[Path]:

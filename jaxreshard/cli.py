@@ -184,8 +184,10 @@ def _inspect(opts: JobOptions):
         source = open_source(opts.src)
     except NotACheckpoint:  # perhaps a strategy file (also named *.ckpt) or folder
         return describe.describe_strategy(read_strategy(Path(opts.src)))
-    if opts.src_layout is None and opts.src_strategy is None:  # a distributed source is listed rank by rank
-        return describe.describe_source(source, None)
+    if opts.src_layout is None and opts.src_strategy is None:  # by its manifest's layout, else rank by rank
+        from .srccheck import source_layout
+
+        return describe.describe_source(source, source_layout(source, None))
     return describe.describe_source(source, api.native_layouts(source, opts.src_layout, opts.src_strategy)[0])
 
 
@@ -299,7 +301,7 @@ def run(task: str, opts: JobOptions) -> int:
         opts.src, opts.dst, hf=opts.hf, max_file_size=opts.max_file_size, overwrite=opts.overwrite,
         progress=not opts.quiet, ranks=opts.ranks, process_num=_int(opts.process_num, "--process-num"),
         coordinator_address=opts.coordinator_address, num_processes=_int(opts.num_processes, "--num-processes", None),
-        process_id=_int(opts.process_id, "--process-id", None), verify=opts.verify, **common,
+        process_id=_int(opts.process_id, "--process-id", None), verify=opts.verify, resume=opts.resume, **common,
     )  # fmt: skip
     rate = report.stats.write_bytes / max(report.seconds, 1e-9)
     print(

@@ -40,6 +40,8 @@ class JobOptions:
     num_processes: str | None = _opt(None, "multi-host: number of processes in the jax.distributed job")
     process_id: str | None = _opt(None, "multi-host: this process's index in the jax.distributed job")
     overwrite: bool = _opt(False, "replace an existing non-empty destination (only after the new one is complete)")
+    resume: bool = _opt(False, "after a crash: keep the rank files the interrupted run of this same conversion "
+                        "completed (sizes and SHA-256 checked again) and write only the rest")
     verify_crc: bool = _opt(False, "check the crc_num trailer of MindSpore .ckpt sources before converting")
     exact_replicas: bool = _opt(False, "read every block from the replica MindSpore would (only matters when "
                                 "data-parallel copies differ); default: each block read once")
@@ -73,7 +75,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {  # which subcommands show each option
     "dst_layout": (*_CONVERT, *_LORA, "verify"), "dst_strategy": (*_CONVERT, *_LORA, "verify"),
     "verify": _CONVERT, "check_replicas": ("verify",),
     "output_format": (*_CONVERT, *_LORA), "prefix": (*_CONVERT, *_LORA),
-    "dtype": _CONVERT, "ranks": _CONVERT, "verify_crc": _CONVERT, "exact_replicas": _CONVERT,
+    "dtype": _CONVERT, "ranks": _CONVERT, "verify_crc": _CONVERT, "resume": ("convert",), "exact_replicas": _CONVERT,
     "hf": (*_CONVERT, *_LORA), "max_file_size": (*_CONVERT, *_LORA, *_UNIFY),
     "process_num": (*_CONVERT, *_LORA, *_UNIFY),
     "coordinator_address": _CONVERT, "num_processes": _CONVERT, "process_id": _CONVERT,

@@ -25,11 +25,13 @@ from .errors import FormatError, LayoutError
 from .fill import fill_boxes, prefetch
 from .formats.base import FileHandles, RankWriter, aligned_empty
 from .fsutil import fault, write_failure
+from .formats.manifest import FileRecord
 from .layout import ParamLayout
 from .plan import Plan, RankPlan, ShardPlan
 
 log = logging.getLogger(__name__)
 
+PROGRESS_BYTES = 512 << 20  # with on_progress: fsync and journal the open files' state this often (--resume)
 GC_BYTES = 4 << 20  # collect the young generation after parameters this big (1 ms), so buffers never pile up
 
 WriterFactory = Callable[[Path, list[tuple[str, np.dtype, tuple[int, ...]]], RankPlan], RankWriter]
@@ -79,10 +81,19 @@ def execute(
     make_writer: WriterFactory,
     *,
     on_bytes: Callable[..., None] = lambda n, param=None: None,
-) -> None:
-    """Write every rank file of `plan` under `dst_dir` (which the caller has made and will commit).
+    on_file: Callable[[str, FileRecord], None] = lambda rel, record: None,
+    on_progress: Callable[[int, dict[str, tuple[int, str]]], None] | None = None,
+    skip: int = 0,
+) -> dict[str, FileRecord]:
+    """Write every rank file of `plan` under `dst_dir` (which the caller has made and will commit); returns the
+    size and SHA-256 of every file written, by POSIX path relative to `dst_dir`.
 
     `on_bytes(n)` is called with the bytes of each rank write, and `on_bytes(0, param)` when a parameter is done.
+    Each rank's writer is closed (fsynced) as soon as its last parameter is written, and `on_file(rel, record)`
+    is told of each file then (so `--resume` can keep the ranks a killed run completed, e.g. earlier pipeline
+    stages). With `on_progress`, every `PROGRESS_BYTES` written the open files are fsynced and
+    `on_progress(k, {rel: (bytes, sha256 of them)})` says the first k parameters (in plan order) are in them;
+    `skip=k` continues such files (the writers were made to continue them) from parameter k.
     """
     n_needed = max((info.dst_layout.devices_per_stage for info in plan.params.values()), default=1)
     ensure_cpu_devices(n_needed)  # before JAX is imported, so fake CPU devices can still be created
@@ -137,9 +148,49 @@ def execute(
                 emit(param, _from_jax(np.asarray(piece.data), info.src_dtype), ranks)
         array.delete()  # release the device buffers (our aliased host memory) now, not at some later collection
 
+    position = {p: i for i, p in enumerate(plan.params)}
     order = [p for p in plan.params if users[p]]
+    last_of: dict[str, list[int]] = {}  # parameter -> ranks whose file is complete once it is written
+    for rank in plan.ranks:
+        mine = {s.param for s in rank.shards}
+        last = next((p for p in reversed(order) if p in mine), None)
+        if last is not None:
+            last_of.setdefault(last, []).append(rank.dst_rank)
+    done: dict[str, FileRecord] = {}
+    unsynced = [0]
+
+    def progress(param: str) -> None:
+        """fsync the open files and report how far they are written, every PROGRESS_BYTES."""
+        info = plan.params[param]
+        unsynced[0] += sum(s.dst_box.size * len(r) for s, r in users[param].items()) * info.dst_dtype.itemsize
+        if on_progress is None or unsynced[0] < PROGRESS_BYTES or not writers:
+            return
+        unsynced[0] = 0
+        states: dict[str, tuple[int, str]] = {}
+        for writer in writers.values():
+            state = writer.sync() if hasattr(writer, "sync") else None
+            if state is None:
+                return  # written out of file order: nothing a rerun could continue
+            states.update({Path(p).relative_to(dst_dir).as_posix(): v for p, v in state.items()})
+        on_progress(position[param] + 1, states)
+
+    def close(rank: int) -> None:
+        writer = writers.pop(rank)
+        try:
+            with _writing(files[rank]):
+                records = writer.close() or {}
+        except BaseException:
+            writer.abort()
+            raise
+        fault("file-closed")
+        for path, record in records.items():
+            rel = Path(path).relative_to(dst_dir).as_posix()
+            done[rel] = record
+            on_file(rel, record)
+
     try:
         with FileHandles() as handles:
+            order = [p for p in order if position[p] >= skip]  # the rest are in the continued files
             for i, param in enumerate(order):
                 if i + 1 < len(order):
                     prefetch(plan, list(users[order[i + 1]]), handles)
@@ -149,21 +200,18 @@ def execute(
                     raise FormatError(f"parameter {param!r}: reading the source failed: {e}") from e
                 on_bytes(0, param)
                 fault("param-written")
+                for rank in last_of.get(param, ()):
+                    close(rank)
+                progress(param)
                 if plan.params[param].src_dtype.itemsize * math.prod(plan.params[param].shape) >= GC_BYTES:
                     gc.collect(1)  # make_array_from_callback leaves a reference cycle holding our buffers
+        for rank in list(writers):  # ranks with text entries only
+            close(rank)
     except BaseException:
         for writer in writers.values():  # release file descriptors; the caller removes the partial output
             writer.abort()
         raise
-    try:
-        for rank, writer in writers.items():
-            with _writing(files[rank]):
-                writer.close()
-            fault("file-closed")
-    except BaseException:
-        for writer in writers.values():  # the ones not closed yet (abort is a no-op on a closed writer)
-            writer.abort()
-        raise
+    return done
 
 
 @contextlib.contextmanager

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import manifests
 from .api import Job, LayoutArg, native_layouts, read_paths
 from .errors import ConfigError, FormatError, OutputError, PlanError
 from .formats import open_source
 from .formats.base import TensorEntry
+from .formats.manifest import FileRecord, file_sha256, write_manifest
 from .fsutil import check_destination, check_file_prefix
 from .lora import OPTIMIZER_PREFIXES, base_name, find_pairs, fold_for, is_lora, read_scaling, strip_peft
 from .plan import make_plan, merge_orders
@@ -179,11 +181,13 @@ def write_unified(
     workers = min(process_num, len(groups))
     blocks = [list(range(len(groups)))[i::workers] for i in range(workers)]
     check_destination(dst, read_paths(job.source), overwrite=overwrite)
+    metadata = manifests.hf_metadata(manifests.carried_metadata(manifests.source_metadata(job.source))) if layout == "hf" else None
     with atomic_output(dst, overwrite=overwrite) as tmp:
-        jobs = [(restrict(plan, {params[j][0] for i in b for j in groups[i]}), tmp, params, parts, set(b))
+        jobs = [(restrict(plan, {params[j][0] for i in b for j in groups[i]}), tmp, params, parts, set(b), metadata)
                 for b in blocks]
+        files: dict = {}
         if workers == 1:
-            _write_parts(*jobs[0])
+            files.update(_write_parts(*jobs[0]))
         else:
             from concurrent.futures.process import BrokenProcessPool
 
@@ -192,32 +196,35 @@ def write_unified(
             with worker_pool(workers) as pool:
                 for future, block in zip([pool.submit(_write_parts, *j) for j in jobs], blocks):
                     try:
-                        future.result()  # a failed worker fails the command; atomic_output removes everything
+                        files.update(future.result())  # a failed worker fails the command; atomic_output removes all
                     except BrokenProcessPool:
                         raise OutputError(f"a --process-num worker died (killed, or out of memory?) while writing "
                                           f"part files {[names[i] for i in block][:4]}; nothing was committed") \
                             from None
         extra = [p for p in everything if p[0] in hyper]
         if extra:
-            _write_hyper(restrict(plan, {p[0] for p in extra}), tmp, extra)
+            files.update(_write_hyper(restrict(plan, {p[0] for p in extra}), tmp, extra))
         weight_map = {params[j][0]: names[i] for i, g in enumerate(groups) for j in g}
         write_index(tmp / index_name, weight_map, sum(int(np.prod(p[2])) * np.dtype(p[1]).itemsize for p in params))
+        files[index_name] = FileRecord((tmp / index_name).stat().st_size, file_sha256(tmp / index_name))
+        write_manifest(tmp, manifests.build_manifest(plan, str(Path(job.source.path).absolute()), layout, files))
     return sorted(dst.iterdir())
 
 
-def _write_parts(plan, tmp: Path, params, parts, only: set[int]) -> None:
+def _write_parts(plan, tmp: Path, params, parts, only: set[int], metadata=None) -> dict[str, FileRecord]:
     from .execute import execute
     from .formats.writers import PartsWriter
 
-    execute(plan, tmp, lambda path, entries, rank: PartsWriter(tmp, params, parts, only, index=False))
+    return execute(plan, tmp, lambda path, entries, rank: PartsWriter(tmp, params, parts, only, index=False,
+                                                                      metadata=metadata))
 
 
-def _write_hyper(plan, tmp: Path, params) -> None:
+def _write_hyper(plan, tmp: Path, params) -> dict[str, FileRecord]:
     from .execute import execute
     from .formats.safetensors_io import SafetensorsWriter
 
-    execute(plan, tmp, lambda path, entries, rank: SafetensorsWriter(tmp / "hyper_param.safetensors", params,
-                                                                     {"format": "ms"}))
+    return execute(plan, tmp, lambda path, entries, rank: SafetensorsWriter(tmp / "hyper_param.safetensors", params,
+                                                                            {"format": "ms"}))
 
 
 def adapter_reads(adapter: str | Path | None) -> list[Path]:

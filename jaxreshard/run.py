@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import signal
 import sys
@@ -20,17 +21,21 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
+from . import manifests, resume
 from .caps import MAX_RANKS
 from .errors import ConfigError, OutputError
 from .execute import execute
+from .formats.manifest import FileRecord, Manifest, write_manifest
 from .formats.writers import writer_factory
 from .fsutil import atomic_output, staged_rank_folders
 from .plan import Plan
 
 PR_SET_PDEATHSIG = 1
+Describe = Callable[[dict[str, FileRecord]], Manifest]  # the output's manifest, given its files
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class Output:
     hf: bool = False
     max_file_bytes: int | None = None
     mindspore: bool = False
+    metadata: tuple[tuple[str, str], ...] = ()  # the source's safetensors metadata, carried into every file
+    num_ranks: int = 1  # ranks of the destination layout (> 1: rank files record their block, see manifests)
 
 
 def parse_ranks(text: str | None) -> list[int] | None:
@@ -66,39 +73,76 @@ def parse_ranks(text: str | None) -> list[int] | None:
 
 def run_plan(
     plan: Plan, dst: Path, output: Output, *, overwrite: bool, some_ranks: bool, process_num: int = 1,
-    on_bytes=lambda n, param=None: None, before_commit: Callable[[Path], None] | None = None,
-) -> None:  # fmt: skip
-    """Write every rank of `plan` under `dst` (see the module docstring). `before_commit(tmp)` runs once every
-    file is complete in the temporary folder; if it raises, nothing is committed."""
+    on_bytes=lambda n, param=None: None, describe: Describe | None = None,
+    before_commit: Callable[[Path], None] | None = None, resume_run: bool = False,
+) -> dict[str, FileRecord]:  # fmt: skip
+    """Write every rank of `plan` under `dst` (see the module docstring); returns each file's size and SHA-256
+    by path relative to `dst`.
+
+    `describe` builds the manifest: written into the temporary folder once every file is complete (a whole
+    destination), or merged into `dst`'s root manifest after the rank folders are committed (`some_ranks`).
+    `before_commit(tmp)` runs after that, before anything is committed (e.g. verifying the output).
+    `resume_run` first adopts the verified files of an interrupted run of the same conversion (see resume.py).
+    """
     if process_num < 1 or len(plan.ranks) % process_num:
         raise ConfigError(
             f"--process-num {process_num} must divide the {len(plan.ranks)} destination ranks being written "
             "(each process converts one contiguous block)"
         )
+    key = resume.plan_key(plan, output)
+    continuable = process_num == 1 and output.output_format == "safetensors" and not output.hf \
+        and not output.mindspore  # fmt: skip - written in file order by one process: files can be continued
+    held = resume.adopt(dst, key, plan, continuable=continuable) if resume_run else None
+    fill = partial(_fill, plan, output=output, process_num=process_num, on_bytes=on_bytes, key=key, held=held,
+                   continuable=continuable, before_commit=before_commit)
     if not some_ranks:
         with atomic_output(dst, overwrite=overwrite) as tmp:
-            _execute(plan, tmp, output, process_num, on_bytes)
-            if before_commit is not None:
-                before_commit(tmp)
-        return
+            files = fill(tmp, describe)
+        return files
+    dst = Path(dst).absolute()
+    if describe is not None:
+        manifests.check_root_layout(dst, describe({}))
     folders = sorted({r.dst_file.split("/")[0] for r in plan.ranks})
     with staged_rank_folders(dst, folders, [r.dst_rank for r in plan.ranks], overwrite=overwrite) as tmp:
-        _execute(plan, tmp, output, process_num, on_bytes)
-        if before_commit is not None:
-            before_commit(tmp)
+        files = fill(tmp, None)
+    if describe is not None:
+        manifests.merge_root_manifest(dst, describe(files), folders)
+    return files
 
 
-def _execute(plan: Plan, tmp: Path, output: Output, process_num: int, on_bytes) -> None:
+def _fill(plan: Plan, tmp: Path, describe: Describe | None, *, output: Output, process_num: int, on_bytes,
+          key: str, held: resume.Held | None, continuable: bool,
+          before_commit: Callable[[Path], None] | None) -> dict[str, FileRecord]:
+    """Everything that goes into the temporary folder before a commit: the rank files (journaled for
+    `--resume`), then the manifest (if `describe`), then `before_commit(tmp)`."""
+    files = _execute(plan, tmp, output, process_num, on_bytes, key, held, continuable)
+    resume.finish(tmp)
+    if describe is not None:
+        write_manifest(tmp, describe(files))
+    if before_commit is not None:
+        before_commit(tmp)
+    return files
+
+
+def _execute(plan: Plan, tmp: Path, output: Output, process_num: int, on_bytes, key: str,
+             held: resume.Held | None, continuable: bool) -> dict[str, FileRecord]:
+    files = resume.start(tmp, key, held)  # the files kept from an interrupted run, moved into tmp
+    plan = replace(plan, ranks=tuple(r for r in plan.ranks if r.dst_file not in files))
+    if not plan.ranks:
+        return files
     if process_num == 1:
-        execute(plan, tmp, _factory(output, tmp), on_bytes=on_bytes)
-        return
-    size = len(plan.ranks) // process_num
+        resumed = {tmp / rel: prefix for rel, prefix in held.partial.items()} if held else {}
+        files.update(execute(plan, tmp, _factory(output, tmp, plan, resumed), on_bytes=on_bytes,
+                             on_file=resume.journal_writer(tmp), skip=held.skip if held and resumed else 0,
+                             on_progress=resume.progress_writer(tmp) if continuable else None))
+        return files
+    size = math.ceil(len(plan.ranks) / process_num)  # after a resume the rest need not divide evenly
     blocks = [replace(plan, ranks=plan.ranks[i : i + size]) for i in range(0, len(plan.ranks), size)]
-    with worker_pool(process_num) as pool:
+    with worker_pool(len(blocks)) as pool:
         futures = [pool.submit(_execute_block, block, tmp, output) for block in blocks]
         for future, block in zip(futures, blocks):
             try:
-                future.result()  # re-raises a worker's error: the run fails and nothing is committed
+                files.update(future.result())  # re-raises a worker's error: the run fails, nothing is committed
             except BrokenProcessPool:
                 lost = [_rank_span(b) for f, b in zip(futures, blocks) if not f.done() or f.exception()]
                 raise OutputError(
@@ -107,6 +151,7 @@ def _execute(plan: Plan, tmp: Path, output: Output, process_num: int, on_bytes) 
                 ) from None
             on_bytes(sum(s.dst_box.size * block.params[s.param].dst_dtype.itemsize
                          for r in block.ranks for s in r.shards))
+    return files
 
 
 def _rank_span(plan: Plan) -> str:
@@ -142,10 +187,15 @@ def _worker_init(parent: int) -> None:
         os._exit(1)
 
 
-def _execute_block(plan: Plan, tmp: Path, output: Output) -> None:
-    execute(plan, tmp, _factory(output, tmp))
+def _execute_block(plan: Plan, tmp: Path, output: Output) -> dict[str, FileRecord]:
+    return execute(plan, tmp, _factory(output, tmp, plan), on_file=resume.journal_writer(tmp))
 
 
-def _factory(output: Output, tmp: Path):
+def _factory(output: Output, tmp: Path, plan: Plan, resumed: dict | None = None):
+    describe = None
+    if output.num_ranks > 1:
+        def describe(rank):
+            return manifests.rank_metadata(plan, rank, output.num_ranks)
     return writer_factory(output.output_format, tmp, hf=output.hf, max_file_bytes=output.max_file_bytes,
-                          mindspore=output.mindspore)
+                          mindspore=output.mindspore, metadata=dict(output.metadata), describe=describe,
+                          resumed=resumed)

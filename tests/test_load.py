@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import jaxreshard as jr
 from jaxreshard.box import Box
 from jaxreshard.example import llama_params, llama_tensor
 from jaxreshard.formats.base import FileHandles, aligned_empty, read_box
+from jaxreshard.formats.manifest import MANIFEST_NAME
 from jaxreshard.formats.mindspore_ckpt import read_ckpt_index
 from jaxreshard.formats.safetensors_io import SafetensorsWriter
 
@@ -225,9 +227,12 @@ def test_load_distributed_with_python_layout(llama, full, tmp_path):
         check_array(out[name], full[name], sharding)
 
 
-def test_distributed_without_layout_is_an_error(llama_dp2mp4):
+def test_distributed_without_layout_is_an_error(llama_dp2mp4, tmp_path):
+    foreign = tmp_path / "foreign"
+    shutil.copytree(llama_dp2mp4, foreign)
+    (foreign / MANIFEST_NAME).unlink()  # as another tool writes it: nothing records the layout
     with pytest.raises(jr.JaxreshardError, match="src.layout|src.strategy"):
-        jr.load(llama_dp2mp4, llama_target("1"), strict=False)
+        jr.load(foreign, llama_target("1"), strict=False)
 
 
 MS_CASES = ["dp2mp4", "dp2mp2", "mp4", "dp2mp2_opt", "dp4_opt", "dp2mp2_layout", "dp1mp2pp2"]

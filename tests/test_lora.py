@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from jaxreshard.box import Box
 from jaxreshard.cli import main
 from jaxreshard.formats import open_source
 from jaxreshard.formats.base import FileHandles, read_box
+from jaxreshard.formats.manifest import MANIFEST_NAME
 from jaxreshard.formats.mindspore_ckpt import write_ckpt
 
 from .helpers import block_slices
@@ -127,7 +129,7 @@ def run_bad(capsys, argv, dst: Path, *needles: str) -> str:
 
 
 def complete_out(dst: Path, fmt: str = "safetensors", prefix: str = "checkpoint_") -> Path:
-    files = sorted(p for p in dst.rglob("*") if p.is_file())
+    files = sorted(p for p in dst.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
     assert files == [dst / "rank_0" / f"{prefix}0.{fmt}"], files
     return files[0]
 
@@ -152,7 +154,7 @@ def expected_rank(tensors: dict[str, np.ndarray], mesh: dict, rules, rank: int) 
 
 def check_distributed(dst: Path, tensors, mesh, rules, fmt: str = "safetensors") -> None:
     n = math.prod(mesh.values())
-    assert sorted(p.name for p in dst.iterdir()) == sorted(f"rank_{r}" for r in range(n))
+    assert sorted(p.name for p in dst.iterdir() if p.name != MANIFEST_NAME) == sorted(f"rank_{r}" for r in range(n))
     for rank in range(n):
         files = sorted((dst / f"rank_{rank}").iterdir())
         assert [f.name for f in files] == [f"checkpoint_{rank}.{fmt}"]
@@ -382,7 +384,10 @@ def test_complete_input_to_destination_layout(tmp_path, capsys):
 
 def test_distributed_input_needs_a_layout(tmp_path, capsys, distributed_sources):
     sources, _, _ = distributed_sources
-    dist, _ = sources["rows", "safetensors"]
+    shared, _ = sources["rows", "safetensors"]
+    dist = tmp_path / "foreign"
+    shutil.copytree(shared, dist)
+    (dist / MANIFEST_NAME).unlink(missing_ok=True)  # as another tool writes it: nothing records the layout
     run_bad(capsys, ["merge-lora", "--src", dist, "--dst", tmp_path / "out", "--lora-scaling", S, "-q"],
             tmp_path / "out")
 
@@ -620,7 +625,7 @@ def test_drop_in_tool_matches_cli(tmp_path, capsys):
     dst = tmp_path / "does" / "not" / "exist"  # MindFormers needs it to exist; the drop-in creates it
     proc = tool("--src_ckpt_path_or_dir", src, "--dst_ckpt_dir", dst, "--lora_scaling", S)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in dst.iterdir()) == ["merged_lora.ckpt"]
+    assert sorted(p.name for p in dst.iterdir() if p.name != MANIFEST_NAME) == ["merged_lora.ckpt"]
     got = read_all(dst / "merged_lora.ckpt")
     assert_same(got, cli, "tool vs CLI")
     assert_same(got, expect, "tool vs numpy")

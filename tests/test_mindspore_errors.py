@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from jaxreshard.cli import main
+from jaxreshard.formats.manifest import MANIFEST_NAME
 from jaxreshard.formats.mindspore_ckpt import read_ckpt_index
 from jaxreshard.formats.mindspore_strategy import ParallelStrategyMap
 
@@ -89,7 +90,7 @@ def convert(src: Path, dst: Path, *extra) -> list:
 
 
 def outputs(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 def edit_strategy(path: Path, edit) -> bytes:

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 import jaxreshard
+from jaxreshard.formats.manifest import MANIFEST_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tools" / "mindspore_reference.py"
@@ -260,7 +261,7 @@ def reference(tmp_path_factory) -> dict:
 
 
 def outputs(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 def _varint(data: bytes, i: int) -> tuple[int, int]:

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 import jaxreshard
+from jaxreshard.formats.manifest import MANIFEST_NAME
 
 FIX = Path(__file__).parent / "fixtures" / "mindspore"
 MANIFEST = json.loads((FIX / "manifest.json").read_text())
 
 
 def outputs(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 def run(tmp_path, src, src_strategy, dst_strategy, **kw) -> Path:

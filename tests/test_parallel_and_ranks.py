@@ -25,6 +25,7 @@ from safetensors.numpy import save_file
 
 import jaxreshard.api
 from jaxreshard.cli import main
+from jaxreshard.formats.manifest import MANIFEST_NAME
 
 FIX = Path(__file__).parent / "fixtures" / "mindspore"
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -49,7 +50,7 @@ def sha_tree(root: Path) -> dict[str, str]:
 
 
 def outputs(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -103,7 +104,7 @@ def test_process_num_2_equals_process_num_1_native(tmp_path, capsys, native):
     before = sha_tree(native)
     one = split(capsys, native, tmp_path / "one", "--process-num", "1")
     two = split(capsys, native, tmp_path / "two", "--process-num", "2")
-    assert sorted(p.name for p in two.iterdir()) == [f"rank_{r}" for r in range(8)]
+    assert sorted(p.name for p in two.iterdir() if p.name != MANIFEST_NAME) == [f"rank_{r}" for r in range(8)]
     assert outputs(two) == outputs(one)
     assert leftovers(tmp_path) == []
     assert sha_tree(native) == before
@@ -179,7 +180,7 @@ def test_ranks_in_two_invocations_equal_a_full_run(tmp_path, capsys, native):
     full = split(capsys, native, tmp_path / "full")
     dst = tmp_path / "parts"
     split(capsys, native, dst, "--ranks", "0-3")
-    assert sorted(p.name for p in dst.iterdir()) == [f"rank_{r}" for r in range(4)]
+    assert sorted(p.name for p in dst.iterdir() if p.name != MANIFEST_NAME) == [f"rank_{r}" for r in range(4)]
     assert outputs(dst) == {k: v for k, v in outputs(full).items() if int(k.split("/")[0][5:]) < 4}
     assert leftovers(tmp_path) == []
     split(capsys, native, dst, "--ranks", "4-7")
@@ -200,7 +201,7 @@ def test_ranks_in_two_invocations_equal_a_full_run(tmp_path, capsys, native):
 def test_ranks_list_syntax(tmp_path, capsys, native):
     full = split(capsys, native, tmp_path / "full")
     dst = split(capsys, native, tmp_path / "some", "--ranks", "0-1,5")
-    assert sorted(p.name for p in dst.iterdir()) == ["rank_0", "rank_1", "rank_5"]
+    assert sorted(p.name for p in dst.iterdir() if p.name != MANIFEST_NAME) == ["rank_0", "rank_1", "rank_5"]
     assert outputs(dst) == {k: v for k, v in outputs(full).items() if k.split("/")[0] in ("rank_0", "rank_1", "rank_5")}
 
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from jaxreshard.cli import main
+from jaxreshard.formats.manifest import MANIFEST_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 MS = ROOT / "tests" / "fixtures" / "mindspore"
@@ -99,7 +100,7 @@ def make_split(tmp: Path, layout: str, seed: int = 0, tag: str = "") -> tuple[Pa
     lay = write_layout(tmp, layout)
     dist = tmp / f"dist_{layout}{tag}_{seed}"
     assert cli("convert", "--src", full, "--dst", dist, "--dst-layout", lay) == 0
-    assert sorted(p.name for p in dist.iterdir()) == sorted(f"rank_{r}" for r in range(len(list(dist.iterdir()))))
+    assert sorted(p.name for p in dist.iterdir() if p.name != MANIFEST_NAME) == sorted(f"rank_{r}" for r in range(len(list(dist.iterdir())) - 1))
     return dist, lay, tensors
 
 
@@ -144,7 +145,7 @@ def check_hf(out: Path) -> dict[str, np.ndarray]:
     parts = sorted(p.name for p in out.glob("*.safetensors"))
     n = len(parts)
     assert parts == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    assert sorted(p.name for p in out.iterdir()) == sorted(parts + [HF_INDEX])
+    assert sorted(p.name for p in out.iterdir() if p.name != MANIFEST_NAME) == sorted(parts + [HF_INDEX])
     for part in parts:  # transformers refuses safetensors whose metadata names another framework
         assert header(out / part)[0].get("__metadata__", {}).get("format", "pt") == "pt", part
     return check_parts(out, HF_INDEX, parts)
@@ -160,7 +161,7 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None
 
 
 def tree_bytes(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def test_unify_default_size_is_one_file(tmp_path):
     dist, lay, tensors = make_split(tmp_path, "dp2mp2")
     out = tmp_path / "out"
     assert cli("unify", "--src", dist, "--src-layout", lay, "--dst", out) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model-00001-of-00001.safetensors", HF_INDEX]
+    assert sorted(p.name for p in out.iterdir() if p.name != MANIFEST_NAME) == ["model-00001-of-00001.safetensors", HF_INDEX]
     assert_same(check_hf(out), tensors)
 
 
@@ -327,6 +328,7 @@ def _dedup(tmp: Path, drop_slice: bool = False) -> tuple[Path, Path, dict]:
             keep[owner][name] = data[owner][name]
     for r, f in files.items():
         save_file(keep[r], str(f), metadata={"format": "ms", "remove_redundancy": "True"})
+    (dist / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten as MindSpore would: no longer our output
     assert all(keep.values())
     return dist, lay, tensors
 
@@ -363,6 +365,7 @@ def test_unify_dedup_without_metadata_needs_the_flag(tmp_path):
     for r in range(4):
         f = dist / f"rank_{r}" / f"checkpoint_{r}.safetensors"
         save_file(load_file(str(f)), str(f), metadata={"format": "ms"})
+    (dist / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten as MindSpore would: no longer our output
     assert cli("unify", "--src", dist, "--src-layout", lay, "--dst", tmp_path / "strict") == 2
     assert not (tmp_path / "strict").exists()
     out = tmp_path / "out"
@@ -375,6 +378,7 @@ def test_unify_has_redundancy_false_on_full_copies(tmp_path, capsys):
     for r in range(4):
         f = dist / f"rank_{r}" / f"checkpoint_{r}.safetensors"
         save_file(load_file(str(f)), str(f), metadata={"format": "ms", "remove_redundancy": "False"})
+    (dist / MANIFEST_NAME).unlink(missing_ok=True)  # rewritten as MindSpore would: no longer our output
     out = tmp_path / "out"
     assert cli("unify", "--src", dist, "--src-layout", lay, "--dst", out, "--has-redundancy", "false") == 2
     assert "redundancy" in capsys.readouterr().err
@@ -455,6 +459,7 @@ def test_unify_missing_rank_folder(tmp_path, capsys):
 
 def test_unify_distributed_without_layout(tmp_path, capsys):
     dist, _, _ = make_split(tmp_path, "dp2mp2")
+    (dist / MANIFEST_NAME).unlink()  # as another tool writes it: nothing records the layout
     out = tmp_path / "out"
     assert cli("unify", "--src", dist, "--dst", out) == 2
     assert "--src-layout" in capsys.readouterr().err
@@ -518,7 +523,7 @@ def _check_ms_layout(unified: Path) -> tuple[dict[str, np.ndarray], dict[str, np
     assert (unified / "param_name_map.json").is_file()
     parts = sorted(p.name for p in unified.glob("part*.safetensors"))
     assert parts == [f"part{i}.safetensors" for i in range(len(parts))] and parts
-    assert set(p.name for p in unified.iterdir()) <= set(parts) | {"param_name_map.json", "hyper_param.safetensors"}
+    assert set(p.name for p in unified.iterdir() if p.name != MANIFEST_NAME) <= set(parts) | {"param_name_map.json", "hyper_param.safetensors"}
     tensors = check_parts(unified, "param_name_map.json", parts)
     hyper = load_file(str(unified / "hyper_param.safetensors")) if (unified / "hyper_param.safetensors").exists() \
         else {}  # fmt: skip
@@ -604,7 +609,7 @@ def test_dropin_pipeline_strategy_folder(tmp_path):
     assert cli("convert", "--src", ST_COMPLETE, "--dst", dist, "--dst-strategy", MS / "strategy" / "dp1mp2pp2.ckpt",
                "--output-format", "safetensors") == 0  # fmt: skip
     src = tmp_path / "ms_src"
-    for rank_dir in sorted(dist.iterdir()):
+    for rank_dir in sorted(dist.glob("rank_*")):
         r = int(rank_dir.name.split("_")[1])
         (src / rank_dir.name).mkdir(parents=True)
         (f,) = rank_dir.glob("*.safetensors")

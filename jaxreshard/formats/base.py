@@ -19,6 +19,7 @@ import numpy as np
 
 from ..box import Box, byte_runs
 from ..errors import FormatError
+from .manifest import FileRecord
 
 ALIGNMENT = 64  # bytes; XLA's CPU client aliases host buffers only at this alignment
 
@@ -117,10 +118,11 @@ def _segment_ranges(entry: TensorEntry, offset: int, nbytes: int):
 
 class RankWriter(Protocol):
     """Writes one destination rank's file. The parameter list is fixed up front so headers go first and
-    tensors stream to computed offsets; `close` makes the file complete."""
+    tensors stream to computed offsets; `close` makes the file complete (fsynced) and returns the size and
+    SHA-256 of every file it wrote (hashed while writing), for the manifest and `--resume`'s journal."""
 
     def write(self, param: str, array: np.ndarray) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self) -> dict[Path, FileRecord]: ...
 
     def abort(self) -> None: ...  # release resources without completing (the caller discards the output)

@@ -9,13 +9,16 @@ Plain JSON so other tools (and people) can read it; pure data here, no layout lo
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..errors import FormatError
 
@@ -86,8 +89,7 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=root)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(manifest.to_json(), f, indent=1)
-            f.write("\n")
+            f.write(_dumps(manifest.to_json()))
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
@@ -96,6 +98,18 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _dumps(data: dict) -> str:
+    """JSON with one line per parameter and per file (readable, and ~10x smaller than indenting every list)."""
+    lines = []
+    for key, value in data.items():
+        if key in ("params", "files") and isinstance(value, dict) and value:
+            inner = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
+            lines.append(f" {json.dumps(key)}: {{\n{inner}\n }}")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def _umask() -> int:
@@ -159,31 +173,77 @@ def _positive(value: object) -> int:
 
 def file_sha256(path: Path) -> str:
     """SHA-256 of a whole file, streamed in large chunks (bounded memory)."""
+    return prefix_sha256(path, None).hexdigest()
+
+
+def prefix_sha256(path: Path, size: int | None) -> Any:
+    """A hashlib sha256 fed with the first `size` bytes of a file (all of it for None); it can be continued."""
     h = hashlib.sha256()
+    left = size if size is not None else float("inf")
     with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(HASH_CHUNK):
+        while left > 0 and (chunk := f.read(int(min(HASH_CHUNK, left)))):
             h.update(chunk)
-    return h.hexdigest()
+            left -= len(chunk)
+    return h
 
 
 class StreamingHash:
     """SHA-256 of a file being written at offsets: bytes are hashed as they are written while the writes
     arrive in file order (the usual case: parameters are written in file order), else the file is hashed
-    again from disk (page cache) at `digest`, so the result is always the hash of the file's bytes."""
+    again from disk (page cache) at `digest`, so the result is always the hash of the file's bytes.
 
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256()
-        self._next = 0  # bytes hashed so far, from offset 0
+    Hashing runs on one background thread per process (hashlib releases the GIL), overlapping the next
+    parameter's reads and writes; at most `MAX_PENDING` bytes wait, so memory stays bounded."""
+
+    def __init__(self, prefix: tuple[int, Any] | None = None) -> None:
+        """`prefix`: (n, a hashlib sha256 of the file's first n bytes), to continue a file already written
+        that far (`--resume`)."""
+        self._next, self._hash = prefix if prefix is not None else (0, hashlib.sha256())
         self._in_order = True
+        self._pending: collections.deque[tuple[Future, int]] = collections.deque()
+        self._pending_bytes = 0
 
     def update(self, offset: int, data: bytes | memoryview) -> None:
-        if self._in_order and offset == self._next:
-            self._hash.update(data)
-            self._next += len(memoryview(data).cast("B"))
-        else:
+        if not (self._in_order and offset == self._next):
             self._in_order = False
+            return
+        n = len(memoryview(data).cast("B"))
+        self._next += n
+        if n < ASYNC_MIN_BYTES:
+            self._wait(0)
+            self._hash.update(data)
+            return
+        self._wait(MAX_PENDING - n)
+        self._pending.append((_executor().submit(self._hash.update, data), n))  # data stays alive until hashed
+        self._pending_bytes += n
+
+    def _wait(self, allowed: int) -> None:
+        while self._pending and self._pending_bytes > max(allowed, 0):
+            future, n = self._pending.popleft()
+            future.result()
+            self._pending_bytes -= n
+
+    def snapshot(self) -> tuple[int, str] | None:
+        """(n, SHA-256 of the first n bytes) hashed so far, or None when writes came out of order."""
+        self._wait(0)
+        return (self._next, self._hash.copy().hexdigest()) if self._in_order else None
 
     def digest(self, path: Path, size: int) -> str:
+        self._wait(0)
         if self._in_order and self._next == size:
             return self._hash.hexdigest()
         return file_sha256(path)
+
+
+ASYNC_MIN_BYTES = 1 << 20  # smaller updates are hashed at once (a thread hop costs more than hashing them)
+MAX_PENDING = 1 << 30
+_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR_PID = 0
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The process's hashing thread (made anew in a forked child: threads do not survive a fork)."""
+    global _EXECUTOR, _EXECUTOR_PID
+    if _EXECUTOR is None or _EXECUTOR_PID != os.getpid():
+        _EXECUTOR, _EXECUTOR_PID = ThreadPoolExecutor(1, thread_name_prefix="jaxreshard-sha256"), os.getpid()
+    return _EXECUTOR

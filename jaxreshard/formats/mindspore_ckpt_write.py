@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import mindspore_ckpt as _reader  # RECORD_CHUNK_BYTES is read at use, so tests can shrink it
+from .manifest import FileRecord, StreamingHash
 from .mindspore_ckpt import CRC_MARKER, ckpt_dtype_name
 
 
@@ -94,10 +95,12 @@ class CkptRankWriter:
                 pos += len(header) + n
         self.size = pos  # bytes before any CRC trailer
         self._written: set[str] = set()
+        self._hash = StreamingHash()  # in file order unless text entries sit between tensors (then re-read)
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         os.ftruncate(self._fd, pos)
         for offset, record in strings:
             _pwrite_all(self._fd, [record], offset)
+            self._hash.update(offset, record)
 
     def write(self, param: str, array: np.ndarray) -> None:
         """Write one whole parameter: a C-contiguous array of exactly the declared dtype and shape."""
@@ -116,12 +119,15 @@ class CkptRankWriter:
         data = memoryview(array.reshape(-1).view(np.uint8))
         for offset, header, start, n in self._records[param]:
             _pwrite_all(self._fd, [header, data[start : start + n]], offset)
+            self._hash.update(offset, header)
+            self._hash.update(offset + len(header), data[start : start + n])
         self._written.add(param)
 
-    def close(self) -> None:
-        """Append the CRC trailer if asked, fsync and close; ValueError if a parameter was never written."""
+    def close(self) -> dict[Path, FileRecord]:
+        """Append the CRC trailer if asked, fsync and close; ValueError if a parameter was never written.
+        Returns the complete file's size and SHA-256 (for the manifest)."""
         if self._fd is None:
-            return
+            return {}
         missing = [name for name in self._specs if name not in self._written]
         if missing:
             self.abort()
@@ -133,10 +139,14 @@ class CkptRankWriter:
                 for offset in range(0, self.size, len(buf)):
                     n = os.preadv(fd, [memoryview(buf)[: min(len(buf), self.size - offset)]], offset)
                     crc = zlib.crc32(memoryview(buf)[:n], crc)
-                _pwrite_all(fd, [CRC_MARKER + crc.to_bytes(10, "big")], self.size)
+                trailer = CRC_MARKER + crc.to_bytes(10, "big")
+                _pwrite_all(fd, [trailer], self.size)
+                self._hash.update(self.size, trailer)
             os.fsync(fd)
         finally:
             os.close(fd)
+        size = self.size + (len(CRC_MARKER) + 10 if self._crc else 0)
+        return {self.path: FileRecord(size, self._hash.digest(self.path, size))}
 
     def abort(self) -> None:
         """Close without completing (error paths); the caller discards the file."""

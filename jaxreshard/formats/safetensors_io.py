@@ -17,12 +17,14 @@ import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from ..errors import FormatError
 from .base import TensorEntry
+from .manifest import FileRecord, StreamingHash
 from .untrusted import MAX_DIMS, check_name, check_text, list_dir, load_json, open_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit; bigger is corrupt, not a checkpoint
@@ -280,14 +282,18 @@ def header_bytes(params: Sequence[tuple[str, np.dtype, tuple[int, ...]]], metada
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file: the header at open, then each tensor at its offset as it arrives."""
+    """Writes one safetensors file: the header at open, then each tensor at its offset as it arrives; the
+    bytes are hashed as they go (`close` returns the file's size and SHA-256 for the manifest)."""
 
     def __init__(
         self,
         path: Path,
         params: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
         metadata: Mapping[str, str] | None = None,
+        resume: tuple[int, Any] | None = None,
     ) -> None:
+        """`resume`: (n, hashlib sha256 of the first n bytes) continues a file a killed run wrote that far;
+        the tensors lying wholly in those bytes are taken as written."""
         self.path = Path(path)
         head = header_bytes(params, metadata)
         self._slots: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
@@ -295,19 +301,38 @@ class SafetensorsWriter:
         for param, dtype, shape in params:
             self._slots[param] = (offset, np.dtype(dtype), tuple(shape))
             offset += math.prod(shape) * np.dtype(dtype).itemsize
+        self._size = offset
+        self._hash = StreamingHash(resume)
+        if resume is not None:
+            self._pending = {p for p, (o, d, shp) in self._slots.items() if o + math.prod(shp) * d.itemsize > resume[0]}
+            self._fd: int | None = os.open(self.path, os.O_WRONLY)
+            if os.fstat(self._fd).st_size != offset:
+                os.close(self._fd)
+                raise FormatError(f"{self.path}: cannot be continued: it is not {offset} bytes long")
+            return
         self._pending = set(self._slots)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.ftruncate(self._fd, offset)
         _pwrite_all(self._fd, head, 0)
+        self._hash.update(0, head)
 
     def write(self, param: str, array: np.ndarray) -> None:
         offset, dtype, shape = self._slots[param]
         if array.dtype != dtype or array.shape != shape:
             raise ValueError(f"{self.path}: {param!r} expects {dtype}{list(shape)}, got {array.dtype}{list(array.shape)}")
         array = np.ascontiguousarray(array)  # safetensors stores C order; never write a strided view's memory
-        _pwrite_all(self._fd, memoryview(array.reshape(-1).view(np.uint8)), offset)
+        data = memoryview(array.reshape(-1).view(np.uint8))
+        _pwrite_all(self._fd, data, offset)
+        self._hash.update(offset, data)
         self._pending.discard(param)
+
+    def sync(self) -> dict[Path, tuple[int, str]] | None:
+        """fsync, and (n, SHA-256 of the first n bytes) of what is written so far in file order (for
+        `--resume`); None when tensors arrived out of file order."""
+        os.fsync(self._fd)
+        snap = self._hash.snapshot()
+        return None if snap is None else {self.path: snap}
 
     def abort(self) -> None:
         """Close without completing (the caller discards the file)."""
@@ -315,13 +340,15 @@ class SafetensorsWriter:
             os.close(self._fd)
             self._fd = None
 
-    def close(self) -> None:
+    def close(self) -> dict[Path, FileRecord]:
+        """fsync and close; the complete file's size and SHA-256."""
         if self._pending:
             self.abort()
             raise RuntimeError(f"{self.path}: closed with unwritten parameters {sorted(self._pending)[:5]}")
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
+        return {self.path: FileRecord(self._size, self._hash.digest(self.path, self._size))}
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:

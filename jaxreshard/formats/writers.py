@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import RankWriter
+from .manifest import FileRecord, file_sha256
 from .mindspore_ckpt_write import CkptRankWriter
 from .safetensors_io import DTYPE_CODES, HF_INDEX, SafetensorsWriter, split_into_files
 
@@ -30,11 +31,14 @@ def save_file_order(params: Params) -> Params:
 
 
 def writer_factory(output_format: str, dst_dir: Path, *, hf: bool = False, max_file_bytes: int | None = None,
-                   mindspore: bool = False):
+                   mindspore: bool = False, metadata: dict[str, str] | None = None, describe=None,
+                   resumed: dict[Path, tuple] | None = None):
     """A `(path, params, rank_plan) -> RankWriter` for the executor.
 
     `mindspore` selects MindSpore's safetensors flavour (`{"format": "ms"}` metadata, save_file's tensor order)
-    so files equal what `transform_checkpoints` writes.
+    so files equal what `transform_checkpoints` writes. Otherwise safetensors files carry the source's
+    `metadata`, plus what `describe(rank_plan)` returns (the `jaxreshard` key of distributed rank files).
+    `resumed` maps files a killed run wrote in part to (bytes written, their hashlib sha256): continued.
     """
 
     def make(path: Path, params: Params, rank) -> RankWriter:
@@ -42,13 +46,14 @@ def writer_factory(output_format: str, dst_dir: Path, *, hf: bool = False, max_f
             log.warning("%s: text entries %s cannot be stored in safetensors and are left out",
                         path.name, [k for k, _ in rank.extras])
         if hf:
-            return HfWriter(dst_dir, params, max_file_bytes)
+            return HfWriter(dst_dir, params, max_file_bytes, metadata)
         path.parent.mkdir(parents=True, exist_ok=True)
         if output_format == "ckpt":
             return CkptRankWriter(path, params, dict(rank.extras), rank.order or None)
         if mindspore:
             return SafetensorsWriter(path, save_file_order(params), {"format": "ms"})
-        return SafetensorsWriter(path, params)
+        return SafetensorsWriter(path, params, {**(metadata or {}), **(describe(rank) if describe else {})},
+                                 resume=(resumed or {}).get(path))
 
     return make
 
@@ -103,18 +108,24 @@ class PartsWriter:
         for writer in self._writers.values():
             writer.abort()
 
-    def close(self) -> None:
+    def close(self) -> dict[Path, FileRecord]:
+        """Close every part (then write the index); size and SHA-256 of each file written."""
+        done: dict[Path, FileRecord] = {}
         for writer in self._writers.values():
-            writer.close()
+            done.update(writer.close())
         if self._index:
-            write_index(self._dst_dir / self._index_name, self._weight_map, self._total)
+            path = self._dst_dir / self._index_name
+            write_index(path, self._weight_map, self._total)
+            done[path] = FileRecord(path.stat().st_size, file_sha256(path))
+        return done
 
 
 def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None:
     path.write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def HfWriter(dst_dir: Path, params: Params, max_file_bytes: int | None) -> PartsWriter:  # noqa: N802
+def HfWriter(dst_dir: Path, params: Params, max_file_bytes: int | None,
+             metadata: dict[str, str] | None = None) -> PartsWriter:
     """A complete checkpoint as `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`; file
-    boundaries are fixed up front from the sizes (no renames at the end)."""
-    return PartsWriter(dst_dir, params, hf_layout(params, max_file_bytes))
+    boundaries are fixed up front from the sizes (no renames at the end); parts carry the source's metadata."""
+    return PartsWriter(dst_dir, params, hf_layout(params, max_file_bytes), metadata=metadata)

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 import jaxreshard as jr
 from jaxreshard.cli import main
 from jaxreshard.example import llama_params, llama_tensor
+from jaxreshard.formats.manifest import MANIFEST_NAME
 
 from ..helpers import nest
 
@@ -183,8 +184,8 @@ def test_orbax_source_to_rank_files_equals_direct_conversion(orbax_out, llama, t
     layout = str(LAYOUTS / "llama_dp2mp2pp2.yaml")
     jr.convert(orbax_out, via, dst_layout=layout)
     jr.convert(llama, direct, dst_layout=layout)
-    via_files = sorted(p.relative_to(via) for p in via.rglob("*") if p.is_file())
-    direct_files = sorted(p.relative_to(direct) for p in direct.rglob("*") if p.is_file())
+    via_files = sorted(p.relative_to(via) for p in via.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    direct_files = sorted(p.relative_to(direct) for p in direct.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
     assert via_files == direct_files and len(via_files) == 8
     # tensor by tensor first (clear message), then the files byte for byte
     for rel in direct_files:
@@ -307,7 +308,7 @@ def test_damaged_orbax_checkpoint_is_a_clean_error(orbax_out, tmp_path, capsys, 
     src = tmp_path / "damaged"
     shutil.copytree(orbax_out, src)
     state = src / "state"
-    data = [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"]
+    data = [p for p in state.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and p.parent.name == "d"]
     manifests = [p for p in state.rglob("manifest.ocdbt")]
     assert data and manifests
     for p in data if damage != "no_manifests" else manifests:
@@ -347,7 +348,7 @@ def test_orbax_source_with_ranks_writes_only_those(orbax_out, tmp_path):
     dst = tmp_path / "some"
     rc = main(["convert", "--src", str(orbax_out), "--dst", str(dst), "--dst-layout", DP2MP4, "--ranks", "2-3", "-q"])
     assert rc == 0
-    assert sorted(p.name for p in dst.iterdir()) == ["rank_2", "rank_3"]
+    assert sorted(p.name for p in dst.iterdir() if p.name != MANIFEST_NAME) == ["rank_2", "rank_3"]
 
 
 def test_relative_paths_for_orbax_output_and_source(llama, tmp_path, monkeypatch):
