@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from jaxreshard import cli
-from jaxreshard.commands import COMMANDS, make_parser, options_from, options_from_args, read_job
+from jaxreshard.commands import COMMANDS, common, make_parser, options_from, options_from_args, read_job
 from jaxreshard.commands.options import (
     PROCESS_COUNT,
     PROCESS_INDEX,
@@ -165,3 +167,35 @@ def test_each_subcommand_shows_only_its_options():
     text = subparser("convert").format_help()
     assert "--workers N" in text and "--process-num N" in text and "the same as --workers" in text
     assert "--adapter" not in text and "--check-replicas" not in text
+
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def test_readme_adding_a_command_example_runs(monkeypatch, capsys):
+    block = README.split("**Adding a command**")[1].split("```python")[1].split("```")[0]
+    namespace = {"dataclass": dataclass, "common": common, "option": option, "WORKER_COUNT": WORKER_COUNT,
+                 "Command": Command}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README's example, as a user would paste it
+    monkeypatch.setitem(COMMANDS, "hello", namespace["COMMAND"])
+    assert cli.main(["hello", "--src", "ckpt", "--times", "2"]) == 0
+    assert capsys.readouterr().out == "hello ckpthello ckpt\n"
+    assert cli.main(["hello", "--times", "2"]) == 2
+    assert capsys.readouterr().err == "jaxreshard: error: missing required option(s) --src\n"
+
+
+def test_readme_synopsis_names_only_real_flags():
+    """Every flag in the README's "Command line" synopsis is one its command takes (comments aside)."""
+    block = README.split("## Command line")[1].split("```")[1]
+    command, checked = None, 0
+    for line in block.splitlines():
+        words = line.split("#")[0].split()
+        if words[:3] == ["python", "-m", "jaxreshard"]:
+            command = words[3] if words[3] in COMMANDS else None
+        if command is None:
+            continue
+        flags = {s for a in subparser(command)._actions for s in a.option_strings}
+        for word in re.findall(r"--[a-z][a-z-]*", " ".join(words)):
+            assert word in flags, (command, word)
+            checked += 1
+    assert checked > 40
