@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..api import parse_size
 from ..caps import MAX_PROCESSES, MAX_RANKS
@@ -23,6 +23,7 @@ from ..compat import parse_bool
 from ..errors import ConfigError
 from ..run import parse_ranks
 
+T = TypeVar("T")
 _INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take '٣' or '1_0'
 
 
@@ -147,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser, options: type, *, skip: tuple
             parser.add_argument(flag_name(alias), dest=alias, help=f"the same as {flag_name(name)}", **kwargs)
 
 
-def build_options(options: type, values: Mapping[Any, Any], source: str | None = None) -> Any:
+def build_options(options: type[T], values: Mapping[Any, Any], source: str | None = None) -> T:
     """`options` from given values: command-line strings (`source` None) or a job file's YAML values (`source`
     its path). Unknown keys, a key given twice under two spellings, missing required options and bad values
     are each refused with one line."""
