@@ -66,7 +66,7 @@ def _main(argv: Sequence[str] | None) -> int:
             if args.task:
                 raise ConfigError("give either --config or a subcommand, not both")
             task, opts = read_job(args.config)
-            if quiet:
+            if quiet and hasattr(opts, "quiet"):  # `--config job.yaml -q`
                 opts = dataclasses.replace(opts, quiet=True)
         elif args.task:
             task, opts = args.task, options_from_args(args.task, values)

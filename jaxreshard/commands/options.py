@@ -156,7 +156,7 @@ def build_options(options: type[T], values: Mapping[Any, Any], source: str | Non
     aliases = {alias: name for name, f in fields.items() for alias in spec(f).aliases}
     unknown = sorted(str(k) for k in values if k not in fields and k not in aliases)
     if unknown:
-        raise ConfigError(f"{source}: unknown keys {unknown}; valid keys are task, {', '.join(job_keys(options))}")
+        raise ConfigError(f"{source or 'command line'}: unknown keys {unknown}; valid keys are task, {', '.join(job_keys(options))}")
     given: dict[str, tuple[str, Any]] = {}  # field -> (the spelling used, the value)
     for key, value in values.items():
         name = aliases.get(key, key)
