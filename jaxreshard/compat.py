@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .errors import ConfigError, JaxreshardError
+from .logsetup import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,7 @@ def transform_checkpoint(
     """`transform_checkpoint.py`: returns the exit code."""
     from . import api
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jaxreshard").setLevel(logging.INFO)
+    setup_logging()
     try:
         if not dst_dir:
             dst_dir = str(Path.cwd() / "transformed_checkpoint")
@@ -108,8 +108,7 @@ def transform_checkpoint(
 
 
 def _run(tool: str, body) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jaxreshard").setLevel(logging.INFO)
+    setup_logging()
     try:
         body()
     except JaxreshardError as e:

@@ -6,10 +6,10 @@ Runs on a fresh machine with no files (`python -m jaxreshard --config configs/qu
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .box import Box
-from .config import JobOptions
 from .describe import human_bytes
 from .errors import ConfigError, JaxreshardError
 from .example import write_llama_checkpoint
@@ -19,16 +19,18 @@ from .formats.base import FileHandles, aligned_empty, read_box
 DEFAULT_LAYOUTS = ("configs/layouts/llama_dp2mp4.yaml", "configs/layouts/llama_dp2mp2pp2.yaml")
 
 
-def run_quickstart(opts: JobOptions) -> int:
+def run_quickstart(workdir: Path, layouts: Sequence[str] = DEFAULT_LAYOUTS, *, overwrite: bool = False,
+                   progress: bool = True) -> None:
+    """Write the example under `workdir`, convert it through `layouts` in order and back to one complete file,
+    print each step, and raise unless the result holds the example's bytes."""
     from . import api
 
-    workdir = Path(opts.workdir)
-    layouts = list(opts.layouts or DEFAULT_LAYOUTS)
+    layouts = list(layouts or DEFAULT_LAYOUTS)
     for layout in layouts:
         if not Path(layout).is_file():
             raise ConfigError(f"{layout}: layout file not found (run the quickstart from the repository root)")
     example = workdir / "example" / "model.safetensors"
-    if example.exists() and not opts.overwrite:
+    if example.exists() and not overwrite:
         raise ConfigError(f"{workdir}: already holds a quickstart run; pass --overwrite (or overwrite: true)")
     if example.exists():
         example.unlink()
@@ -41,7 +43,7 @@ def run_quickstart(opts: JobOptions) -> int:
         dst = workdir / name
         start = time.perf_counter()
         report = api.convert(
-            src, dst, src_layout=src_layout, dst_layout=layout, overwrite=opts.overwrite, progress=not opts.quiet
+            src, dst, src_layout=src_layout, dst_layout=layout, overwrite=overwrite, progress=progress
         )
         steps.append((src_layout or "complete", layout or "complete", report, time.perf_counter() - start))
         src, src_layout = dst, layout
@@ -54,7 +56,6 @@ def run_quickstart(opts: JobOptions) -> int:
     _compare(example, merged)
     identical = example.read_bytes() == merged.read_bytes()
     print(f"check: every tensor of {merged} equals the example bit for bit; whole file identical: {identical}")
-    return 0
 
 
 def _compare(a: Path, b: Path) -> None:
