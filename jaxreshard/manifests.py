@@ -17,7 +17,7 @@ from .caps import MAX_MESH_AXES, MAX_RANKS
 from .errors import ConfigError, FormatError
 from .formats.manifest import FileRecord, Manifest, ParamRecord, read_manifest, write_manifest
 from .formats.safetensors_io import DTYPE_CODES
-from .layout import ParamLayout
+from .layout import COMPLETE, ParamLayout
 from .plan import Plan, RankPlan
 
 META_KEY = "jaxreshard"  # per-rank safetensors metadata: {"rank", "num_ranks", "params": {name: {shape, start}}}
@@ -117,12 +117,23 @@ def layout_from_manifest(manifest: Manifest, where: str) -> ManifestLayout:
     """The layout of every parameter a manifest records. A damaged or hostile manifest is a FormatError before
     anything enumerates its ranks: a rank count over the cap, a record whose mesh and spec do not fit together,
     whose mesh x stages exceed the rank count (a mesh of 2^40 devices on 8 ranks), or whose spec does not
-    divide its shape."""
-    if manifest.num_ranks > MAX_RANKS:
-        raise FormatError(f"{where}: records {manifest.num_ranks} ranks, over the cap of {MAX_RANKS}; the manifest "
-                          "is damaged")
-    params = {name: record_layout(name, record, manifest.num_ranks, where) for name, record in manifest.params.items()}
-    return ManifestLayout(params, manifest.num_ranks, where)
+    divide its shape. A parameter copied per rank as it is (`direct`) is whole on every rank."""
+    n = manifest.num_ranks
+    if n > MAX_RANKS:
+        raise FormatError(f"{where}: records {n} ranks, over the cap of {MAX_RANKS}; the manifest is damaged")
+    direct = direct_params(manifest, where)
+    params = {name: record_layout(name, record, n, where) for name, record in manifest.params.items()}
+    copies = ParamLayout((("copies", n),), (), (0,)) if n > 1 else COMPLETE
+    return ManifestLayout({name: copies if name in direct else p for name, p in params.items()}, n, where)
+
+
+def direct_params(manifest: Manifest, where: str) -> set[str]:
+    """The parameters a manifest lists under `extra.direct` (see `build_manifest`): MindSpore pass-through
+    copies, whole on every rank, whose recorded layout is not their geometry."""
+    names = manifest.extra.get("direct") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FormatError(f"{where}: 'extra.direct' must be a list of parameter names; the manifest is damaged")
+    return set(names)
 
 
 def record_layout(name: str, record: ParamRecord, num_ranks: int, where: str) -> ParamLayout:

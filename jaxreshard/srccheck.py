@@ -18,7 +18,7 @@ from .errors import FormatError, LayoutError
 from .formats import SourceCheckpoint
 from .formats.manifest import MANIFEST_NAME, Manifest, read_manifest
 from .layout import ParamLayout
-from .manifests import META_KEY, layout_from_manifest
+from .manifests import META_KEY, direct_params, layout_from_manifest
 from .plan import LayoutLike
 
 HINT = "pass the layout it was written with, or omit --src-layout/--src-strategy to use the layout its manifest records"
@@ -79,7 +79,7 @@ def _implied_shape(layout: ParamLayout, stored: tuple[int, ...]) -> tuple[int, .
 def _against_manifest(source: SourceCheckpoint, resolved: dict[str, ParamLayout], manifest: Manifest) -> None:
     where = Path(source.path) / MANIFEST_NAME
     recorded_layouts = layout_from_manifest(manifest, str(where)).params  # a damaged record is reported as such
-    direct = set(manifest.extra.get("direct") or ())
+    direct = direct_params(manifest, str(where))
     for name, layout in resolved.items():
         record = manifest.params.get(name)
         if record is None or name in direct or recorded_layouts[name] == layout:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 import jaxreshard
 from jaxreshard.errors import LayoutError
@@ -331,3 +332,86 @@ def test_convert_verify_commits_nothing_when_a_byte_is_wrong(ckpts, tmp_path, mo
     with pytest.raises(VerifyError):
         jaxreshard.convert(ckpts["complete"], tmp_path / "lib", dst_layout=DP2MP4, verify=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- fresh outputs of every kind verify by their manifests alone (no layout or strategy given)
+
+
+@pytest.fixture(scope="module")
+def outputs(ckpts, tmp_path_factory):
+    """name -> (output, the checkpoint it must equal, parameters, rank files), each written by the CLI."""
+    root = tmp_path_factory.mktemp("kinds")
+    llama, strategy = ckpts["complete"], MS / "strategy"
+
+    def cli(*argv) -> Path:
+        code, _, err = run_cli([str(a) for a in argv] + ["-q"])
+        assert code == 0, err
+        return Path(argv[argv.index("--dst") + 1])
+
+    for ranks in ("4-7", "0-3"):  # one destination filled by two runs
+        two = cli("convert", "--src", llama, "--dst", root / "two", "--dst-layout", DP2MP4, "--ranks", ranks)
+    for ranks in ("2-3", "0-1"):  # MindSpore pipeline stages, last one first
+        ms_two = cli("convert", "--src", MS / "ckpt" / "complete", "--dst", root / "ms_two", "--dst-strategy",
+                     strategy / "dp1mp2pp2.ckpt", "--ranks", ranks)
+    lora_src = root / "lora" / "model.safetensors"
+    lora_src.parent.mkdir()
+    rng = np.random.default_rng(0)
+    save_file({"m.wq.base_layer.weight": rng.standard_normal((8, 8)).astype(np.float32),
+               "m.wq.lora_A.weight": rng.standard_normal((2, 8)).astype(np.float32),
+               "m.wq.lora_B.weight": rng.standard_normal((8, 2)).astype(np.float32),
+               "m.norm.weight": np.ones(8, np.float32)}, str(lora_src))  # fmt: skip
+    (root / "mp2.yaml").write_text("mesh: {mp: 2}\nparams:\n  - {match: 'm.wq.*', spec: [mp]}\n")
+    lora = cli("merge-lora", "--src", lora_src, "--dst", root / "lora_out", "--lora-scaling", "0.5")
+    ms_complete = MS / "ckpt" / "complete"
+    return {
+        "complete": (cli("convert", "--src", llama, "--dst", root / "complete"), llama, 41, 1),
+        "hf": (ckpts["hf"], llama, 41, 1),
+        "rank folders": (ckpts["dp2mp4"], llama, 41, 8),
+        "pipeline": (ckpts["pp"], ckpts["dp2mp4"], 41, 8),
+        "--ranks by two runs": (two, llama, 41, 8),
+        "ckpt + strategy": (cli("convert", "--src", ms_complete, "--dst", root / "ms", "--dst-strategy",
+                                strategy / "dp2mp2.ckpt"), ms_complete, 10, 4),
+        "ckpt strategy to strategy": (cli("convert", "--src", MS / "ckpt" / "dp2mp2_opt", "--src-strategy",
+                                          strategy / "dp2mp2_opt.ckpt", "--dst", root / "ms_opt", "--dst-strategy",
+                                          strategy / "dp4_opt.ckpt"), ms_complete, 10, 4),
+        "ckpt --ranks by two runs": (ms_two, ms_complete, 10, 4),
+        "unify": (cli("unify", "--src", ckpts["dp2mp4"], "--dst", root / "unified", "--max-file-size", "700KB"),
+                  ckpts["dp2mp4"], 41, 1),
+        "merge-lora": (lora, None, 2, 1),
+        "merge-lora ranks": (cli("merge-lora", "--src", lora_src, "--dst", root / "lora_mp2", "--lora-scaling", "0.5",
+                                 "--dst-layout", root / "mp2.yaml"), lora, 2, 2),
+    }
+
+
+KINDS = ["complete", "hf", "rank folders", "pipeline", "--ranks by two runs", "ckpt + strategy",
+         "ckpt strategy to strategy", "ckpt --ranks by two runs", "unify", "merge-lora", "merge-lora ranks"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_of_output_verifies_by_its_manifest(outputs, kind):
+    out, reference, params, rank_files = outputs[kind]
+    code, text, err = run_cli(["verify", str(out), "--check-replicas"])
+    assert (code, err) == (0, "")
+    assert text.startswith(f"verified: {out} matches its manifest: {params} parameters, ")
+    assert f" {rank_files} rank file(s), " in text
+    if reference is not None:  # the same tensors as what it was made from, read by the manifest's layout
+        code, text, err = run_cli(["verify", "--src", str(reference), "--dst", str(out)])
+        assert (code, err) == (0, "")
+        assert text.startswith(f"verified: {out} matches {reference}: {params} parameters, ")
+
+
+def test_a_pass_through_copy_is_compared_on_every_rank(outputs, tmp_path):
+    """MindSpore's pass-through parameters (`global_step`) are copied whole to every rank; the manifest lists
+    them as `direct`, read as a whole copy on each rank, so a wrong copy on any rank is found."""
+    out, reference, _, _ = outputs["ckpt + strategy"]
+    assert "global_step" in json.loads((out / MANIFEST_NAME).read_text())["extra"]["direct"]
+    bad = copy(out, tmp_path / "bad")
+    entry = open_source(bad).entries[3]["global_step"]  # int32 [1]
+    data = bytearray(entry.path.read_bytes())
+    data[entry.segments[0][0]] ^= 0x01
+    entry.path.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match=r"rank_3/checkpoint_3.ckpt: parameter 'global_step' differs on "
+                                          r"destination rank 3: element 0 of its block \[0:1\]"):
+        verify(reference, bad)
+    with pytest.raises(VerifyError, match=r"rank_3/checkpoint_3.ckpt: SHA-256 "):
+        verify(bad)
