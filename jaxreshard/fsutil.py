@@ -93,11 +93,10 @@ def check_file_prefix(prefix: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_output(dst: Path, *, overwrite: bool = False, adopt: bool = False) -> Iterator[Path]:
+def atomic_output(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Hold the destination's lock, yield a fresh temporary sibling directory; on success commit it as `dst`
-    (see the module docstring), on error remove it. With `adopt` (for `--resume`) the newest stale partial of a
-    killed run on `dst`, if any, is taken over and yielded instead of an empty one: the caller decides what
-    in it is still good."""
+    (see the module docstring), on error remove it. Stale temporaries of killed runs are removed first
+    (`--resume` takes what it keeps from them before: see resume.py)."""
     target = resolve_destination(dst)
     check_destination(target, [], overwrite=overwrite)
     _make_parent(target)
@@ -105,7 +104,7 @@ def atomic_output(dst: Path, *, overwrite: bool = False, adopt: bool = False) ->
         fault("locked")
         check_destination(target, [], overwrite=overwrite)  # again, now that no other run can write it
         was_empty_dir = target.is_dir()  # (check_destination passed: an empty folder, if anything)
-        tmp = _fresh_or_adopted(target, adopt)
+        tmp = _fresh_partial(target)
         try:
             with _writes_named(target):
                 yield tmp
@@ -119,7 +118,7 @@ def atomic_output(dst: Path, *, overwrite: bool = False, adopt: bool = False) ->
 
 @contextlib.contextmanager
 def staged_rank_folders(dst: Path, folders: Sequence[str], ranks: Sequence[int], *,
-                        overwrite: bool = False, adopt: bool = False) -> Iterator[Path]:  # fmt: skip
+                        overwrite: bool = False) -> Iterator[Path]:  # fmt: skip
     """Like `atomic_output` for some ranks only (`--ranks`): lock only those ranks, yield a temporary, then
     commit each of its top-level `folders` into `dst` on its own; other rank folders are never touched."""
     target = resolve_destination(dst)
@@ -129,7 +128,7 @@ def staged_rank_folders(dst: Path, folders: Sequence[str], ranks: Sequence[int],
         taken = [f for f in folders if os.path.lexists(target / f)]
         if taken and not overwrite:
             raise OutputExistsError(f"{dst}: {', '.join(taken)} already exist; pass --overwrite to replace them")
-        tmp = _fresh_or_adopted(target, adopt)
+        tmp = _fresh_partial(target)
         try:
             with _writes_named(target):
                 yield tmp
@@ -221,16 +220,8 @@ def partial_dir(dst: Path) -> Path:
     raise OutputError(f"cannot find a free temporary name next to {dst}")
 
 
-def _fresh_or_adopted(target: Path, adopt: bool) -> Path:
-    """Our temporary for `target`: with `adopt`, the newest stale partial renamed to our own name (so no other
-    run removes it meanwhile), else a new empty one; other stale temporaries are removed either way."""
-    stale = sorted(stale_partials(target), key=lambda p: p.stat().st_mtime) if adopt else []
-    if stale:
-        tmp = _temp_name(target, "partial")
-        os.rename(stale[-1], tmp)
-        log.info("%s: resuming from %s, left by a killed run", target, stale[-1].name)
-        remove_stale_partials(target)
-        return tmp
+def _fresh_partial(target: Path) -> Path:
+    """Our new, empty temporary for `target`, once the stale temporaries of killed runs are removed."""
     remove_stale_partials(target)
     return partial_dir(target)
 

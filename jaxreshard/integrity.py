@@ -9,7 +9,7 @@ any data is trusted. Everything streams: one block (two for replicas) in memory 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +17,13 @@ import numpy as np
 
 from .box import Box
 from .coverage import check_exact_cover
-from .errors import FormatError, JaxreshardError, LayoutError
+from .errors import FormatError, JaxreshardError
 from .formats import READERS, SourceCheckpoint
 from .formats.base import FileHandles, TensorEntry, aligned_empty, read_box
-from .formats.manifest import MANIFEST_NAME, Manifest, ParamRecord, file_sha256
+from .formats.manifest import MANIFEST_NAME, Manifest, file_sha256
 from .formats.safetensors_io import DTYPE_CODES, HF_INDEX
-from .layout import COMPLETE, ParamLayout, parse_spec, unravel
+from .layout import COMPLETE, ParamLayout, unravel
+from .manifests import ManifestLayout, layout_from_manifest
 from .plan import LayoutLike, format_ranks, full_shape, merge_orders
 
 COMPARE_CHUNK = 16 << 20  # bytes compared per step: bounds the temporary of `!=`
@@ -31,55 +32,6 @@ INDEX_FILES = (HF_INDEX, "param_name_map.json")  # checkpoint files that are not
 
 class VerifyError(FormatError):
     """Two checkpoints (or two replicas) differ, or a checkpoint does not match its manifest."""
-
-
-def record_layout(name: str, record: ParamRecord, where: str) -> ParamLayout:
-    """A manifest record as a `ParamLayout` (its axes checked: known, each used once, sizes positive)."""
-    if not record.mesh_axes:
-        if any(record.spec):
-            raise FormatError(f"{where}: parameter {name!r} has spec {list(record.spec)} but no mesh")
-        return ParamLayout((), (), tuple(record.stages)) if record.stages != (0,) else COMPLETE
-    try:
-        spec = parse_spec([list(a) for a in record.spec], dict(record.mesh_axes), f"{where}: parameter {name!r}")
-    except LayoutError as e:
-        raise FormatError(str(e)) from None
-    if len({a for a, _ in record.mesh_axes}) != len(record.mesh_axes) or not record.stages:
-        raise FormatError(f"{where}: parameter {name!r} has a mesh with repeated axes or no stages")
-    return ParamLayout(tuple(record.mesh_axes), spec, tuple(record.stages))
-
-
-class ManifestLayout:
-    """The layout a manifest records, as a `LayoutLike` (`num_ranks` + `resolve`), so an output of jaxreshard is
-    read and checked without being told its layout. Every record must fit in `num_ranks` (checked here, before
-    anything iterates over ranks, so a hostile manifest cannot make us enumerate 2^40 ranks)."""
-
-    def __init__(self, manifest: Manifest, where: str) -> None:
-        self.manifest, self.where = manifest, where
-        self.params: dict[str, ParamLayout] = {}
-        for name, record in manifest.params.items():
-            layout = record_layout(name, record, where)
-            if layout.devices_per_stage * (max(layout.stages) + 1) > manifest.num_ranks:
-                raise FormatError(
-                    f"{where}: parameter {name!r} is laid out on {layout.devices_per_stage} devices x stages "
-                    f"{list(layout.stages)}, beyond the manifest's {manifest.num_ranks} ranks; the manifest is damaged"
-                )
-            self.params[name] = layout
-
-    @property
-    def num_ranks(self) -> int:
-        return self.manifest.num_ranks
-
-    @property
-    def devices_per_stage(self) -> int:
-        return max((p.devices_per_stage for p in self.params.values()), default=1)
-
-    def resolve(self, params: Iterable[str]) -> dict[str, ParamLayout]:
-        out = {}
-        for name in params:
-            if name not in self.params:
-                raise FormatError(f"{self.where}: parameter {name!r} is in the files but not in the manifest")
-            out[name] = self.params[name]
-        return out
 
 
 def check_files(root: Path, manifest: Manifest) -> int:
@@ -255,11 +207,12 @@ def check_replicas(source: SourceCheckpoint, structure: Structure, handles: File
 
 
 def manifest_layout(source: SourceCheckpoint, manifest: Manifest, where: str) -> ManifestLayout:
-    """The manifest's layout, once its rank count is known to match the rank folders present."""
+    """The manifest's layout (`manifests.layout_from_manifest`: each record checked, a hostile mesh refused
+    before any rank is enumerated), once its rank count is known to match the rank folders present."""
     if manifest.num_ranks != len(source.entries) and (manifest.num_ranks > 1 or source.distributed):
         raise VerifyError(f"{where}: records {manifest.num_ranks} ranks but {source.path} has "
                           f"{len(source.entries)} rank file(s) ({format_ranks(source.ranks)})")
-    return ManifestLayout(manifest, where)
+    return layout_from_manifest(manifest, where)
 
 
 def params_summary(shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype]) -> int:

@@ -13,10 +13,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import ConfigError, FormatError, LayoutError
+from .caps import MAX_MESH_AXES, MAX_RANKS
+from .errors import ConfigError, FormatError
 from .formats.manifest import FileRecord, Manifest, ParamRecord, read_manifest, write_manifest
 from .formats.safetensors_io import DTYPE_CODES
-from .layout import ParamLayout
+from .layout import COMPLETE, ParamLayout
 from .plan import Plan, RankPlan
 
 META_KEY = "jaxreshard"  # per-rank safetensors metadata: {"rank", "num_ranks", "params": {name: {shape, start}}}
@@ -93,7 +94,8 @@ def hf_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ManifestLayout:
-    """The layout a manifest records, as a `LayoutLike` (read a jaxreshard output without `--src-layout`)."""
+    """The layout a manifest records, as a `LayoutLike` (read or verify a jaxreshard output without being told
+    its layout). Built only by `layout_from_manifest`, which checks every record first."""
 
     params: Mapping[str, ParamLayout]
     num_ranks: int
@@ -105,31 +107,73 @@ class ManifestLayout:
             layout = self.params.get(name)
             if layout is None:
                 raise FormatError(f"{self.where}: parameter {name!r} is in the checkpoint files but not in their "
-                                  "manifest; the files were changed after jaxreshard wrote them: pass --src-layout")
+                                  "manifest; the files were changed after jaxreshard wrote them: pass the layout "
+                                  "they were written with (--src-layout)")
             out[name] = layout
         return out
 
 
-def record_layout(record: ParamRecord) -> ParamLayout:
-    return ParamLayout(record.mesh_axes, record.spec, record.stages)
-
-
 def layout_from_manifest(manifest: Manifest, where: str) -> ManifestLayout:
-    """The layout of every parameter a manifest records; LayoutError if a record cannot be one."""
-    params = {}
-    for name, record in manifest.params.items():
-        axes = dict(record.mesh_axes)
-        used = [a for dim in record.spec for a in dim]
-        if len(axes) != len(record.mesh_axes) or any(a not in axes for a in used) or len(used) != len(set(used)):
-            raise LayoutError(f"{where}: parameter {name!r}: mesh {list(record.mesh_axes)} and spec "
-                              f"{[list(d) for d in record.spec]} do not fit together; the manifest is damaged")
-        layout = record_layout(record)
-        if any(s < 0 or (s + 1) * layout.devices_per_stage > manifest.num_ranks for s in layout.stages):
-            raise LayoutError(f"{where}: parameter {name!r}: stages {list(layout.stages)} exceed the manifest's "
-                              f"{manifest.num_ranks} ranks; the manifest is damaged")
-        layout.check_shape(name, record.shape)
-        params[name] = layout
-    return ManifestLayout(params, manifest.num_ranks, where)
+    """The layout of every parameter a manifest records. A damaged or hostile manifest is a FormatError before
+    anything enumerates its ranks: a rank count over the cap, a record whose mesh and spec do not fit together,
+    whose mesh x stages exceed the rank count (a mesh of 2^40 devices on 8 ranks), or whose spec does not
+    divide its shape. A parameter copied per rank as it is (`direct`) is whole on every rank."""
+    n = manifest.num_ranks
+    if n > MAX_RANKS:
+        raise FormatError(f"{where}: records {n} ranks, over the cap of {MAX_RANKS}; the manifest is damaged")
+    direct = direct_params(manifest, where)
+    params = {name: record_layout(name, record, n, where) for name, record in manifest.params.items()}
+    copies = ParamLayout((("copies", n),), (), (0,)) if n > 1 else COMPLETE
+    return ManifestLayout({name: copies if name in direct else p for name, p in params.items()}, n, where)
+
+
+def direct_params(manifest: Manifest, where: str) -> set[str]:
+    """The parameters a manifest lists under `extra.direct` (see `build_manifest`): MindSpore pass-through
+    copies, whole on every rank, whose recorded layout is not their geometry."""
+    names = manifest.extra.get("direct") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FormatError(f"{where}: 'extra.direct' must be a list of parameter names; the manifest is damaged")
+    return set(names)
+
+
+def record_layout(name: str, record: ParamRecord, num_ranks: int, where: str) -> ParamLayout:
+    """One manifest record as a `ParamLayout`, checked (see `layout_from_manifest`)."""
+    mesh, spec = [list(a) for a in record.mesh_axes], [list(d) for d in record.spec]
+    problem = _mesh_problem(record)
+    if problem:
+        raise FormatError(f"{where}: parameter {name!r}: mesh {mesh} and spec {spec} do not fit together "
+                          f"({problem}); the manifest is damaged")
+    layout = ParamLayout(record.mesh_axes, record.spec, record.stages)
+    stages = list(record.stages)
+    if not stages or len(set(stages)) != len(stages):
+        raise FormatError(f"{where}: parameter {name!r}: stages {stages} (none, or one named twice); the manifest "
+                          "is damaged")
+    devices = layout.devices_per_stage
+    if devices * (max(stages) + 1) > num_ranks:
+        raise FormatError(f"{where}: parameter {name!r} is laid out on {devices} devices x stages {stages}, beyond "
+                          f"the manifest's {num_ranks} ranks; the manifest is damaged")
+    shape = record.shape
+    if len(spec) > len(shape) or any(n % k for n, k in zip(shape, layout.blocks_per_dim(len(shape)))):
+        raise FormatError(f"{where}: parameter {name!r}: spec {spec} on mesh {mesh} does not divide its shape "
+                          f"{list(shape)}; the manifest is damaged")
+    return layout
+
+
+def _mesh_problem(record: ParamRecord) -> str | None:
+    """What is wrong with a record's mesh and spec (too many axes, an axis named twice, a spec axis not in the
+    mesh or used twice), or None."""
+    names = [a for a, _ in record.mesh_axes]
+    used = [a for dim in record.spec for a in dim]
+    if len(names) > MAX_MESH_AXES:
+        return f"{len(names)} mesh axes, over the cap of {MAX_MESH_AXES}"
+    if len(set(names)) != len(names):
+        return "a mesh axis named twice"
+    unknown = next((a for a in used if a not in set(names)), None)
+    if unknown is not None:
+        return f"unknown mesh axis {unknown!r} in the spec"
+    if len(set(used)) != len(used):
+        return "a mesh axis used twice in the spec"
+    return None
 
 
 def check_same_layout(old: Manifest, new: Manifest, where: Path) -> None:

@@ -3,8 +3,9 @@
 While a run writes into its temporary folder, every file that is complete (written, fsynced, closed) is
 recorded with its size and SHA-256 in a journal, `.jaxreshard.journal`, in that folder; the journal's first
 line names the conversion (a key over the plan, the output options and the source files' sizes and times)
-and the owner (host, pid). A rerun with `--resume` looks for the newest temporary folder of the same
-destination whose owner is gone and whose key is the same conversion, checks each journaled rank file's size
+and, for people reading it, the owner (host, pid). A rerun with `--resume` looks for the newest temporary
+folder of the same destination whose owner is gone (`fsutil.stale_partials`: by the host and pid in the
+folder's name) and whose key is the same conversion, checks each journaled rank file's size
 and SHA-256 again (a damaged one is written anew, never kept), moves the good ones into its own temporary
 folder, and plans only the missing ranks. Rank files are independent, so the result is the same bytes as an
 uninterrupted run. The journal never reaches the committed output.
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats.manifest import FileRecord, file_sha256, prefix_sha256
-from .fsutil import partial_dir
+from .fsutil import partial_dir, stale_partials
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def adopt(dst: Path, key: str, plan: Plan, *, continuable: bool = False) -> Held
     """Take over the verified rank files of the newest interrupted run of this conversion into `dst` (with
     `continuable`, also the files it wrote in part, when the last progress record of them verifies)."""
     dst = Path(dst).absolute()
-    found = sorted((p for p in _stale_partials(dst) if _header(p).get("key") == key),
+    found = sorted((p for p in stale_partials(dst) if _header(p).get("key") == key),
                    key=lambda p: p.stat().st_mtime, reverse=True)
     if not found:
         log.info("--resume: no interrupted run of this conversion into %s; converting everything", dst)
@@ -126,13 +127,17 @@ def _continue(old: Path, held: Path, remaining: set[str]) -> tuple[dict[str, tup
 def _journal(folder: Path, key: str, files: dict[str, FileRecord], partial: dict[str, tuple[int, Any]],
              skip: int) -> None:
     """A journal naming us as the owner of `folder` and the files it holds (as an interrupted run's would)."""
-    header = {"journal": 1, "key": key, "host": socket.gethostname(), "pid": os.getpid()}
-    (folder / JOURNAL).write_text(json.dumps(header) + "\n")
+    _begin_journal(folder, key)
     record = journal_writer(folder)
     for rel, rec in files.items():
         record(rel, rec)
     if partial:
         progress_writer(folder)(skip, {rel: (size, h.hexdigest()) for rel, (size, h) in partial.items()})
+
+
+def _begin_journal(folder: Path, key: str) -> None:
+    header = {"journal": 1, "key": key, "host": socket.gethostname(), "pid": os.getpid()}
+    (folder / JOURNAL).write_text(json.dumps(header) + "\n")
 
 
 def _last_progress(journal: Path) -> tuple[int, dict[str, tuple[int, str]]] | None:
@@ -164,8 +169,7 @@ def _intact(path: Path, record: FileRecord) -> bool:
 
 def start(tmp: Path, key: str, held: Held | None) -> dict[str, FileRecord]:
     """Begin the journal of `tmp` and move the held files in; returns their records."""
-    header = {"journal": 1, "key": key, "host": socket.gethostname(), "pid": os.getpid()}
-    (tmp / JOURNAL).write_text(json.dumps(header) + "\n")
+    _begin_journal(tmp, key)
     files: dict[str, FileRecord] = {}
     if held is not None:
         record = journal_writer(tmp)
@@ -184,13 +188,7 @@ def progress_writer(tmp: Path):
     path = Path(tmp) / JOURNAL
 
     def record(skip: int, states: dict[str, tuple[int, str]]) -> None:
-        line = (json.dumps({"progress": skip, "files": {r: list(v) for r, v in states.items()}}) + "\n").encode()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append(path, {"progress": skip, "files": {r: list(v) for r, v in states.items()}})
 
     return record
 
@@ -200,32 +198,25 @@ def journal_writer(tmp: Path):
     path = Path(tmp) / JOURNAL
 
     def record(rel: str, rec: FileRecord) -> None:
-        line = (json.dumps({"file": rel, "size": rec.size, "sha256": rec.sha256}) + "\n").encode()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)  # one small O_APPEND write: lines of concurrent workers never interleave
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append(path, {"file": rel, "size": rec.size, "sha256": rec.sha256})
 
     return record
+
+
+def _append(path: Path, item: dict) -> None:
+    """One journal line, durable before returning: a single small O_APPEND write, so lines of concurrent
+    workers never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(item) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def finish(tmp: Path) -> None:
     """Remove the journal: the folder is about to become the output."""
     (Path(tmp) / JOURNAL).unlink(missing_ok=True)
-
-
-def _stale_partials(dst: Path) -> list[Path]:
-    """Temporary folders of `dst` whose owner is gone: `fsutil.stale_partials` where it exists, else every
-    `.<name>.partial-*` folder; either way only those whose journal names an owner that is not running."""
-    from . import fsutil
-
-    finder = getattr(fsutil, "stale_partials", None)
-    if finder is not None:
-        return [p for p in finder(dst) if not _owner_alive(_header(p), other_hosts_alive=False)]
-    candidates = [p for p in dst.parent.glob(f".{dst.name}.partial-*") if p.is_dir() and not p.is_symlink()]
-    return [p for p in candidates if not _owner_alive(_header(p), other_hosts_alive=True)]
 
 
 def _header(folder: Path) -> dict:
@@ -235,23 +226,6 @@ def _header(folder: Path) -> dict:
         return head if isinstance(head, dict) else {}
     except (OSError, ValueError):
         return {}
-
-
-def _owner_alive(head: dict, *, other_hosts_alive: bool) -> bool:
-    pid = head.get("pid")
-    if not isinstance(pid, int):
-        return False  # no journal header: nothing to resume from anyway
-    if head.get("host") != socket.gethostname():
-        return other_hosts_alive  # only fsutil.stale_partials can judge another host's run
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def _entries(journal: Path) -> dict[str, FileRecord]:

@@ -18,7 +18,7 @@ from .errors import FormatError, LayoutError
 from .formats import SourceCheckpoint
 from .formats.manifest import MANIFEST_NAME, Manifest, read_manifest
 from .layout import ParamLayout
-from .manifests import META_KEY, layout_from_manifest, record_layout
+from .manifests import META_KEY, direct_params, layout_from_manifest
 from .plan import LayoutLike
 
 HINT = "pass the layout it was written with, or omit --src-layout/--src-strategy to use the layout its manifest records"
@@ -78,11 +78,11 @@ def _implied_shape(layout: ParamLayout, stored: tuple[int, ...]) -> tuple[int, .
 
 def _against_manifest(source: SourceCheckpoint, resolved: dict[str, ParamLayout], manifest: Manifest) -> None:
     where = Path(source.path) / MANIFEST_NAME
-    layout_from_manifest(manifest, str(where))  # a damaged record is reported as such, not as a mismatch
-    direct = set(manifest.extra.get("direct") or ())
+    recorded_layouts = layout_from_manifest(manifest, str(where)).params  # a damaged record is reported as such
+    direct = direct_params(manifest, str(where))
     for name, layout in resolved.items():
         record = manifest.params.get(name)
-        if record is None or name in direct or record_layout(record) == layout:
+        if record is None or name in direct or recorded_layouts[name] == layout:
             continue
         holders = [r for r in layout.global_ranks() if name in source.entries.get(r, {})]
         if not holders:
@@ -95,7 +95,7 @@ def _against_manifest(source: SourceCheckpoint, resolved: dict[str, ParamLayout]
                               + HINT)
         if len(layout.spec) > len(record.shape):
             continue  # check_shape reports it
-        recorded = record_layout(record)
+        recorded = recorded_layouts[name]
         mine, theirs = set(layout.global_ranks()), set(recorded.global_ranks())
         for rank in sorted(mine | theirs):
             if rank not in source.entries:

@@ -114,14 +114,11 @@ def verify(
 
 
 def layout_of(source: SourceCheckpoint, layout: Any, strategy: Any) -> LayoutLike | None:
-    """The layout given for `source`, else the one its manifest records, else complete (a distributed source
-    with neither is a ConfigError naming the flags)."""
+    """The layout given for `source` (checked against what its files record), else the one its manifest records
+    (`srccheck.source_layout`, as `convert` reads it), else complete; a distributed source with neither is a
+    ConfigError naming the flags."""
     from .api import native_layouts
 
-    if layout is None and strategy is None and source.path.is_dir():
-        manifest = read_manifest(source.path)
-        if manifest is not None:
-            return manifest_layout(source, manifest, str(source.path / MANIFEST_NAME))
     return native_layouts(source, layout, strategy)[0]
 
 

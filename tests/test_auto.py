@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -236,19 +237,27 @@ def test_truncated_safetensors_found_by_its_header(tmp_path):
 
 
 def test_manifest_sizes_are_compared(tmp_path, caplog):
-    """A manifest listing another size for a file: converted again; when the manifest itself is stale the
-    converter says so (one line) instead of leaving its waiters to time out."""
+    """A manifest listing another size for a file: converted again (the conversion writes the record anew);
+    when the manifest itself is damaged the converter says so (one line) instead of leaving its waiters to
+    time out."""
     got = _convert_once(tmp_path)
-    manifest = {"format": "jaxreshard.manifest", "version": 1,
-                "files": {"rank_3/checkpoint_3.ckpt": {"size": 1, "sha256": "0" * 64}}}
-    (got / "jaxreshard.manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(JaxreshardError, match=r"block_0: the output fails its check right after conversion: .*"
-                       r"checkpoint_3.ckpt has \d+ bytes but .*jaxreshard.manifest.json lists 1; remove the stale"):
-        _auto(tmp_path)
+    path = got / "jaxreshard.manifest.json"
+    written = json.loads(path.read_text())  # the manifest the conversion wrote
     size = (got / "rank_3" / "checkpoint_3.ckpt").stat().st_size
-    manifest["files"]["rank_3/checkpoint_3.ckpt"]["size"] = size
-    (got / "jaxreshard.manifest.json").write_text(json.dumps(manifest))
-    assert _auto(tmp_path) == got  # consistent manifest: converted (again) and loaded
+    assert written["files"]["rank_3/checkpoint_3.ckpt"]["size"] == size
+    stale = json.loads(path.read_text())
+    stale["files"]["rank_3/checkpoint_3.ckpt"]["size"] = 1
+    path.write_text(json.dumps(stale))
+    with caplog.at_level(logging.INFO, logger="jaxreshard"):
+        assert _auto(tmp_path) == got
+    assert tree(got) == tree(FIX / "ckpt" / "dp2mp4")
+    message = " ".join(r.getMessage() for r in caplog.records if "again" in r.getMessage())
+    assert re.search(rf"checkpoint_3.ckpt has {size} bytes but .*jaxreshard.manifest.json lists 1", message), message
+    assert json.loads(path.read_text())["files"] == written["files"]
+    path.write_text(json.dumps({"format": "jaxreshard.manifest", "version": 1, "files": stale["files"]}))
+    with pytest.raises(JaxreshardError, match=r"jaxreshard.manifest.json: damaged jaxreshard manifest \(KeyError: "
+                       r"'params'\); remove it or re-run the conversion"):
+        _auto(tmp_path)
 
 
 def test_timeout_names_the_block_and_its_converter(tmp_path):

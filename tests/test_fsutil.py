@@ -385,25 +385,6 @@ def test_fault_fires_only_at_its_point_and_count(monkeypatch):
     assert len(sent) == 1
 
 
-def test_adopt_takes_over_the_newest_stale_partial(tmp_path, caplog):
-    dst = tmp_path / "out"
-    host, dead = fsutil._host(), _dead_pid()
-    older, newer = (tmp_path / f".out.partial-{host}-{dead}-{r}" for r in ("0000aaaa", "0000bbbb"))
-    for i, d in enumerate((older, newer)):
-        d.mkdir()
-        (d / "kept.bin").write_bytes(b"%d" % i)
-        os.utime(d, (1000 + i, 1000 + i))
-    with caplog.at_level(logging.INFO, logger="jaxreshard"):  # (a quiet CLI run may have raised its level)
-        with atomic_output(dst, adopt=True) as tmp:
-            assert _tree(tmp) == {"kept.bin": b"1"}, "the newest partial, contents and all"
-            assert str(os.getpid()) in tmp.name and not newer.exists() and not older.exists()
-            (tmp / "more.bin").write_bytes(b"m")
-    assert _tree(dst) == {"kept.bin": b"1", "more.bin": b"m"}
-    assert newer.name in caplog.text and _leftovers(tmp_path, "out") == []
-    with atomic_output(tmp_path / "fresh", adopt=True) as tmp:
-        assert _tree(tmp) == {}, "nothing to adopt: an empty temporary"
-
-
 def test_overwriting_a_rank_folder_that_is_a_symlink_replaces_the_link_only(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -119,15 +119,22 @@ def test_resume_with_nothing_to_resume_converts_everything(tmp_path, llama, refe
     assert tree(dst) == tree(reference)
 
 
-def test_a_running_owner_is_never_robbed(tmp_path, llama):
-    """A temporary folder whose journal names a live process (this one) is not adopted."""
-    from jaxreshard import resume
+def test_a_running_owner_is_never_robbed(tmp_path, llama, caplog):
+    """A temporary folder of a live run (this process, by the pid in its name) is not adopted."""
+    from jaxreshard import fsutil, resume
+    from jaxreshard.api import output_of, plan_conversion
 
     dst = tmp_path / "out"
-    live = tmp_path / ".out.partial-live"
-    live.mkdir()
-    resume.start(live, "k", None)
-    assert resume._stale_partials(dst) == []
+    killed_run(llama, dst, kill_after=4)
+    (dead,) = partials(dst)
+    live = fsutil.partial_dir(dst)
+    os.rmdir(live)
+    dead.rename(live)  # the same journaled files, now owned by a running process
+    job = plan_conversion(llama, dst_layout=LAYOUT)
+    caplog.set_level("INFO")
+    assert resume.adopt(dst, resume.plan_key(job.plan, output_of(job)), job.plan) is None
+    assert "no interrupted run of this conversion" in caplog.text
+    assert len(journaled(live)) == 4
 
 
 # the parent of a --process-num 2 run SIGKILLs itself once its first block of ranks is reported complete
@@ -236,24 +243,36 @@ def test_a_damaged_partial_file_restarts_the_unfinished_ranks(tmp_path, llama, f
     assert "continuing" not in caplog.text
 
 
-def test_adopted_files_survive_a_run_that_dies_before_using_them(tmp_path, llama, reference):
-    """The folder holding adopted files carries its own journal: if the adopting run dies too, the next
-    --resume adopts them from there."""
+def test_adopted_files_survive_a_run_that_dies_before_using_them(tmp_path, llama, reference, caplog):
+    """The folder holding adopted files carries its own journal: if the adopting run dies too (SIGKILLed right
+    after adopting), the next --resume adopts them from there."""
+    dst = tmp_path / "out"
+    killed_run(llama, dst, kill_after=4)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", ADOPT_THEN_DIE, str(llama), str(dst), str(LAYOUT)], env=env,
+                          cwd=ROOT, timeout=300, check=False, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    held = json.loads(proc.stdout)
+    assert len(held["files"]) == 4
+    assert partials(dst) == [Path(held["dir"])]  # the first run's folder is gone, the dead adopter's is left
+    assert sorted(journaled(Path(held["dir"]))) == held["files"]
+    caplog.set_level("INFO")
+    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(LAYOUT), "--resume"]) == 0
+    assert f"kept 4 of 8 rank files from {Path(held['dir']).name}" in caplog.text
+    assert tree(dst) == tree(reference)
+    assert partials(dst) == []
+
+
+# a run that adopts an interrupted run's files (`resume.adopt`, as `convert --resume` does first), then is
+# SIGKILLed before using them
+ADOPT_THEN_DIE = textwrap.dedent("""
+    import json, os, signal, sys
     from jaxreshard import resume
     from jaxreshard.api import output_of, plan_conversion
 
-    dst = tmp_path / "out"
-    killed_run(llama, dst, kill_after=4)
-    job = plan_conversion(llama, dst_layout=LAYOUT)
-    key = resume.plan_key(job.plan, output_of(job))
-    held = resume.adopt(dst, key, job.plan)
-    assert len(held.files) == 4
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    head = json.loads((held.dir / JOURNAL).read_text().splitlines()[0])
-    lines = (held.dir / JOURNAL).read_text().splitlines()
-    (held.dir / JOURNAL).write_text("\n".join([json.dumps({**head, "pid": gone.pid}), *lines[1:]]) + "\n")
-    again = resume.adopt(dst, key, job.plan)  # the adopting run "died": its folder is stale now
-    assert again.files == held.files
-    assert main(["convert", "--src", str(llama), "--dst", str(dst), "--dst-layout", str(LAYOUT), "--resume", "-q"]) == 0
-    assert tree(dst) == tree(reference)
+    src, dst, layout = sys.argv[1:]
+    job = plan_conversion(src, dst_layout=layout)
+    held = resume.adopt(dst, resume.plan_key(job.plan, output_of(job)), job.plan)
+    print(json.dumps({"dir": str(held.dir), "files": sorted(held.files)}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 import jaxreshard
+from jaxreshard.errors import LayoutError
 from jaxreshard.formats import open_source
-from jaxreshard.formats.manifest import FileRecord, Manifest, ParamRecord, file_sha256, write_manifest
-from jaxreshard.formats.safetensors_io import DTYPE_CODES
+from jaxreshard.formats.manifest import MANIFEST_NAME
 from jaxreshard.integrity import VerifyError
 from jaxreshard.verify import verify
 
@@ -31,22 +32,31 @@ MS = Path(__file__).parent / "fixtures" / "mindspore"
 
 @pytest.fixture(scope="module")
 def ckpts(llama, tmp_path_factory):
-    """The example checkpoint as complete, dp2mp4 ranks, mp2pp4 ranks and Hugging Face parts."""
+    """The example checkpoint as complete, dp2mp4 ranks, mp2pp4 ranks and Hugging Face parts (each with the
+    manifest conversions write), and the two rank outputs as another tool would have written them."""
     root = tmp_path_factory.mktemp("verify")
     jaxreshard.convert(llama, root / "dp2mp4", dst_layout=DP2MP4)
     jaxreshard.convert(llama, root / "pp", dst_layout=MP2PP4)
     jaxreshard.convert(llama, root / "hf", hf=True, max_file_size="500KB")
-    return {"complete": llama, "dp2mp4": root / "dp2mp4", "pp": root / "pp", "hf": root / "hf"}
+    return {"complete": llama, "dp2mp4": root / "dp2mp4", "pp": root / "pp", "hf": root / "hf",
+            "foreign_dp2mp4": foreign(root / "dp2mp4", root / "foreign_dp2mp4"),
+            "foreign_pp": foreign(root / "pp", root / "foreign_pp")}
 
 
-def write_test_manifest(src: Path, dst: Path, dst_layout: str | None) -> None:
-    """What the manifest of a converted output records, built here from the plan and the files."""
-    plan = jaxreshard.plan_conversion(src, dst_layout=dst_layout).plan
-    params = {p: ParamRecord(i.shape, DTYPE_CODES[i.dst_dtype], i.dst_layout.mesh_axes, i.dst_layout.spec,
-                             i.dst_layout.stages) for p, i in plan.params.items()}  # fmt: skip
-    files = {p.relative_to(dst).as_posix(): FileRecord(p.stat().st_size, file_sha256(p))
-             for p in sorted(dst.rglob("*")) if p.is_file()}  # fmt: skip
-    write_manifest(dst, Manifest(len(plan.ranks), params, files, "safetensors", str(src)))
+def foreign(src: Path, dst: Path) -> Path:
+    """A copy of a jaxreshard output that says nothing about its layout, as another tool's output: no manifest,
+    and each rank file's `jaxreshard` metadata entry removed (header padded with spaces, as the safetensors
+    format allows, so every data offset stays)."""
+    shutil.copytree(src, dst)
+    (dst / MANIFEST_NAME).unlink()
+    for path in dst.rglob("*.safetensors"):
+        raw = bytearray(path.read_bytes())
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8 : 8 + n])
+        del header["__metadata__"]["jaxreshard"]
+        raw[8 : 8 + n] = json.dumps(header, separators=(",", ":")).encode().ljust(n, b" ")
+        path.write_bytes(bytes(raw))
+    return dst
 
 
 def safetensors_offset(path: Path, param: str) -> tuple[int, list[int], str]:
@@ -112,7 +122,12 @@ def test_a_flipped_byte_is_found_with_its_rank_and_offset(ckpts, tmp_path):
     assert code == 2
     assert f"rank_{rank}/checkpoint_{rank}.safetensors: parameter '{param}' differs on destination rank {rank}: " \
            f"element {k} of its block [0:128, 32:64] (global index {want_global})" in err
-    # the same damage, seen as a replica (rank 1 holds the same block) that differs
+    # alone, its manifest shows the file changed
+    code, _, err = run_cli(["verify", str(bad)])
+    assert code == 2 and f"rank_{rank}/checkpoint_{rank}.safetensors: SHA-256 " in err
+    # without its manifest (as another tool's output), the same damage is seen as a replica (rank 1 holds the
+    # same block) that differs
+    (bad / MANIFEST_NAME).unlink()
     code, _, err = run_cli(["verify", str(bad), "--dst-layout", DP2MP4, "--check-replicas"])
     assert code == 2
     assert f"parameter '{param}' on rank {rank} should be a replica of rank 1 but element {k} " in err
@@ -135,15 +150,24 @@ def test_a_flipped_byte_in_a_mindspore_rank_file(tmp_path):
 
 
 def test_wrong_layouts_are_found(ckpts):
+    """In an output that says nothing about its layout (another tool's), a wrong layout shows in the files or
+    the data; in a jaxreshard output its manifest refuses it before any data is read."""
+    dp8 = LAYOUTS / "llama_dp8.yaml"
     with pytest.raises(VerifyError, match=r"'model.embed_tokens.weight' is bfloat16\[512, 128\] but "
                                           r"bfloat16\[128, 128\]"):
-        verify(ckpts["dp2mp4"], ckpts["complete"], src_layout=LAYOUTS / "llama_dp8.yaml")
+        verify(ckpts["foreign_dp2mp4"], ckpts["complete"], src_layout=dp8)
     with pytest.raises(VerifyError, match=r"rank_1/checkpoint_1.safetensors: parameter '.*' on rank 1 should be a "
                                           r"replica of rank 0"):
-        verify(ckpts["dp2mp4"], src_layout=LAYOUTS / "llama_dp8.yaml", check_replicas=True)
+        verify(ckpts["foreign_dp2mp4"], src_layout=dp8, check_replicas=True)
     # mp2pp4 puts layer 1 on stage 1 (ranks 2-3); dp2mp2pp2 on stage 0, whose ranks are 0-3
     with pytest.raises(VerifyError, match=r"pp/rank_0/checkpoint_0.safetensors: rank 0 lacks parameter "
                                           r"'model.layers.1.self_attn.q_proj.weight', which the layout puts on it"):
+        verify(ckpts["foreign_pp"], src_layout=LAYOUTS / "llama_dp2mp2pp2.yaml")
+    embed = r"parameter 'model.embed_tokens.weight' on rank 0: the given source layout makes it \[128, 128\]"
+    for args in [(ckpts["dp2mp4"], ckpts["complete"]), (ckpts["dp2mp4"],)]:
+        with pytest.raises(LayoutError, match=r"dp2mp4/jaxreshard.manifest.json: " + embed):
+            verify(*args, src_layout=dp8, check_replicas=True)
+    with pytest.raises(LayoutError, match=r"pp/jaxreshard.manifest.json: parameter '.*' on rank \d+: the given"):
         verify(ckpts["pp"], src_layout=LAYOUTS / "llama_dp2mp2pp2.yaml")
 
 
@@ -179,9 +203,7 @@ def test_check_replicas_finds_differing_mindspore_replicas():
 
 @pytest.fixture
 def with_manifest(ckpts, tmp_path):
-    out = copy(ckpts["dp2mp4"], tmp_path / "out")
-    write_test_manifest(ckpts["complete"], out, DP2MP4)
-    return out
+    return copy(ckpts["dp2mp4"], tmp_path / "out")  # with the manifest its conversion wrote
 
 
 def test_a_checkpoint_matches_its_manifest(with_manifest, ckpts):
@@ -267,12 +289,13 @@ def test_positional_and_job_file_forms(ckpts, tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(f"task: verify\nsrc: {ckpts['dp2mp4']}\nsrc_layout: {DP2MP4}\ncheck_replicas: true\n")
     code, out, _ = run_cli(["--config", str(job)])  # one checkpoint, by its layout
-    assert code == 0 and out.startswith(f"verified: {ckpts['dp2mp4']} matches the given layout: 41 parameters")
+    assert code == 0 and out.startswith(f"verified: {ckpts['dp2mp4']} matches the given layout and its manifest: "
+                                        "41 parameters")
     assert out.rstrip().endswith("replica block(s) compared")
 
 
 def test_no_manifest(ckpts):
-    code, _, err = run_cli(["verify", str(ckpts["dp2mp4"])])
+    code, _, err = run_cli(["verify", str(ckpts["foreign_dp2mp4"])])
     assert code == 2 and "has no manifest (jaxreshard.manifest.json); give --src to compare with" in err
 
 
@@ -309,3 +332,86 @@ def test_convert_verify_commits_nothing_when_a_byte_is_wrong(ckpts, tmp_path, mo
     with pytest.raises(VerifyError):
         jaxreshard.convert(ckpts["complete"], tmp_path / "lib", dst_layout=DP2MP4, verify=True)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- fresh outputs of every kind verify by their manifests alone (no layout or strategy given)
+
+
+@pytest.fixture(scope="module")
+def outputs(ckpts, tmp_path_factory):
+    """name -> (output, the checkpoint it must equal, parameters, rank files), each written by the CLI."""
+    root = tmp_path_factory.mktemp("kinds")
+    llama, strategy = ckpts["complete"], MS / "strategy"
+
+    def cli(*argv) -> Path:
+        code, _, err = run_cli([str(a) for a in argv] + ["-q"])
+        assert code == 0, err
+        return Path(argv[argv.index("--dst") + 1])
+
+    for ranks in ("4-7", "0-3"):  # one destination filled by two runs
+        two = cli("convert", "--src", llama, "--dst", root / "two", "--dst-layout", DP2MP4, "--ranks", ranks)
+    for ranks in ("2-3", "0-1"):  # MindSpore pipeline stages, last one first
+        ms_two = cli("convert", "--src", MS / "ckpt" / "complete", "--dst", root / "ms_two", "--dst-strategy",
+                     strategy / "dp1mp2pp2.ckpt", "--ranks", ranks)
+    lora_src = root / "lora" / "model.safetensors"
+    lora_src.parent.mkdir()
+    rng = np.random.default_rng(0)
+    save_file({"m.wq.base_layer.weight": rng.standard_normal((8, 8)).astype(np.float32),
+               "m.wq.lora_A.weight": rng.standard_normal((2, 8)).astype(np.float32),
+               "m.wq.lora_B.weight": rng.standard_normal((8, 2)).astype(np.float32),
+               "m.norm.weight": np.ones(8, np.float32)}, str(lora_src))  # fmt: skip
+    (root / "mp2.yaml").write_text("mesh: {mp: 2}\nparams:\n  - {match: 'm.wq.*', spec: [mp]}\n")
+    lora = cli("merge-lora", "--src", lora_src, "--dst", root / "lora_out", "--lora-scaling", "0.5")
+    ms_complete = MS / "ckpt" / "complete"
+    return {
+        "complete": (cli("convert", "--src", llama, "--dst", root / "complete"), llama, 41, 1),
+        "hf": (ckpts["hf"], llama, 41, 1),
+        "rank folders": (ckpts["dp2mp4"], llama, 41, 8),
+        "pipeline": (ckpts["pp"], ckpts["dp2mp4"], 41, 8),
+        "--ranks by two runs": (two, llama, 41, 8),
+        "ckpt + strategy": (cli("convert", "--src", ms_complete, "--dst", root / "ms", "--dst-strategy",
+                                strategy / "dp2mp2.ckpt"), ms_complete, 10, 4),
+        "ckpt strategy to strategy": (cli("convert", "--src", MS / "ckpt" / "dp2mp2_opt", "--src-strategy",
+                                          strategy / "dp2mp2_opt.ckpt", "--dst", root / "ms_opt", "--dst-strategy",
+                                          strategy / "dp4_opt.ckpt"), ms_complete, 10, 4),
+        "ckpt --ranks by two runs": (ms_two, ms_complete, 10, 4),
+        "unify": (cli("unify", "--src", ckpts["dp2mp4"], "--dst", root / "unified", "--max-file-size", "700KB"),
+                  ckpts["dp2mp4"], 41, 1),
+        "merge-lora": (lora, None, 2, 1),
+        "merge-lora ranks": (cli("merge-lora", "--src", lora_src, "--dst", root / "lora_mp2", "--lora-scaling", "0.5",
+                                 "--dst-layout", root / "mp2.yaml"), lora, 2, 2),
+    }
+
+
+KINDS = ["complete", "hf", "rank folders", "pipeline", "--ranks by two runs", "ckpt + strategy",
+         "ckpt strategy to strategy", "ckpt --ranks by two runs", "unify", "merge-lora", "merge-lora ranks"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_of_output_verifies_by_its_manifest(outputs, kind):
+    out, reference, params, rank_files = outputs[kind]
+    code, text, err = run_cli(["verify", str(out), "--check-replicas"])
+    assert (code, err) == (0, "")
+    assert text.startswith(f"verified: {out} matches its manifest: {params} parameters, ")
+    assert f" {rank_files} rank file(s), " in text
+    if reference is not None:  # the same tensors as what it was made from, read by the manifest's layout
+        code, text, err = run_cli(["verify", "--src", str(reference), "--dst", str(out)])
+        assert (code, err) == (0, "")
+        assert text.startswith(f"verified: {out} matches {reference}: {params} parameters, ")
+
+
+def test_a_pass_through_copy_is_compared_on_every_rank(outputs, tmp_path):
+    """MindSpore's pass-through parameters (`global_step`) are copied whole to every rank; the manifest lists
+    them as `direct`, read as a whole copy on each rank, so a wrong copy on any rank is found."""
+    out, reference, _, _ = outputs["ckpt + strategy"]
+    assert "global_step" in json.loads((out / MANIFEST_NAME).read_text())["extra"]["direct"]
+    bad = copy(out, tmp_path / "bad")
+    entry = open_source(bad).entries[3]["global_step"]  # int32 [1]
+    data = bytearray(entry.path.read_bytes())
+    data[entry.segments[0][0]] ^= 0x01
+    entry.path.write_bytes(bytes(data))
+    with pytest.raises(VerifyError, match=r"rank_3/checkpoint_3.ckpt: parameter 'global_step' differs on "
+                                          r"destination rank 3: element 0 of its block \[0:1\]"):
+        verify(reference, bad)
+    with pytest.raises(VerifyError, match=r"rank_3/checkpoint_3.ckpt: SHA-256 "):
+        verify(bad)

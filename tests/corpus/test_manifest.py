@@ -134,7 +134,8 @@ CASES = [
                       (tmp / "dist" / MANIFEST_NAME).mkdir())[0]),
     Case("manifest-spec-axis-not-in-mesh", CONVERT, 2, r"parameter " + EMBED + r": mesh .* do not fit together",
          _edit_manifest(_set_param("model.embed_tokens.weight", spec=[["tp"]]))),
-    Case("manifest-stage-beyond-ranks", CONVERT, 2, r"stages \[3\] exceed the manifest's 8 ranks",
+    Case("manifest-stage-beyond-ranks", CONVERT, 2,
+         r"laid out on 8 devices x stages \[3\], beyond the manifest's 8 ranks",
          _edit_manifest(_set_param("model.embed_tokens.weight", stages=[3]))),
     Case("manifest-misses-a-parameter", CONVERT, 2, r"parameter 'model\.norm\.weight' is in the checkpoint files but "
          r"not in their manifest", _edit_manifest(_drop_param("model.norm.weight"))),

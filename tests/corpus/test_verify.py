@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from jaxreshard.formats.manifest import MANIFEST_NAME, FileRecord, Manifest, ParamRecord, file_sha256, write_manifest
+import jaxreshard
+from jaxreshard.formats.manifest import MANIFEST_NAME
 
 from .harness import Case, corpus_test
 
@@ -61,16 +62,17 @@ def _split_and_one_rank_layout(tmp: Path) -> None:
     (tmp / "dp2.yaml").write_text("mesh: {dp: 1}\n")
 
 
+RANK0 = "rank_0/checkpoint_0.safetensors"  # where `convert` writes a complete checkpoint
+
+
 def _with_manifest(damage=None, edit=None):
-    """A complete checkpoint `out/model.safetensors` with its manifest, then `damage(out)` / `edit(json)`."""
+    """A complete checkpoint converted to `out` (`out/rank_0/...` and the manifest the conversion writes), then
+    `damage(out)` / `edit(json)`."""
 
     def setup(tmp: Path) -> None:
         out = tmp / "out"
-        _save(out / "model.safetensors", {"w": W, "b": B})
-        files = {"model.safetensors": FileRecord((out / "model.safetensors").stat().st_size,
-                                                 file_sha256(out / "model.safetensors"))}  # fmt: skip
-        write_manifest(out, Manifest(1, {"w": ParamRecord((4, 4), "F32"), "b": ParamRecord((4,), "F32")}, files,
-                                     "safetensors"))  # fmt: skip
+        _save(tmp / "a.safetensors", {"w": W, "b": B})
+        jaxreshard.convert(tmp / "a.safetensors", out)
         if edit is not None:
             data = json.loads((out / MANIFEST_NAME).read_text())
             edit(data)
@@ -82,12 +84,12 @@ def _with_manifest(damage=None, edit=None):
 
 
 def _truncate(out: Path) -> None:
-    path = out / "model.safetensors"
+    path = out / RANK0
     path.write_bytes(path.read_bytes()[:-4])
 
 
 def _rewrite(out: Path) -> None:
-    _save(out / "model.safetensors", {"w": W + 1, "b": B})  # same size, other bytes
+    _save(out / RANK0, {"w": W + 1, "b": B})  # same size, other bytes
 
 
 def _stray_rank(out: Path) -> None:
@@ -96,8 +98,8 @@ def _stray_rank(out: Path) -> None:
 
 def _symlink(out: Path) -> None:
     real = out.parent / "elsewhere.safetensors"
-    (out / "model.safetensors").rename(real)
-    (out / "model.safetensors").symlink_to(real)
+    (out / RANK0).rename(real)
+    (out / RANK0).symlink_to(real)
 
 
 def _orbax(tmp: Path) -> None:
@@ -152,35 +154,37 @@ CASES = [
          _split_and_one_rank_layout),
     Case("verify-manifest-ok-is-exit-0", [*V, "{tmp}/out"], 0, "", _with_manifest()),
     Case("verify-manifest-truncated", [*V, "{tmp}/out"], 2,
-         r"out/model.safetensors: \d+ bytes but .*jaxreshard.manifest.json records \d+; the file was truncated",
+         r"out/rank_0/checkpoint_0.safetensors: \d+ bytes but .*jaxreshard.manifest.json records \d+; the file was truncated",
          _with_manifest(_truncate)),
-    Case("verify-manifest-file-missing", [*V, "{tmp}/out"], 2, r"out/model.safetensors: listed in .* but missing",
-         _with_manifest(lambda out: (out / "model.safetensors").unlink())),
+    Case("verify-manifest-file-missing", [*V, "{tmp}/out"], 2,
+         r"out/rank_0/checkpoint_0.safetensors: listed in .* but missing",
+         _with_manifest(lambda out: (out / RANK0).unlink())),
     Case("verify-manifest-file-changed", [*V, "{tmp}/out"], 2,
-         r"out/model.safetensors: SHA-256 [0-9a-f]{16}\.\.\. differs from [0-9a-f]{16}\.\.\. recorded",
+         r"out/rank_0/checkpoint_0.safetensors: SHA-256 [0-9a-f]{16}\.\.\. differs from [0-9a-f]{16}\.\.\. recorded",
          _with_manifest(_rewrite)),
     Case("verify-manifest-unlisted-file", [*V, "{tmp}/out"], 2,
          r"out/rank_1/checkpoint_1.safetensors: a checkpoint file that .* does not list", _with_manifest(_stray_rank)),
     Case("verify-manifest-wrong-shape", [*V, "{tmp}/out"], 2,
-         r"out/model.safetensors: parameter 'w' is F32\[4, 4\] in the files but F32\[16\] in its manifest",
+         r"out: parameter 'w' is F32\[4, 4\] in the files but F32\[16\] in its manifest",
          _with_manifest(edit=lambda d: d["params"]["w"].update(shape=[16]))),
     Case("verify-manifest-param-not-in-files", [*V, "{tmp}/out"], 2,
-         r"out/model.safetensors: parameter 'c' is in its manifest but not in the files",
+         r"out: parameter 'c' is in its manifest but not in the files",
          _with_manifest(edit=lambda d: d["params"].update(c={"shape": [1], "dtype": "F32"}))),
     Case("verify-manifest-rank-count", [*V, "{tmp}/out"], 2,
-         r"jaxreshard.manifest.json: records 4 ranks but .*out/model.safetensors has 1 rank file\(s\)",
+         r"jaxreshard.manifest.json: records 4 ranks but .*out has 1 rank file\(s\) \(0\)",
          _with_manifest(edit=lambda d: d.update(num_ranks=4))),
     Case("verify-manifest-mesh-bomb", [*V, "{tmp}/out"], 2,
          r"parameter 'w' is laid out on 1099511627776 devices x stages \[0\], beyond the manifest's 1 ranks",
          _with_manifest(edit=lambda d: d["params"]["w"].update(mesh=[["a", 2**20], ["b", 2**20]]))),
-    Case("verify-manifest-unknown-axis", [*V, "{tmp}/out"], 2, r"parameter 'w': unknown mesh axis 'mp' in spec",
+    Case("verify-manifest-unknown-axis", [*V, "{tmp}/out"], 2,
+         r"parameter 'w': mesh .* do not fit together \(unknown mesh axis 'mp'",
          _with_manifest(edit=lambda d: d["params"]["w"].update(mesh=[["dp", 1]], spec=[["mp"]]))),
     Case("verify-manifest-damaged", [*V, "{tmp}/out"], 2, r"damaged jaxreshard manifest",
          _with_manifest(damage=lambda out: (out / MANIFEST_NAME).write_text("{"))),
     Case("verify-orbax", [*V, "{tmp}/orbax"], 2, r"orbax: verify reads safetensors and .ckpt checkpoints, not orbax",
          _orbax),
     Case("verify-manifest-file-is-a-symlink", [*V, "{tmp}/out"], 2,
-         r"out/model.safetensors: listed in .* but missing \(or not a regular file\)", _with_manifest(_symlink)),
+         r"out/rank_0/checkpoint_0.safetensors: listed in .* but missing \(or not a regular file\)", _with_manifest(_symlink)),
     Case("convert-verify-mindspore-by-stage", ["convert", "--src", f"{MS}/ckpt/dp1mp2pp2", "--src-strategy",
                                                f"{MS}/strategy/pp_stages/ckpt_strategy_rank_0.ckpt", "--dst",
                                                "{tmp}/o", "--dst-strategy", f"{MS}/strategy/dp2mp2.ckpt", "--verify"],
