@@ -20,7 +20,7 @@ from .formats.manifest import MANIFEST_NAME
 from .formats.writers import OUTPUT_FORMATS
 from .fsutil import atomic_output, check_destination, check_file_prefix
 from .layout import Layout, layout_from_mesh, read_layout
-from .plan import LayoutLike, Plan, PlanStats, make_plan, plan_stats, with_dtype
+from .plan import LayoutLike, Plan, PlanStats, TextRecord, make_plan, plan_stats, with_dtype
 from .run import Output, parse_ranks, run_plan
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,8 @@ def plan_conversion(
                          dst_ranks=ranks)
         extras = source.extras.get(min(source.entries), {})
         if extras:  # text entries go to every rank, as MindSpore's pass-through does
-            plan = replace(plan, ranks=tuple(replace(r, extras=tuple(extras.items())) for r in plan.ranks))
+            texts = tuple(TextRecord(k, v) for k, v in extras.items())
+            plan = replace(plan, ranks=tuple(replace(r, texts=texts) for r in plan.ranks))
     return Job(with_dtype(plan, parse_dtype(dtype)), source, fmt, mindspore)
 
 

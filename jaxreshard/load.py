@@ -21,7 +21,8 @@ from .coverage import cover, source_grid
 from .errors import ConfigError, PlanError
 from .formats.base import FileHandles
 from .layout import COMPLETE
-from .plan import ParamInfo, Plan, ShardPlan, full_shape, is_floating, merge_orders
+from .plan import READS, ParamInfo, Plan, Restore, ShardPlan, full_shape, is_floating, merge_orders
+from .transforms import Cast
 
 Rename = Callable[[str], str | None] | Sequence[tuple[str, str]]
 
@@ -122,7 +123,8 @@ def load(
                 problems.append(f"{t}: checkpoint dtype {out_dtype}, target {np.dtype(want.dtype)} (pass dtype=)")
             if want.sharding is None:
                 problems.append(f"{t}: the ShapeDtypeStruct carries no sharding")
-        infos[t] = ParamInfo(name, shape, src_dtype, out_dtype, layouts[name], COMPLETE, restore=orbax)
+        casts = (Cast(out_dtype),) if out_dtype != src_dtype else ()
+        infos[t] = ParamInfo(name, shape, src_dtype, layouts[name], COMPLETE, Restore(orbax) if orbax else READS, casts)
     if missing or (strict and unexpected) or problems:
         parts = [f"missing keys {_few(missing)}" if missing else "",
                  f"unexpected keys {_few(unexpected)} (strict=False ignores them)" if strict and unexpected else "",

@@ -18,13 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from .adapter import read_adapter_config
-from .box import Box
-from .errors import ConfigError, FormatError, PlanError
-from .formats.base import FileHandles, TensorEntry, aligned_empty
+from .errors import ConfigError, PlanError
+from .formats.base import TensorEntry
 from .plan import Plan
+from .transforms import LoraFold as LoraFold  # the plan's typed transform; re-exported
 
 log = logging.getLogger(__name__)
 
@@ -112,48 +111,6 @@ def read_scaling(lora_scaling: float | None, adapter: Path | None) -> Scaling:
         if os.path.lexists(cfg_path):
             return Scaling(value, read_adapter_config(cfg_path), str(cfg_path))
     return Scaling(value)
-
-
-@dataclass(frozen=True)
-class LoraFold:
-    """How to merge one base weight: its factors' complete reads (in `factors`) and the scale."""
-
-    module: str
-    factors: Plan  # plans A and B as complete tensors, from their own source
-    a: str
-    b: str
-    scaling: float
-    transposed: bool  # the base is stored (in, out) (PEFT fan_in_fan_out, GPT-2 Conv1D)
-
-    def apply(self, param: str, boxes: list[tuple[Box, np.ndarray]]) -> None:
-        """Merge the branch into every destination box of the base weight, in place."""
-        factor = {}
-        with FileHandles() as handles:
-            from .fill import fill_boxes
-
-            for name in (self.a, self.b):
-                info = self.factors.params[name]
-                shard = next(s for r in self.factors.ranks for s in r.shards if s.param == name)
-                buf = aligned_empty(info.shape, info.src_dtype)
-                fill_boxes(self.factors, [(shard, buf)], handles)
-                factor[name] = buf
-        worst = 0.0
-        for box, buf in boxes:
-            work = np.float64 if buf.dtype == np.float64 else np.float32
-            a, b = factor[self.a].astype(work), factor[self.b].astype(work)
-            (r0, c0), (r1, c1) = box.start, box.stop
-            if self.transposed:
-                delta = (self.scaling * (b[c0:c1] @ a[:, r0:r1])).T
-            else:
-                delta = self.scaling * (b[r0:r1] @ a[:, c0:c1])
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
-                merged = (buf.astype(work) + delta).astype(buf.dtype)
-            if not np.isfinite(merged.astype(np.float32) if merged.dtype.itemsize < 4 else merged).all():
-                raise FormatError(f"merging LoRA {self.module!r} into {param!r} gives NaN or Inf in {buf.dtype}; "
-                                  "check the adapter and --lora-scaling")
-            worst = max(worst, float(np.abs(delta).max()) if delta.size else 0.0)
-            buf[...] = merged
-        log.info("merged LoRA %s into %s (scale %g): max |delta| %.6g", self.module, param, self.scaling, worst)
 
 
 def fold_for(module: str, pair: LoraPair, base_shape: tuple[int, ...], factors: Plan, scaling: float,

@@ -79,7 +79,7 @@ def plan_merge_lora(
         _check_float_base(base, params[base].src_dtype, pair)
         factors = adapter_factors if pair.a in adapter_entries else src_factors
         fold = fold_for(module, pair, params[base].shape, factors, scaling.for_module(module), fan_in_fan_out)
-        params[base] = replace(params[base], fold=fold)
+        params[base] = replace(params[base], transforms=(fold, *params[base].transforms))
     return Job(replace(plan, params=params), source, fmt, False)
 
 

@@ -162,7 +162,7 @@ class OrbaxWriter:
 def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str, dst_ranks: Any = None) -> Any:
     """A plan whose parameters orbax restores straight into each destination sharding (no byte ranges)."""
     from ..layout import COMPLETE
-    from ..plan import ParamInfo, Plan, ShardPlan, dst_rank_list, rank_plans
+    from ..plan import ParamInfo, Plan, Restore, ShardPlan, dst_rank_list, rank_plans
 
     source = OrbaxSource(path)
     names = list(source.params)
@@ -171,7 +171,7 @@ def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str, 
     for name in names:
         shape, dtype = source.params[name]
         dst[name].check_shape(name, shape)
-        infos[name] = ParamInfo(name, shape, dtype, dtype, COMPLETE, dst[name], restore=source)
+        infos[name] = ParamInfo(name, shape, dtype, COMPLETE, dst[name], Restore(source))
     total = dst_layout.num_ranks if dst_layout is not None else 1
     wanted = dst_rank_list(dst_ranks, total)
     ranks = rank_plans(infos, wanted, prefix, suffix, lambda name, box: ShardPlan(name, box, ()))
@@ -185,9 +185,10 @@ def write_orbax(plan: Any, dst: Path, *, overwrite: bool) -> None:
 
     from ..execute import ensure_cpu_devices
     from ..fsutil import atomic_output
+    from ..plan import PerRankCopy
 
     dst = Path(dst).absolute()  # orbax refuses relative paths (its temporaries are made from this one)
-    if any(info.direct for info in plan.params.values()):
+    if any(isinstance(info.source, PerRankCopy) for info in plan.params.values()):
         raise FormatError("orbax output holds complete parameters; MindSpore pass-through copies cannot be written")
     ensure_cpu_devices(max((i.dst_layout.devices_per_stage for i in plan.params.values()), default=1))
     with atomic_output(Path(dst), overwrite=overwrite) as tmp:

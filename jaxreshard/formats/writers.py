@@ -42,14 +42,14 @@ def writer_factory(output_format: str, dst_dir: Path, *, hf: bool = False, max_f
     """
 
     def make(path: Path, params: Params, rank) -> RankWriter:
-        if output_format == "safetensors" and rank.extras:
+        if output_format == "safetensors" and rank.texts:
             log.warning("%s: text entries %s cannot be stored in safetensors and are left out",
-                        path.name, [k for k, _ in rank.extras])
+                        path.name, [t.param for t in rank.texts])
         if hf:
             return HfWriter(dst_dir, params, max_file_bytes, metadata)
         path.parent.mkdir(parents=True, exist_ok=True)
         if output_format == "ckpt":
-            return CkptRankWriter(path, params, dict(rank.extras), rank.order or None)
+            return CkptRankWriter(path, params, {t.param: t.value for t in rank.texts}, rank.order or None)
         if mindspore:
             return SafetensorsWriter(path, save_file_order(params), {"format": "ms"})
         return SafetensorsWriter(path, params, {**(metadata or {}), **(describe(rank) if describe else {})},
