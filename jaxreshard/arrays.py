@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .box import Box
+from .devices import make_mesh
 from .errors import PlanError
 from .fill import fill_boxes
 from .formats.base import FileHandles, aligned_empty
@@ -107,3 +108,18 @@ def build_array(
 
     return jax.make_array_from_callback(info.shape + tail, sharding, callback, dtype=carried)
 
+
+
+def build_arrays(plan: Plan, sink: Callable[[str, Any], None], devices: list[Any]) -> None:
+    """Every parameter of `plan` as one array on its destination mesh, in order, handed to `sink(param, array)`
+    (an array writer such as orbax's): the boxes of the plan's ranks are read once each."""
+    from jax.sharding import NamedSharding
+
+    boxes: dict[str, dict[Box, ShardPlan]] = {}
+    for rank in plan.ranks:
+        for shard in rank.shards:
+            boxes.setdefault(shard.param, {})[shard.dst_box] = shard
+    with FileHandles() as handles:
+        for param, info in plan.params.items():
+            sharding = NamedSharding(make_mesh(info.dst_layout, devices), info.dst_layout.partition_spec())
+            sink(param, build_array(plan, param, boxes.get(param, {}), sharding, handles, native=True))
