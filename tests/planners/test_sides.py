@@ -73,7 +73,11 @@ def test_planner_is_chosen_by_what_the_sides_are(monkeypatch):
     """Strategies only: MindSpore semantics; a strategy beside a native layout: native semantics."""
     made = []
     for cls in (MindSporePlanner, NativePlanner):
-        monkeypatch.setattr(cls, "plan", lambda self, request, _plan=cls.plan: made.append(type(self)) or _plan(self, request))
+        def plan(self, request, _plan=cls.plan):
+            made.append(type(self))
+            return _plan(self, request)
+
+        monkeypatch.setattr(cls, "plan", plan)
     src, strategy = FIX / "ckpt" / "dp2mp4", FIX / "strategy" / "dp2mp4.ckpt"
     jaxreshard.plan_conversion(src, src_layout=strategy)
     jaxreshard.plan_conversion(src, src_strategy=strategy)
