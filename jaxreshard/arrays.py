@@ -46,7 +46,7 @@ def _apply_cast(cast: Cast, param: str, bufs: Boxes, handles: FileHandles) -> Bo
 
 
 def _apply_fold(fold: LoraFold, param: str, bufs: Boxes, handles: FileHandles) -> Boxes:
-    a, b = (read_factor(fold.factors, name, handles) for name in (fold.a, fold.b))
+    a, b = (read_factor(fold.factors, factor, handles) for factor in (fold.a, fold.b))
     worst = max((fold_box(fold, param, box, buf, a, b) for box, buf in bufs.items()), default=0.0)
     log.info("merged LoRA %s into %s (scale %g): max |delta| %.6g", fold.module, param, fold.scaling, worst)
     return bufs
@@ -55,10 +55,10 @@ def _apply_fold(fold: LoraFold, param: str, bufs: Boxes, handles: FileHandles) -
 APPLY: dict[type, Callable[[Any, str, Boxes, FileHandles], Boxes]] = {Cast: _apply_cast, LoraFold: _apply_fold}
 
 
-def read_factor(factors: Plan, name: str, handles: FileHandles) -> np.ndarray:
+def read_factor(factors: Plan, param: str, handles: FileHandles) -> np.ndarray:
     """One complete tensor of a plan of complete tensors (a LoRA factor), in its stored dtype."""
-    info = factors.params[name]
-    shard = next(s for r in factors.ranks for s in r.shards if s.param == name)
+    info = factors.params[param]
+    shard = next(s for r in factors.ranks for s in r.shards if s.param == param)
     buf = aligned_empty(info.shape, info.src_dtype)
     fill_boxes(factors, [(shard, buf)], handles)
     return buf

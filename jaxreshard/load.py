@@ -51,15 +51,15 @@ def _key(k: Any) -> str:
 
 def _renamer(rename: Rename | None) -> Callable[[str], str | None]:
     if rename is None:
-        return lambda name: name
+        return lambda param: param
     if callable(rename):
         return rename
     table = [(re.compile(pattern), repl) for pattern, repl in rename]
 
-    def apply(name: str) -> str | None:
+    def apply(param: str) -> str | None:
         for regex, repl in table:
-            name = regex.sub(repl, name)
-        return name
+            param = regex.sub(repl, param)
+        return param
 
     return apply
 
@@ -88,15 +88,17 @@ def load(
     leaves, treedef, order = _target_leaves(target)
     cast = parse_dtype(dtype) if isinstance(dtype, str) else (np.dtype(dtype) if dtype is not None else None)
     planner = array_planner(src, one_side(src_layout, src_strategy, "src"))
-    mapping = _target_names(planner.names(), _renamer(rename))
-    wanted = _requests(src, planner.param, mapping, leaves, order, cast, strict)
+    mapping = _target_names(planner.params(), _renamer(rename))
+    wanted = _requests(src, planner.full_shape, mapping, leaves, order, cast, strict)
     plan = planner.plan_arrays(wanted)
+    shards: dict[str, dict] = {param: {} for param in wanted}
+    for shard in (s for rank in plan.ranks for s in rank.shards):
+        shards[shard.param][shard.dst_box] = shard
     out = {}
     with FileHandles() as handles:
-        for t in wanted:
-            shards = {s.dst_box: s for s in plan.ranks[0].shards if s.param == t} if plan.ranks else {}
-            out[t] = build_array(plan, t, shards, _sharding(leaves[t]), handles, native=True)
-    return jax.tree_util.tree_unflatten(treedef, [out[t] for t in order])
+        for param in wanted:
+            out[param] = build_array(plan, param, shards[param], _sharding(leaves[param]), handles, native=True)
+    return jax.tree_util.tree_unflatten(treedef, [out[param] for param in order])
 
 
 def array_planner(src: str | Path, src_arg: Any) -> NativePlanner | RestorePlanner:
@@ -111,12 +113,12 @@ def array_planner(src: str | Path, src_arg: Any) -> NativePlanner | RestorePlann
 def _target_names(params: list[str], to_target: Callable[[str], str | None]) -> dict[str, str]:
     """Target name -> checkpoint name; two checkpoint names renamed to one target is an error."""
     mapping: dict[str, str] = {}
-    for name in params:
-        new = to_target(name)
+    for param in params:
+        new = to_target(param)
         if new is not None:
             if new in mapping:
-                raise ConfigError(f"rename maps both {mapping[new]!r} and {name!r} to {new!r}")
-            mapping[new] = name
+                raise ConfigError(f"rename maps both {mapping[new]!r} and {param!r} to {new!r}")
+            mapping[new] = param
     return mapping
 
 
@@ -126,7 +128,7 @@ def _sharding(want: Any) -> Any:
     return want.sharding if isinstance(want, jax.ShapeDtypeStruct) else want
 
 
-def _requests(src: str | Path, param: Callable[[str], tuple[tuple[int, ...], np.dtype]], mapping: dict[str, str],
+def _requests(src: str | Path, full_shape: Callable[[str], tuple[tuple[int, ...], np.dtype]], mapping: dict[str, str],
               leaves: dict[str, Any], order: list[str], cast: np.dtype | None,
               strict: bool) -> dict[str, ArrayRequest]:  # fmt: skip
     """What to read for each target leaf, after checking the target against the checkpoint (all problems in
@@ -134,23 +136,23 @@ def _requests(src: str | Path, param: Callable[[str], tuple[tuple[int, ...], np.
     import jax
 
     wanted, problems = {}, []
-    missing = [t for t in order if t not in mapping]
-    unexpected = [t for t in mapping if t not in leaves]
-    for t in order:
-        if t not in mapping:
+    missing = [param for param in order if param not in mapping]
+    unexpected = [param for param in mapping if param not in leaves]
+    for param in order:
+        if param not in mapping:
             continue
-        shape, src_dtype = param(mapping[t])
-        want = leaves[t]
+        shape, src_dtype = full_shape(mapping[param])
+        want = leaves[param]
         out_dtype = cast if cast is not None and is_floating(src_dtype) else src_dtype
         if isinstance(want, jax.ShapeDtypeStruct):
             if tuple(want.shape) != shape:
-                problems.append(f"{t}: checkpoint shape {list(shape)}, target {list(want.shape)}")
+                problems.append(f"{param}: checkpoint shape {list(shape)}, target {list(want.shape)}")
             elif np.dtype(want.dtype) != out_dtype:
-                problems.append(f"{t}: checkpoint dtype {out_dtype}, target {np.dtype(want.dtype)} (pass dtype=)")
+                problems.append(f"{param}: checkpoint dtype {out_dtype}, target {np.dtype(want.dtype)} (pass dtype=)")
             if want.sharding is None:
-                problems.append(f"{t}: the ShapeDtypeStruct carries no sharding")
+                problems.append(f"{param}: the ShapeDtypeStruct carries no sharding")
                 continue
-        wanted[t] = ArrayRequest(mapping[t], boxes_of(_sharding(want), shape), out_dtype)
+        wanted[param] = ArrayRequest(mapping[param], boxes_of(_sharding(want), shape), out_dtype)
     if missing or (strict and unexpected) or problems:
         parts = [f"missing keys {_few(missing)}" if missing else "",
                  f"unexpected keys {_few(unexpected)} (strict=False ignores them)" if strict and unexpected else "",

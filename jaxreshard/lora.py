@@ -1,4 +1,5 @@
-"""`merge-lora`: fold LoRA branches into base weights, W' = cast(float32(W) + s * float32(B) @ float32(A)), rounded once.
+"""`merge-lora`: fold LoRA branches into base weights, W' = cast(float32(W) + s * float32(B) @ float32(A)), rounded
+once.
 
 Recognised names (module X): `X.mindpet_delta_lora_a/_b` (MindSpore mindpet), `X.lora_a/.lora_b`, and PEFT's
 `X.lora_A.weight/.lora_B.weight`, whose base is `X.weight` or `X.base_layer.weight` (written as `X.weight`);
@@ -66,13 +67,13 @@ def find_pairs(names: list[str]) -> dict[str, LoraPair]:
     return pairs
 
 
-def is_lora(name: str) -> bool:
-    return any(name.endswith(s) for pair in _PAIRS for s in pair)
+def is_lora(param: str) -> bool:
+    return any(param.endswith(s) for pair in _PAIRS for s in pair)
 
 
-def base_name(name: str) -> str:
+def base_name(param: str) -> str:
     """The output name of a base weight (PEFT's `X.base_layer.weight` becomes `X.weight`)."""
-    return name.replace(".base_layer.", ".")
+    return param.replace(".base_layer.", ".")
 
 
 @dataclass(frozen=True)

@@ -67,15 +67,15 @@ class ArrayPlanner(Protocol):
     `plan_to_disk` / `plan_in_memory`).
 
     Call sequence (load.load):
-      1. `names()`: every source parameter, in order; `param(name)`: its full shape and dtype (to check the
-         target against; only for the names the target wants);
+      1. `params()`: every source parameter, in order; `full_shape(param)`: its full shape and dtype (to check
+         the target against; only for the parameters the target wants);
       2. `plan_arrays({name: ArrayRequest})`: a `Plan` keyed by destination name, with one in-memory rank
          (`dst_file` "") holding every requested box and a `Cast` where a dtype is asked for;
       3. arrays.build_array builds each array from that plan.
     """
 
-    def names(self) -> list[str]: ...
+    def params(self) -> list[str]: ...
 
-    def param(self, name: str) -> tuple[tuple[int, ...], np.dtype]: ...
+    def full_shape(self, param: str) -> tuple[tuple[int, ...], np.dtype]: ...
 
     def plan_arrays(self, wanted: Mapping[str, ArrayRequest]) -> Plan: ...

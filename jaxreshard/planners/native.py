@@ -56,32 +56,32 @@ class NativePlanner:
             plan = replace(plan, ranks=tuple(replace(r, texts=texts) for r in plan.ranks))
         return plan
 
-    def names(self) -> list[str]:
+    def params(self) -> list[str]:
         return merge_orders([list(self.source.entries[r]) for r in sorted(self.source.entries)])
 
     def _src_params(self) -> dict[str, ParamLayout]:
         """Every source parameter's layout, resolved over all names at once (a layout's stages may depend on
         the whole set, e.g. layer indices), once."""
         if self._resolved is None:
-            names = self.names()
+            names = self.params()
             self._resolved = self.src_layout.resolve(names) if self.src_layout is not None else \
                 {n: COMPLETE for n in names}  # fmt: skip
         return self._resolved
 
-    def param(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
-        return full_shape(name, self._src_params()[name], self.source.entries)
+    def full_shape(self, param: str) -> tuple[tuple[int, ...], np.dtype]:
+        return full_shape(param, self._src_params()[param], self.source.entries)
 
     def plan_arrays(self, wanted: Mapping[str, ArrayRequest]) -> Plan:
         layouts = self._src_params()
-        view = {r: {t: e[w.src_param] for t, w in wanted.items() if w.src_param in e}
+        view = {r: {p: e[w.src_param] for p, w in wanted.items() if w.src_param in e}
                 for r, e in self.source.entries.items()}
         infos, shards = {}, []
-        for dst, want in wanted.items():
+        for param, want in wanted.items():
             shape, dtype = full_shape(want.src_param, layouts[want.src_param], self.source.entries)
             casts = (Cast(want.dtype),) if want.dtype is not None and want.dtype != dtype else ()
-            infos[dst] = ParamInfo(want.src_param, shape, dtype, layouts[want.src_param], COMPLETE, transforms=casts)
-            grid = source_grid(dst, shape, infos[dst].src_layout, view)
-            shards += [ShardPlan(dst, box, cover(grid, box)) for box in dict.fromkeys(want.boxes)]
+            infos[param] = ParamInfo(want.src_param, shape, dtype, layouts[want.src_param], COMPLETE, transforms=casts)
+            grid = source_grid(param, shape, infos[param].src_layout, view)
+            shards += [ShardPlan(param, box, cover(grid, box)) for box in dict.fromkeys(want.boxes)]
         return Plan(infos, (RankPlan(0, "", tuple(shards)),), view)
 
 

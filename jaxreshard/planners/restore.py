@@ -25,11 +25,11 @@ class RestorePlanner:
     def __init__(self, reader, dst_layout: LayoutLike | None = None):  # noqa: ANN001 - a plan.Restorer with params
         self.reader, self.dst_layout = reader, dst_layout
 
-    def names(self) -> list[str]:
+    def params(self) -> list[str]:
         return list(self.reader.params)
 
-    def param(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
-        return self.reader.params[name]
+    def full_shape(self, param: str) -> tuple[tuple[int, ...], np.dtype]:
+        return self.reader.params[param]
 
     def plan(self, request: FileRequest) -> Plan:
         names = list(self.reader.params)
@@ -46,8 +46,8 @@ class RestorePlanner:
 
     def plan_arrays(self, wanted: Mapping[str, ArrayRequest]) -> Plan:
         infos = {}
-        for dst, want in wanted.items():
+        for param, want in wanted.items():
             shape, dtype = self.reader.params[want.src_param]
             casts = (Cast(want.dtype),) if want.dtype is not None and want.dtype != dtype else ()
-            infos[dst] = ParamInfo(want.src_param, shape, dtype, COMPLETE, COMPLETE, Restore(self.reader), casts)
+            infos[param] = ParamInfo(want.src_param, shape, dtype, COMPLETE, COMPLETE, Restore(self.reader), casts)
         return Plan(infos, (RankPlan(0, "", ()),), {})

@@ -19,7 +19,7 @@ LAYOUT = REPO / "configs" / "layouts" / "llama_dp2mp4.yaml"
 def test_plan_arrays_reads_only_the_requested_boxes(llama):
     planner = NativePlanner(open_source(llama), None)
     name = "model.layers.0.self_attn.q_proj.weight"
-    shape, dtype = planner.param(name)
+    shape, dtype = planner.full_shape(name)
     boxes = [Box((0, 0), (shape[0] // 2, shape[1])), Box((0, 0), (shape[0] // 2, shape[1]))]  # a replica twice
     plan = planner.plan_arrays({"q": ArrayRequest(name, boxes, np.dtype(np.float32))})
     (rank,) = plan.ranks
