@@ -3,6 +3,10 @@
 Computed from headers and layouts alone, before any tensor byte is read, and checked: every destination box
 is covered exactly once by source regions. The plan is plain frozen data, so `jaxreshard plan` can print it
 and the executor only follows it (mergekit's planner/executor split, DCP's `ReadItem` box vocabulary).
+
+Everything special is a type, not a flag: each parameter has a typed source (`BoxReads`, `PerRankCopy`,
+`Restore`) and a tuple of typed per-box transforms (transforms.py: `Cast`, `LoraFold`); text entries copied
+into rank files are `TextRecord`s. The executor dispatches once per type (execute.WRITE, arrays.APPLY).
 """
 
 from __future__ import annotations
