@@ -23,8 +23,10 @@ from .layout import read_layout as read_layout
 from .load import layout_from_strategy as layout_from_strategy
 from .load import layout_from_yaml as layout_from_yaml
 from .load import load as load
-from .merge import merge_lora as merge_lora
-from .merge import unify as unify
+from .load import shardings_from_strategy as shardings_from_strategy
+from .load import shardings_from_yaml as shardings_from_yaml
+from .lora import merge_lora as merge_lora
+from .unify import unify as unify
 from .plan import Plan as Plan
 from .plan import make_plan as make_plan
 from .verify import VerifyError as VerifyError

@@ -16,12 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from .box import Box
-from .coverage import cover, source_grid
+from .api import parse_dtype
+from .arrays import build_array
+from .devices import make_mesh
 from .errors import ConfigError, PlanError
+from .formats import open_source
 from .formats.base import FileHandles
-from .layout import COMPLETE
-from .plan import ParamInfo, Plan, ShardPlan, full_shape, is_floating, merge_orders
+from .formats.mindspore_strategy import read_strategy
+from .formats.orbax_io import OrbaxSource, is_orbax
+from .layout import read_layout
+from .plan import is_floating
+from .planners import ArrayRequest, NativePlanner, RestorePlanner, one_side, read_side
+from .planners.native import boxes_of
+from .strategy import StrategyLayout
 
 Rename = Callable[[str], str | None] | Sequence[tuple[str, str]]
 
@@ -44,15 +51,15 @@ def _key(k: Any) -> str:
 
 def _renamer(rename: Rename | None) -> Callable[[str], str | None]:
     if rename is None:
-        return lambda name: name
+        return lambda param: param
     if callable(rename):
         return rename
     table = [(re.compile(pattern), repl) for pattern, repl in rename]
 
-    def apply(name: str) -> str | None:
+    def apply(param: str) -> str | None:
         for regex, repl in table:
-            name = regex.sub(repl, name)
-        return name
+            param = regex.sub(repl, param)
+        return param
 
     return apply
 
@@ -70,80 +77,88 @@ def load(
     """Load `src` into `target`'s shardings; returns the same structure with `jax.Array` leaves.
 
     `target`: a mapping (or any pytree) from parameter names (nested keys joined with '.') to a `Sharding` or
-    a `jax.ShapeDtypeStruct` with a sharding. `rename` maps checkpoint names to target names (a callable
-    returning None to skip a name, or (regex, replacement) pairs applied in order). `dtype` casts floating
-    parameters. Missing, unexpected (with `strict`) and wrong-shaped or wrong-typed parameters are reported
-    together in one error.
+    a `jax.ShapeDtypeStruct` with a sharding. `src_layout`: as `convert`'s (a layout YAML path, a MindSpore
+    strategy file or folder, a `Layout`, `(mesh, specs)`); `src_strategy` is its alias. `rename` maps
+    checkpoint names to target names (a callable returning None to skip a name, or (regex, replacement) pairs
+    applied in order). `dtype` casts floating parameters. Missing, unexpected (with `strict`) and wrong-shaped
+    or wrong-typed parameters are reported together in one error.
     """
     import jax
 
-    from .api import native_layouts, parse_dtype
-    from .execute import build_array
-    from .formats import open_source
-    from .formats.orbax_io import OrbaxSource, is_orbax
-
     leaves, treedef, order = _target_leaves(target)
     cast = parse_dtype(dtype) if isinstance(dtype, str) else (np.dtype(dtype) if dtype is not None else None)
-    to_target = _renamer(rename)
-    orbax = OrbaxSource(Path(src)) if is_orbax(Path(src)) else None
-    if orbax is not None:
-        if src_layout is not None or src_strategy is not None:
+    planner = array_planner(src, one_side(src_layout, src_strategy, "src"))
+    mapping = _target_names(planner.params(), _renamer(rename))
+    wanted = _requests(src, planner.full_shape, mapping, leaves, order, cast, strict)
+    plan = planner.plan_arrays(wanted)
+    shards: dict[str, dict] = {param: {} for param in wanted}
+    for shard in (s for rank in plan.ranks for s in rank.shards):
+        shards[shard.param][shard.dst_box] = shard
+    out = {}
+    with FileHandles() as handles:
+        for param in wanted:
+            out[param] = build_array(plan, param, shards[param], _sharding(leaves[param]), handles, native=True)
+    return jax.tree_util.tree_unflatten(treedef, [out[param] for param in order])
+
+
+def array_planner(src: str | Path, src_arg: Any) -> NativePlanner | RestorePlanner:
+    """The planner of a load: orbax restores arrays itself; anything else is read box by box."""
+    if is_orbax(Path(src)):
+        if src_arg is not None:
             raise ConfigError(f"{src}: an orbax checkpoint holds whole arrays; it takes no source layout")
-        names = list(orbax.params)
-        entries: dict = {}
-        layouts = {n: COMPLETE for n in names}
-    else:
-        source = open_source(src)
-        names = merge_orders([list(source.entries[r]) for r in sorted(source.entries)])
-        layout, _ = native_layouts(source, src_layout, src_strategy)
-        layouts = layout.resolve(names) if layout is not None else {n: COMPLETE for n in names}
-        entries = source.entries
+        return RestorePlanner(OrbaxSource(Path(src)))
+    return NativePlanner(open_source(src), read_side(src_arg))
+
+
+def _target_names(params: list[str], to_target: Callable[[str], str | None]) -> dict[str, str]:
+    """Target name -> checkpoint name; two checkpoint names renamed to one target is an error."""
     mapping: dict[str, str] = {}
-    for name in names:
-        new = to_target(name)
+    for param in params:
+        new = to_target(param)
         if new is not None:
             if new in mapping:
-                raise ConfigError(f"rename maps both {mapping[new]!r} and {name!r} to {new!r}")
-            mapping[new] = name
-    infos, problems = {}, []
-    missing = [t for t in order if t not in mapping]
-    unexpected = [t for t in mapping if t not in leaves]
-    for t in order:
-        if t not in mapping:
+                raise ConfigError(f"rename maps both {mapping[new]!r} and {param!r} to {new!r}")
+            mapping[new] = param
+    return mapping
+
+
+def _sharding(want: Any) -> Any:
+    import jax
+
+    return want.sharding if isinstance(want, jax.ShapeDtypeStruct) else want
+
+
+def _requests(src: str | Path, full_shape: Callable[[str], tuple[tuple[int, ...], np.dtype]], mapping: dict[str, str],
+              leaves: dict[str, Any], order: list[str], cast: np.dtype | None,
+              strict: bool) -> dict[str, ArrayRequest]:  # fmt: skip
+    """What to read for each target leaf, after checking the target against the checkpoint (all problems in
+    one `PlanError`)."""
+    import jax
+
+    wanted, problems = {}, []
+    missing = [param for param in order if param not in mapping]
+    unexpected = [param for param in mapping if param not in leaves]
+    for param in order:
+        if param not in mapping:
             continue
-        name = mapping[t]
-        shape, src_dtype = orbax.params[name] if orbax else full_shape(name, layouts[name], entries)
-        want = leaves[t]
+        shape, src_dtype = full_shape(mapping[param])
+        want = leaves[param]
         out_dtype = cast if cast is not None and is_floating(src_dtype) else src_dtype
         if isinstance(want, jax.ShapeDtypeStruct):
             if tuple(want.shape) != shape:
-                problems.append(f"{t}: checkpoint shape {list(shape)}, target {list(want.shape)}")
+                problems.append(f"{param}: checkpoint shape {list(shape)}, target {list(want.shape)}")
             elif np.dtype(want.dtype) != out_dtype:
-                problems.append(f"{t}: checkpoint dtype {out_dtype}, target {np.dtype(want.dtype)} (pass dtype=)")
+                problems.append(f"{param}: checkpoint dtype {out_dtype}, target {np.dtype(want.dtype)} (pass dtype=)")
             if want.sharding is None:
-                problems.append(f"{t}: the ShapeDtypeStruct carries no sharding")
-        infos[t] = ParamInfo(name, shape, src_dtype, out_dtype, layouts[name], COMPLETE, restore=orbax)
+                problems.append(f"{param}: the ShapeDtypeStruct carries no sharding")
+                continue
+        wanted[param] = ArrayRequest(mapping[param], boxes_of(_sharding(want), shape), out_dtype)
     if missing or (strict and unexpected) or problems:
         parts = [f"missing keys {_few(missing)}" if missing else "",
                  f"unexpected keys {_few(unexpected)} (strict=False ignores them)" if strict and unexpected else "",
                  "; ".join(problems)]
         raise PlanError(f"{src}: cannot load into the target: " + "; ".join(p for p in parts if p))
-    view = {r: {t: e[mapping[t]] for t in infos if mapping[t] in e} for r, e in entries.items()}
-    plan = Plan({t: i for t, i in infos.items()}, (), view)
-    out = {}
-    with FileHandles() as handles:
-        for t, info in infos.items():
-            want = leaves[t]
-            sharding = want.sharding if isinstance(want, jax.ShapeDtypeStruct) else want
-            shards: dict[Box, ShardPlan] = {}
-            if orbax is None:
-                grid = source_grid(t, info.shape, info.src_layout, view)
-                for index in sharding.addressable_devices_indices_map(info.shape).values():
-                    box = Box.from_index(index, info.shape)
-                    if box not in shards:
-                        shards[box] = ShardPlan(t, box, cover(grid, box))
-            out[t] = build_array(plan, t, shards, sharding, handles, native=True)
-    return jax.tree_util.tree_unflatten(treedef, [out[t] for t in order])
+    return wanted
 
 
 def _few(names: list[str], limit: int = 10) -> str:
@@ -160,11 +175,7 @@ def shardings(layout: Any, params: Iterable[str] | Mapping[str, Sequence[int]] |
     import jax
     from jax.sharding import NamedSharding
 
-    from .execute import make_mesh
-
     if isinstance(params, (str, Path)):
-        from .formats import open_source
-
         params = open_source(params).shapes
     names = list(params)
     resolved = layout.resolve(names)
@@ -186,22 +197,15 @@ def shardings(layout: Any, params: Iterable[str] | Mapping[str, Sequence[int]] |
     return out
 
 
-def layout_from_yaml(path: str | Path, params: Any, **kwargs: Any) -> dict[str, Any]:
+def shardings_from_yaml(path: str | Path, params: Any, **kwargs: Any) -> dict[str, Any]:
     """The `NamedSharding`s of a native layout file (see `shardings` for the arguments)."""
-    from .layout import read_layout
-
     return shardings(read_layout(path), params, **kwargs)
 
 
-def layout_from_strategy(path: str | Path, params: Any, **kwargs: Any) -> dict[str, Any]:
+def shardings_from_strategy(path: str | Path, params: Any, **kwargs: Any) -> dict[str, Any]:
     """The `NamedSharding`s of a MindSpore strategy file or folder (`params` must give shapes or a checkpoint,
     since strategies do not record tensor ranks of parameters outside them)."""
-    from .formats.mindspore_strategy import read_strategy
-    from .strategy import StrategyLayout
-
     if isinstance(params, (str, Path)):
-        from .formats import open_source
-
         params = open_source(params).shapes
     strategy = read_strategy(Path(path))
     if not isinstance(params, Mapping):  # names only: tensor ranks from the strategy's own tensor maps
@@ -209,3 +213,7 @@ def layout_from_strategy(path: str | Path, params: Any, **kwargs: Any) -> dict[s
         return shardings(StrategyLayout(strategy, {n: len(strategy.params[n].tensor_map) for n in names}), names,
                          **kwargs)
     return shardings(StrategyLayout(strategy, {n: len(s) for n, s in params.items()}), params, **kwargs)
+
+
+layout_from_yaml = shardings_from_yaml  # the old names (they return shardings, not a layout)
+layout_from_strategy = shardings_from_strategy

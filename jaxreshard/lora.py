@@ -1,4 +1,5 @@
-"""Folding LoRA branches into base weights: W' = cast(float32(W) + s * float32(B) @ float32(A)), rounded once.
+"""`merge-lora`: fold LoRA branches into base weights, W' = cast(float32(W) + s * float32(B) @ float32(A)), rounded
+once.
 
 Recognised names (module X): `X.mindpet_delta_lora_a/_b` (MindSpore mindpet), `X.lora_a/.lora_b`, and PEFT's
 `X.lora_A.weight/.lora_B.weight`, whose base is `X.weight` or `X.base_layer.weight` (written as `X.weight`);
@@ -14,17 +15,22 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from .adapter import read_adapter_config
-from .box import Box
+from .api import LayoutArg, native_layouts, parse_size
 from .errors import ConfigError, FormatError, PlanError
-from .formats.base import FileHandles, TensorEntry, aligned_empty
-from .plan import Plan
+from .formats import open_source
+from .formats.base import TensorEntry
+from .formats.writers import OutputKind
+from .fsutil import check_destination, check_file_prefix
+from .jobs import Job, write_job
+from .plan import Plan, make_plan, merge_orders
+from .transforms import LoraFold as LoraFold  # the plan's typed transform; re-exported
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +67,13 @@ def find_pairs(names: list[str]) -> dict[str, LoraPair]:
     return pairs
 
 
-def is_lora(name: str) -> bool:
-    return any(name.endswith(s) for pair in _PAIRS for s in pair)
+def is_lora(param: str) -> bool:
+    return any(param.endswith(s) for pair in _PAIRS for s in pair)
 
 
-def base_name(name: str) -> str:
+def base_name(param: str) -> str:
     """The output name of a base weight (PEFT's `X.base_layer.weight` becomes `X.weight`)."""
-    return name.replace(".base_layer.", ".")
+    return param.replace(".base_layer.", ".")
 
 
 @dataclass(frozen=True)
@@ -114,48 +120,6 @@ def read_scaling(lora_scaling: float | None, adapter: Path | None) -> Scaling:
     return Scaling(value)
 
 
-@dataclass(frozen=True)
-class LoraFold:
-    """How to merge one base weight: its factors' complete reads (in `factors`) and the scale."""
-
-    module: str
-    factors: Plan  # plans A and B as complete tensors, from their own source
-    a: str
-    b: str
-    scaling: float
-    transposed: bool  # the base is stored (in, out) (PEFT fan_in_fan_out, GPT-2 Conv1D)
-
-    def apply(self, param: str, boxes: list[tuple[Box, np.ndarray]]) -> None:
-        """Merge the branch into every destination box of the base weight, in place."""
-        factor = {}
-        with FileHandles() as handles:
-            from .fill import fill_boxes
-
-            for name in (self.a, self.b):
-                info = self.factors.params[name]
-                shard = next(s for r in self.factors.ranks for s in r.shards if s.param == name)
-                buf = aligned_empty(info.shape, info.src_dtype)
-                fill_boxes(self.factors, [(shard, buf)], handles)
-                factor[name] = buf
-        worst = 0.0
-        for box, buf in boxes:
-            work = np.float64 if buf.dtype == np.float64 else np.float32
-            a, b = factor[self.a].astype(work), factor[self.b].astype(work)
-            (r0, c0), (r1, c1) = box.start, box.stop
-            if self.transposed:
-                delta = (self.scaling * (b[c0:c1] @ a[:, r0:r1])).T
-            else:
-                delta = self.scaling * (b[r0:r1] @ a[:, c0:c1])
-            with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
-                merged = (buf.astype(work) + delta).astype(buf.dtype)
-            if not np.isfinite(merged.astype(np.float32) if merged.dtype.itemsize < 4 else merged).all():
-                raise FormatError(f"merging LoRA {self.module!r} into {param!r} gives NaN or Inf in {buf.dtype}; "
-                                  "check the adapter and --lora-scaling")
-            worst = max(worst, float(np.abs(delta).max()) if delta.size else 0.0)
-            buf[...] = merged
-        log.info("merged LoRA %s into %s (scale %g): max |delta| %.6g", self.module, param, self.scaling, worst)
-
-
 def fold_for(module: str, pair: LoraPair, base_shape: tuple[int, ...], factors: Plan, scaling: float,
              fan_in_fan_out: bool) -> LoraFold:
     """Check the shapes and decide the orientation of one fold."""
@@ -174,3 +138,101 @@ def fold_for(module: str, pair: LoraPair, base_shape: tuple[int, ...], factors: 
 
 def strip_peft(entries: Mapping[str, TensorEntry]) -> dict[str, TensorEntry]:
     return {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): e for k, e in entries.items()}
+
+
+def plan_merge_lora(
+    src: str | Path, *, adapter: str | Path | None = None, src_layout: LayoutArg = None,
+    src_strategy: str | Path | None = None, dst_layout: LayoutArg = None, dst_strategy: str | Path | None = None,
+    lora_scaling: float | None = None, keep_optimizer_states: bool = False, fan_in_fan_out: bool = False,
+    prefix: str = "checkpoint_", output_format: str | None = None,
+) -> Job:  # fmt: skip
+    """Plan the base model, laid out as asked, with every LoRA branch folded into its base weight."""
+    check_file_prefix(prefix)
+    source = open_source(src)
+    adapter_path = Path(adapter) if adapter is not None else None
+    adapter_entries: dict[str, TensorEntry] = {}
+    if adapter_path is not None:
+        file = adapter_path / "adapter_model.safetensors" if adapter_path.is_dir() else adapter_path
+        adapter_entries = strip_peft(open_source(file).entries[0])
+    scaling = read_scaling(lora_scaling, adapter_path)
+    cfg = scaling.config or {}
+    fan_in_fan_out = fan_in_fan_out or bool(cfg.get("fan_in_fan_out"))
+    src_names = merge_orders([list(source.entries[r]) for r in sorted(source.entries)])
+    weights = [n for n in src_names if not n.startswith(OPTIMIZER_PREFIXES)]  # adam_m.X.lora_a is no LoRA pair
+    pairs = find_pairs(weights + [n for n in adapter_entries if n not in src_names])
+    if not pairs:
+        raise PlanError(f"{source.path}{' and ' + str(adapter_path) if adapter_path else ''}: no LoRA factors "
+                        "(*.lora_A.weight, *.lora_a, *.mindpet_delta_lora_a) found")
+    kept: dict[int, dict[str, TensorEntry]] = {}
+    stored: dict[str, str] = {}  # output name -> name in the source (X.weight <- X.base_layer.weight)
+    for rank, entries in source.entries.items():
+        out: dict[str, TensorEntry] = {}
+        for name, entry in entries.items():
+            if is_lora(name) or any(name.startswith(p) and is_lora(name[len(p):]) for p in OPTIMIZER_PREFIXES):
+                continue
+            if not keep_optimizer_states and name.startswith(OPTIMIZER_PREFIXES):
+                continue
+            new = base_name(name)
+            if new in out:
+                raise FormatError(f"{entry.path}: both {new!r} and {name!r} are present; which is the base?")
+            out[new] = entry
+            stored[new] = name
+        kept[rank] = out
+    src_l, dst_l = native_layouts(source, src_layout, src_strategy, dst_layout, dst_strategy, renamed=stored)
+    if src_l is not None:  # the source layout describes the stored names, the destination the output names
+        src_l = _StoredNames(src_l, stored)
+    fmt = output_format or source.suffix.lstrip(".")
+    plan = make_plan(kept, src_l, dst_l, prefix=prefix, suffix="." + fmt)
+    factors_in_src = {r: {n: e for n, e in entries.items() if is_lora(n)} for r, entries in source.entries.items()}
+    src_factors = make_plan(factors_in_src, src_l, None) if any(factors_in_src.values()) else None
+    adapter_factors = make_plan({0: {n: e for n, e in adapter_entries.items() if is_lora(n)}}, None, None) \
+        if adapter_entries else None  # fmt: skip
+    params = dict(plan.params)
+    for module, pair in pairs.items():
+        base = module + ".weight"
+        if base not in params:
+            raise PlanError(f"LoRA pair {pair.a!r} / {pair.b!r} has no base weight {base!r} (nor "
+                            f"{module + '.base_layer.weight'!r}) in {source.path}")
+        _check_float_base(base, params[base].src_dtype, pair)
+        factors = adapter_factors if pair.a in adapter_entries else src_factors
+        fold = fold_for(module, pair, params[base].shape, factors, scaling.for_module(module), fan_in_fan_out)
+        params[base] = replace(params[base], transforms=(fold, *params[base].transforms))
+    return Job(replace(plan, params=params), source, OutputKind(fmt))
+
+
+def _check_float_base(base: str, dtype: np.dtype, pair) -> None:
+    """W + s * B @ A is real-valued: stored into an integer or bool base it would wrap or truncate silently
+    (100 + 40 in int8 is -116), and a quantized base needs its scales, which only the quantizer knows."""
+    if dtype.kind in "iub" or dtype.name.startswith(("int", "uint")):
+        raise PlanError(f"LoRA {pair.a!r} / {pair.b!r}: base weight {base!r} is {dtype.name}, not floating point; "
+                        "merging into it would wrap or truncate; dequantize the base to a float type first")
+
+
+class _StoredNames:
+    """A source layout resolved over the names parameters have in the source files."""
+
+    def __init__(self, inner, stored: dict[str, str]):
+        self.inner, self.stored, self.num_ranks = inner, stored, inner.num_ranks
+
+    def resolve(self, names):
+        names = list(names)
+        resolved = self.inner.resolve([self.stored.get(n, n) for n in names])
+        return {n: resolved[self.stored.get(n, n)] for n in names}
+
+
+def adapter_reads(adapter: str | Path | None) -> list[Path]:
+    """The paths a merge reads from a separate adapter (its folder or file, weights, config): like the source's,
+    they may not lie inside the destination, which `--overwrite` deletes."""
+    if adapter is None:
+        return []
+    path = Path(adapter)
+    folder = path if path.is_dir() else path.parent
+    return [p for p in (path, folder / "adapter_model.safetensors", folder / "adapter_config.json") if p.exists()]
+
+
+def merge_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, hf: bool = False,
+               max_file_size: str | int | None = None, **options):
+    """Library form of `jaxreshard merge-lora` (options as `plan_merge_lora`); returns the write report."""
+    job = plan_merge_lora(src, **options)
+    check_destination(Path(dst), adapter_reads(options.get("adapter")), overwrite=True)
+    return write_job(job, Path(dst), overwrite=overwrite, hf=hf, max_file_bytes=parse_size(max_file_size))

@@ -18,7 +18,7 @@ from .errors import ConfigError, FormatError
 from .formats.manifest import FileRecord, Manifest, ParamRecord, read_manifest, write_manifest
 from .formats.safetensors_io import DTYPE_CODES
 from .layout import COMPLETE, ParamLayout
-from .plan import Plan, RankPlan
+from .plan import PerRankCopy, Plan, RankPlan
 
 META_KEY = "jaxreshard"  # per-rank safetensors metadata: {"rank", "num_ranks", "params": {name: {shape, start}}}
 NOT_CARRIED = (META_KEY, "remove_redundancy")  # source metadata that describes the source's own files only
@@ -47,7 +47,7 @@ def param_records(plan: Plan) -> dict[str, ParamRecord]:
 def build_manifest(plan: Plan, source: str, output_format: str, files: Mapping[str, FileRecord]) -> Manifest:
     """The manifest of a (whole or partial) output of `plan`. Parameters copied per rank as they are
     (MindSpore pass-through) are listed under `extra.direct`: their recorded layout is not a geometry."""
-    direct = [p for p, i in plan.params.items() if i.direct]
+    direct = [p for p, i in plan.params.items() if isinstance(i.source, PerRankCopy)]
     return Manifest(layout_num_ranks(plan), param_records(plan), dict(files), output_format, source,
                     extra={"direct": direct} if direct else {})
 

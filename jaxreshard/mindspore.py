@@ -24,7 +24,7 @@ from .errors import PlanError
 from .formats import SourceCheckpoint
 from .formats.mindspore_strategy import Strategy
 from .layout import COMPLETE, ParamLayout, unravel
-from .plan import ParamInfo, Plan, RankPlan, ShardPlan, dst_rank_list, full_shape
+from .plan import COPY, ParamInfo, PerRankCopy, Plan, RankPlan, ShardPlan, TextRecord, dst_rank_list, full_shape
 from .ranklist import rank_list_for_transform
 from .strategy import param_layout
 
@@ -155,7 +155,7 @@ class _Planner:
         for name in copied:
             src_rank = self._copy_source(name, local % device_num, load_desc)
             if name in self.source.extras.get(src_rank, {}):
-                extras.append((name, self.source.extras[src_rank][name]))
+                extras.append(TextRecord(name, self.source.extras[src_rank][name]))
             else:
                 shards.append(self._copy(name, src_rank))
         return RankPlan(rank, dst_file, tuple(shards), tuple(extras), tuple(transformed + copied))
@@ -183,8 +183,8 @@ class _Planner:
         entry = self.source.entries[src_rank][name]
         info = self.infos.get(name)
         if info is None:
-            info = self.infos[name] = ParamInfo(name, entry.shape, entry.dtype, entry.dtype, COMPLETE, COMPLETE, True)
-        if not info.direct or (info.shape, info.src_dtype) != (entry.shape, entry.dtype):
+            info = self.infos[name] = ParamInfo(name, entry.shape, entry.dtype, COMPLETE, COMPLETE, COPY)
+        if not isinstance(info.source, PerRankCopy) or (info.shape, info.src_dtype) != (entry.shape, entry.dtype):
             raise PlanError(f"parameter {name!r} is both resliced and copied as is on different ranks; "
                             "check that the strategy files belong to this checkpoint")
         box = Box.full(entry.shape)
@@ -192,7 +192,7 @@ class _Planner:
 
     def _transform(self, name: str, rank: int, local: int, dst_map) -> ShardPlan:
         info = self.infos.get(name)
-        if info is not None and info.direct and name not in self._grids:
+        if info is not None and isinstance(info.source, PerRankCopy) and name not in self._grids:
             raise PlanError(f"parameter {name!r} is both resliced and copied as is on different ranks; "
                             "check that the strategy files belong to this checkpoint")
         src_layout = info.src_layout if info else (self._src_layout(name) if self.src else COMPLETE)
@@ -205,10 +205,10 @@ class _Planner:
             dst_layout.check_shape(name, shape)
         if info is None:
             dtype = full_shape(name, src_layout, self.source.entries)[1]
-            info = ParamInfo(name, shape, dtype, dtype, src_layout, dst_layout)
+            info = ParamInfo(name, shape, dtype, src_layout, dst_layout)
             self._grids[name] = source_grid(name, shape, src_layout, self.source.entries)
         elif info.dst_layout != dst_layout:  # a shared parameter laid out differently per stage: write per rank
-            info = replace(info, direct=True)
+            info = replace(info, source=COPY)
         self.infos[name] = info
         box = dst_layout.box(info.shape, local % dst_layout.devices_per_stage)
         grid = self._grids[name]

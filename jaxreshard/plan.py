@@ -3,6 +3,10 @@
 Computed from headers and layouts alone, before any tensor byte is read, and checked: every destination box
 is covered exactly once by source regions. The plan is plain frozen data, so `jaxreshard plan` can print it
 and the executor only follows it (mergekit's planner/executor split, DCP's `ReadItem` box vocabulary).
+
+Everything special is a type, not a flag: each parameter has a typed source (`BoxReads`, `PerRankCopy`,
+`Restore`) and a tuple of typed per-box transforms (transforms.py: `Cast`, `LoraFold`); text entries copied
+into rank files are `TextRecord`s. The executor dispatches once per type (execute.WRITE, arrays.APPLY).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from .coverage import ReadItem, cover, source_grid
 from .errors import FormatError, LayoutError, PlanError
 from .formats.base import TensorEntry
 from .layout import COMPLETE, ParamLayout
+from .planstats import PlanStats as PlanStats  # re-exported: `jaxreshard.plan` is where users look
+from .planstats import RankStats as RankStats
+from .planstats import plan_stats as plan_stats
+from .transforms import Cast, Transform
 
 
 class LayoutLike(Protocol):
@@ -32,17 +40,54 @@ class LayoutLike(Protocol):
     def resolve(self, params: Iterable[str]) -> dict[str, ParamLayout]: ...
 
 
+class Restorer(Protocol):
+    """A reader that restores whole arrays straight into any sharding itself (orbax_io.OrbaxSource)."""
+
+    def restore(self, param: str, sharding: Any, dtype: np.dtype) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BoxReads:
+    """The parameter is one sharded array: each destination box is read from the source regions its
+    `ShardPlan.reads` list."""
+
+
+@dataclass(frozen=True, slots=True)
+class PerRankCopy:
+    """Box reads written rank by rank without JAX: per-rank copies that are not one sharded array (MindSpore
+    pass-through copies, a shared parameter laid out differently per pipeline stage)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """The source restores the parameter itself, in any sharding (no byte ranges; orbax)."""
+
+    reader: Restorer = field(compare=False)
+
+
+Source = BoxReads | PerRankCopy | Restore
+READS, COPY = BoxReads(), PerRankCopy()
+
+
 @dataclass(frozen=True, slots=True)
 class ParamInfo:
     param: str
     shape: tuple[int, ...]
     src_dtype: np.dtype
-    dst_dtype: np.dtype
     src_layout: ParamLayout
     dst_layout: ParamLayout
-    direct: bool = False  # written rank by rank without JAX: per-rank copies that are not one sharded array
-    fold: Any = None  # a lora.LoraFold merged into each destination box after it is read
-    restore: Any = None  # a source that restores whole arrays in any sharding itself (orbax_io.OrbaxSource)
+    source: Source = READS
+    transforms: tuple[Transform, ...] = ()  # applied in order to every destination box after it is read
+
+    @property
+    def dst_dtype(self) -> np.dtype:
+        """The stored dtype: the last `Cast`'s, else the source's."""
+        return next((t.dtype for t in reversed(self.transforms) if isinstance(t, Cast)), self.src_dtype)
+
+    @property
+    def direct(self) -> bool:
+        """Written rank by rank (`PerRankCopy`); the name older callers used."""
+        return isinstance(self.source, PerRankCopy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,12 +98,20 @@ class ShardPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class TextRecord:
+    """A text entry (MindSpore `str` record) copied into a rank file as it is."""
+
+    param: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class RankPlan:
     dst_rank: int
     dst_file: str  # relative to the destination directory
     shards: tuple[ShardPlan, ...]
-    extras: tuple[tuple[str, str], ...] = ()  # text entries (MindSpore `str` records) copied as they are
-    order: tuple[str, ...] = ()  # output order of shards and extras when it matters (empty: shards, then extras)
+    texts: tuple[TextRecord, ...] = ()
+    order: tuple[str, ...] = ()  # output order of shards and texts when it matters (empty: shards, then texts)
 
 
 @dataclass(frozen=True)
@@ -107,7 +160,7 @@ def make_plan(
     for param in names:
         shape, src_dtype = full_shape(param, src_params[param], src_entries)
         dst_params[param].check_shape(param, shape)
-        infos[param] = ParamInfo(param, shape, src_dtype, src_dtype, src_params[param], dst_params[param])
+        infos[param] = ParamInfo(param, shape, src_dtype, src_params[param], dst_params[param])
 
     dst_total = dst_layout.num_ranks if dst_layout is not None else 1
     wanted = dst_rank_list(dst_ranks, dst_total)
@@ -152,7 +205,9 @@ def with_dtype(plan: Plan, dtype: np.dtype | None) -> Plan:
     """The plan with floating-point parameters cast to `dtype` on write (integers and bools untouched)."""
     if dtype is None:
         return plan
-    params = {p: replace(i, dst_dtype=np.dtype(dtype)) if is_floating(i.src_dtype) else i for p, i in plan.params.items()}
+    cast = Cast(np.dtype(dtype))
+    params = {p: replace(i, transforms=(*i.transforms, cast)) if is_floating(i.src_dtype) else i
+              for p, i in plan.params.items()}
     return replace(plan, params=params)
 
 
@@ -232,51 +287,3 @@ def format_ranks(ranks: Sequence[int]) -> str:
             parts.append(f"{start}" if start == r else f"{start}-{r}")
             start = None
     return ",".join(parts)
-
-
-@dataclass(frozen=True, slots=True)
-class RankStats:
-    dst_rank: int
-    dst_file: str
-    src_files: tuple[str, ...]
-    params: int
-    read_bytes: int  # source bytes this rank's shards need (replicas shared with other ranks counted here too)
-    write_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class PlanStats:
-    ranks: tuple[RankStats, ...]
-    read_bytes: int  # bytes actually read: each distinct destination box is read once and shared by replicas
-    write_bytes: int
-    peak_buffer_bytes: int  # the largest parameter's distinct boxes, all in flight at once
-    peak_param: str
-
-
-def plan_stats(plan: Plan) -> PlanStats:
-    """The numbers `jaxreshard plan` prints; pure arithmetic over the plan."""
-    rank_stats = []
-    distinct: dict[tuple[str, Box], ShardPlan] = {}
-    write_total = 0
-    for rank in plan.ranks:
-        read = write = 0
-        files: dict[str, None] = {}
-        for shard in rank.shards:
-            info = plan.params[shard.param]
-            distinct[(shard.param, shard.dst_box)] = shard
-            write += shard.dst_box.size * info.dst_dtype.itemsize
-            for item in shard.reads:
-                read += item.region.size * info.src_dtype.itemsize
-                files[str(plan.src_path(item, shard.param))] = None
-        write_total += write
-        rank_stats.append(RankStats(rank.dst_rank, rank.dst_file, tuple(files), len(rank.shards), read, write))
-    per_param: dict[str, int] = {}
-    read_total = 0
-    for (param, box), shard in distinct.items():
-        info = plan.params[param]
-        per_param[param] = per_param.get(param, 0) + box.size * info.src_dtype.itemsize
-        if info.dst_dtype != info.src_dtype:
-            per_param[param] += box.size * info.dst_dtype.itemsize
-        read_total += sum(item.region.size for item in shard.reads) * info.src_dtype.itemsize
-    peak_param = max(per_param, key=per_param.__getitem__, default="")
-    return PlanStats(tuple(rank_stats), read_total, write_total, per_param.get(peak_param, 0), peak_param)

@@ -25,7 +25,8 @@ from typing import Any
 
 from .formats.manifest import FileRecord, file_sha256, prefix_sha256
 from .fsutil import partial_dir, stale_partials
-from .plan import Plan
+from .plan import BoxReads, PerRankCopy, Plan
+from .transforms import LoraFold
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ def plan_key(plan: Plan, output: Any) -> str:
     """What must be equal for files of an interrupted run to be reused: the plan's parameters, layouts and
     rank files, the output options, and each source file's size and modification time. Plans whose data does
     not come from plain source files alone (LoRA folds, orbax restores) are never resumed."""
-    if any(i.fold is not None or i.restore is not None for i in plan.params.values()):
+    if any(not isinstance(i.source, (BoxReads, PerRankCopy)) or any(isinstance(t, LoraFold) for t in i.transforms)
+           for i in plan.params.values()):
         return os.urandom(16).hex()
     sources = sorted({str(e.path) for entries in plan.src_entries.values() for e in entries.values()})
     stats = []
@@ -61,9 +63,9 @@ def plan_key(plan: Plan, output: Any) -> str:
     data = {
         "output": repr(output), "sources": stats,
         "params": [[p, list(i.shape), str(i.src_dtype), str(i.dst_dtype), repr(i.src_layout), repr(i.dst_layout),
-                    i.direct] for p, i in plan.params.items()],
+                    isinstance(i.source, PerRankCopy)] for p, i in plan.params.items()],
         "ranks": [[r.dst_rank, r.dst_file, [[s.param, list(s.dst_box.start), list(s.dst_box.stop)] for s in r.shards],
-                   list(r.extras), list(r.order)] for r in plan.ranks],
+                   [(t.param, t.value) for t in r.texts], list(r.order)] for r in plan.ranks],
     }  # fmt: skip
     return hashlib.sha256(json.dumps(data, default=str).encode()).hexdigest()
 

@@ -26,13 +26,16 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from . import manifests, resume
+from .arrays import build_arrays
 from .caps import MAX_RANKS
-from .errors import ConfigError, OutputError
+from .devices import cpu_devices, ensure_cpu_devices
+from .errors import ConfigError, FormatError, OutputError
 from .execute import execute
 from .formats.manifest import FileRecord, Manifest, write_manifest
-from .formats.writers import writer_factory
+from .formats.orbax_io import OrbaxWriter, x64
+from .formats.writers import OutputKind, writer_factory
 from .fsutil import atomic_output, staged_rank_folders
-from .plan import Plan
+from .plan import PerRankCopy, Plan
 
 PR_SET_PDEATHSIG = 1
 Describe = Callable[[dict[str, FileRecord]], Manifest]  # the output's manifest, given its files
@@ -42,10 +45,9 @@ Describe = Callable[[dict[str, FileRecord]], Manifest]  # the output's manifest,
 class Output:
     """How rank files are written (see `formats.writers.writer_factory`)."""
 
-    output_format: str
+    kind: OutputKind
     hf: bool = False
     max_file_bytes: int | None = None
-    mindspore: bool = False
     metadata: tuple[tuple[str, str], ...] = ()  # the source's safetensors metadata, carried into every file
     num_ranks: int = 1  # ranks of the destination layout (> 1: rank files record their block, see manifests)
 
@@ -90,8 +92,8 @@ def run_plan(
             "(each process converts one contiguous block)"
         )
     key = resume.plan_key(plan, output)
-    continuable = process_num == 1 and output.output_format == "safetensors" and not output.hf \
-        and not output.mindspore  # fmt: skip - written in file order by one process: files can be continued
+    continuable = process_num == 1 and output.kind == OutputKind("safetensors") and not output.hf
+    # (native safetensors written in file order by one process: files can be continued)
     held = resume.adopt(dst, key, plan, continuable=continuable) if resume_run else None
     fill = partial(_fill, plan, output=output, process_num=process_num, on_bytes=on_bytes, key=key, held=held,
                    continuable=continuable, before_commit=before_commit)
@@ -154,6 +156,23 @@ def _execute(plan: Plan, tmp: Path, output: Output, process_num: int, on_bytes, 
     return files
 
 
+def run_orbax(plan: Plan, dst: Path, *, overwrite: bool) -> None:
+    """The complete parameters of `plan` as one orbax checkpoint at `dst`, each array carrying its destination
+    sharding; committed through `atomic_output` like every output (the old output stays until the rename)."""
+    if any(isinstance(info.source, PerRankCopy) for info in plan.params.values()):
+        raise FormatError("orbax output holds complete parameters; MindSpore pass-through copies cannot be written")
+    ensure_cpu_devices(max((i.dst_layout.devices_per_stage for i in plan.params.values()), default=1))
+    with atomic_output(Path(dst).absolute(), overwrite=overwrite) as tmp:  # orbax refuses relative paths
+        writer = OrbaxWriter(tmp, list(plan.params))
+        try:
+            with x64(any(i.dst_dtype.itemsize == 8 for i in plan.params.values())):  # 64-bit stays 64-bit
+                build_arrays(plan, writer.write, cpu_devices())
+                writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+
 def _rank_span(plan: Plan) -> str:
     first, last = plan.ranks[0].dst_rank, plan.ranks[-1].dst_rank
     return f"{first}-{last}" if first != last else str(first)
@@ -196,6 +215,6 @@ def _factory(output: Output, tmp: Path, plan: Plan, resumed: dict | None = None)
     if output.num_ranks > 1:
         def describe(rank):
             return manifests.rank_metadata(plan, rank, output.num_ranks)
-    return writer_factory(output.output_format, tmp, hf=output.hf, max_file_bytes=output.max_file_bytes,
-                          mindspore=output.mindspore, metadata=dict(output.metadata), describe=describe,
+    return writer_factory(output.kind, tmp, hf=output.hf, max_file_bytes=output.max_file_bytes,
+                          metadata=dict(output.metadata), describe=describe,
                           resumed=resumed)

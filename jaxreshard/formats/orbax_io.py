@@ -10,6 +10,7 @@ records in the metadata.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -128,16 +129,23 @@ def _key_paths(tree: Any, prefix: tuple[str, ...] = ()) -> dict[str, tuple[str, 
 
 
 class OrbaxWriter:
-    """Adds arrays to an orbax checkpoint in bounded batches; `close` finalizes (commits) it."""
+    """The writer of one orbax checkpoint (the format's `RankWriter`: `write`, `close`, `abort`), in `dst_dir`.
 
-    def __init__(self, path: Path, order: list[str]):
-        self.path = Path(path).absolute()
+    Whole arrays (each carrying its destination sharding) are added in batches of at most `SAVE_BATCH_BYTES`
+    with `partial.save`; `close` finalizes the checkpoint. `dst_dir` is the caller's temporary folder, committed
+    by `fsutil.atomic_output` like every other output: orbax wants a path of its own that does not exist yet,
+    so it writes into a subfolder whose files `close` moves up.
+    """
+
+    def __init__(self, dst_dir: Path, order: list[str]):
+        self._dst_dir = Path(dst_dir).absolute()  # orbax refuses relative paths
+        self.path = self._dst_dir / "checkpoint"
         self._order = order
         self._batch: dict[str, Any] = {}
         self._bytes = 0
         self._written = 0
 
-    def add(self, param: str, array: Any) -> None:
+    def write(self, param: str, array: Any) -> None:
         self._batch[param] = array
         self._bytes += array.nbytes
         if self._bytes >= SAVE_BATCH_BYTES:
@@ -151,71 +159,20 @@ class OrbaxWriter:
             self._written += len(self._batch)
             self._batch, self._bytes = {}, 0
 
-    def close(self) -> None:
+    def close(self) -> dict[Path, Any]:
+        """Finalize the checkpoint and move its files into `dst_dir`; no per-file records (orbax's own)."""
         import orbax.checkpoint.experimental.v1 as ocp
 
         self._flush()
         if self._written:
             ocp.partial.finalize(str(self.path))
+        if self.path.is_dir():
+            inner = self._dst_dir / ".orbax-checkpoint"  # so a child named "checkpoint" can move up too
+            os.rename(self.path, inner)
+            for child in inner.iterdir():
+                os.rename(child, self._dst_dir / child.name)
+            inner.rmdir()
+        return {}
 
-
-def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str, dst_ranks: Any = None) -> Any:
-    """A plan whose parameters orbax restores straight into each destination sharding (no byte ranges)."""
-    from ..layout import COMPLETE
-    from ..plan import ParamInfo, Plan, ShardPlan, dst_rank_list, rank_plans
-
-    source = OrbaxSource(path)
-    names = list(source.params)
-    dst = dst_layout.resolve(names) if dst_layout is not None else {n: COMPLETE for n in names}
-    infos = {}
-    for name in names:
-        shape, dtype = source.params[name]
-        dst[name].check_shape(name, shape)
-        infos[name] = ParamInfo(name, shape, dtype, dtype, COMPLETE, dst[name], restore=source)
-    total = dst_layout.num_ranks if dst_layout is not None else 1
-    wanted = dst_rank_list(dst_ranks, total)
-    ranks = rank_plans(infos, wanted, prefix, suffix, lambda name, box: ShardPlan(name, box, ()))
-    return Plan(infos, ranks, {})
-
-
-def write_orbax(plan: Any, dst: Path, *, overwrite: bool) -> None:
-    """The complete parameters of `plan` as one orbax checkpoint at `dst`, each array carrying its destination
-    sharding; written into a temporary sibling and renamed into place when finalized."""
-    import os
-
-    from ..execute import ensure_cpu_devices
-    from ..fsutil import atomic_output
-
-    dst = Path(dst).absolute()  # orbax refuses relative paths (its temporaries are made from this one)
-    if any(info.direct for info in plan.params.values()):
-        raise FormatError("orbax output holds complete parameters; MindSpore pass-through copies cannot be written")
-    ensure_cpu_devices(max((i.dst_layout.devices_per_stage for i in plan.params.values()), default=1))
-    with atomic_output(Path(dst), overwrite=overwrite) as tmp:
-        with x64(any(i.dst_dtype.itemsize == 8 for i in plan.params.values())):  # keep 64-bit parameters 64-bit
-            _write_all(plan, tmp / "checkpoint")
-        inner = tmp / ".orbax-checkpoint"  # orbax wants a path of its own: move its files up into the temporary
-        os.rename(tmp / "checkpoint", inner)
-        for child in inner.iterdir():
-            os.rename(child, tmp / child.name)
-        inner.rmdir()
-
-
-def _write_all(plan: Any, path: Path) -> None:
-    """Build each parameter on its destination mesh and add it to the checkpoint, batch by batch."""
-    import jax
-    from jax.sharding import NamedSharding
-
-    from ..execute import build_array, make_mesh
-    from ..formats.base import FileHandles
-
-    devices = sorted(jax.devices("cpu"), key=lambda d: (d.process_index, d.id))
-    boxes: dict[str, dict] = {}
-    for rank in plan.ranks:
-        for shard in rank.shards:
-            boxes.setdefault(shard.param, {})[shard.dst_box] = shard
-    writer = OrbaxWriter(path, list(plan.params))
-    with FileHandles() as handles:
-        for param, info in plan.params.items():
-            sharding = NamedSharding(make_mesh(info.dst_layout, devices), info.dst_layout.partition_spec())
-            writer.add(param, build_array(plan, param, boxes.get(param, {}), sharding, handles, native=True))
-    writer.close()
+    def abort(self) -> None:
+        self._batch, self._bytes = {}, 0  # the caller's atomic_output removes the temporary folder

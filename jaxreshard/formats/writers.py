@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -17,6 +19,17 @@ from .safetensors_io import DTYPE_CODES, HF_INDEX, SafetensorsWriter, split_into
 log = logging.getLogger(__name__)
 
 OUTPUT_FORMATS = ("safetensors", "ckpt", "orbax")
+Flavour = Literal["native", "mindspore"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutputKind:
+    """What files a job writes: the format, and its flavour. "mindspore" is what `transform_checkpoints`
+    writes (safetensors with `{"format": "ms"}` metadata in save_file's tensor order, no carried metadata);
+    "native" carries the source's metadata and jaxreshard's per-rank block records."""
+
+    format: str  # one of OUTPUT_FORMATS
+    flavour: Flavour = "native"
 Params = list[tuple[str, np.dtype, tuple[int, ...]]]
 
 # safetensors' Dtype enum order; `save_file` stores tensors by descending dtype, then by name
@@ -30,27 +43,27 @@ def save_file_order(params: Params) -> Params:
     return sorted(params, key=lambda p: (-_SAFETENSORS_DTYPE_RANK[DTYPE_CODES[np.dtype(p[1])]], p[0]))
 
 
-def writer_factory(output_format: str, dst_dir: Path, *, hf: bool = False, max_file_bytes: int | None = None,
-                   mindspore: bool = False, metadata: dict[str, str] | None = None, describe=None,
+def writer_factory(kind: OutputKind, dst_dir: Path, *, hf: bool = False, max_file_bytes: int | None = None,
+                   metadata: dict[str, str] | None = None, describe=None,
                    resumed: dict[Path, tuple] | None = None):
-    """A `(path, params, rank_plan) -> RankWriter` for the executor.
+    """A `(path, params, rank_plan) -> RankWriter` for the executor, writing files of `kind`.
 
-    `mindspore` selects MindSpore's safetensors flavour (`{"format": "ms"}` metadata, save_file's tensor order)
-    so files equal what `transform_checkpoints` writes. Otherwise safetensors files carry the source's
+    The "mindspore" flavour writes MindSpore's safetensors (`{"format": "ms"}` metadata, save_file's tensor
+    order) so files equal what `transform_checkpoints` writes. Otherwise safetensors files carry the source's
     `metadata`, plus what `describe(rank_plan)` returns (the `jaxreshard` key of distributed rank files).
     `resumed` maps files a killed run wrote in part to (bytes written, their hashlib sha256): continued.
     """
 
     def make(path: Path, params: Params, rank) -> RankWriter:
-        if output_format == "safetensors" and rank.extras:
+        if kind.format == "safetensors" and rank.texts:
             log.warning("%s: text entries %s cannot be stored in safetensors and are left out",
-                        path.name, [k for k, _ in rank.extras])
+                        path.name, [t.param for t in rank.texts])
         if hf:
             return HfWriter(dst_dir, params, max_file_bytes, metadata)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if output_format == "ckpt":
-            return CkptRankWriter(path, params, dict(rank.extras), rank.order or None)
-        if mindspore:
+        if kind.format == "ckpt":
+            return CkptRankWriter(path, params, {t.param: t.value for t in rank.texts}, rank.order or None)
+        if kind.flavour == "mindspore":
             return SafetensorsWriter(path, save_file_order(params), {"format": "ms"})
         return SafetensorsWriter(path, params, {**(metadata or {}), **(describe(rank) if describe else {})},
                                  resume=(resumed or {}).get(path))
@@ -58,7 +71,7 @@ def writer_factory(output_format: str, dst_dir: Path, *, hf: bool = False, max_f
     return make
 
 
-def hf_layout(params: Params, max_file_bytes: int | None) -> tuple[list[list[int]], list[str], str]:
+def hf_part_split(params: Params, max_file_bytes: int | None) -> tuple[list[list[int]], list[str], str]:
     """Hugging Face: greedy in order, `model-0000i-of-0000n.safetensors`, `model.safetensors.index.json`."""
     groups = split_into_files([_nbytes(p) for p in params], max_file_bytes)
     return groups, [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))], HF_INDEX
@@ -67,7 +80,7 @@ def hf_layout(params: Params, max_file_bytes: int | None) -> tuple[list[list[int
 MS_PART_BYTES = 3 << 30  # MindSpore's unified_safetensors cuts parts of about 3 GiB
 
 
-def ms_layout(params: Params, part_bytes: int = MS_PART_BYTES) -> tuple[list[list[int]], list[str], str]:
+def ms_part_split(params: Params, part_bytes: int = MS_PART_BYTES) -> tuple[list[list[int]], list[str], str]:
     """MindSpore's `unified_safetensors`: ceil(total / 3 GiB) parts filled biggest tensor first into the
     emptiest part, `part{i}.safetensors`, `param_name_map.json`."""
     sizes = [_nbytes(p) for p in params]
@@ -128,4 +141,8 @@ def HfWriter(dst_dir: Path, params: Params, max_file_bytes: int | None,
              metadata: dict[str, str] | None = None) -> PartsWriter:
     """A complete checkpoint as `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`; file
     boundaries are fixed up front from the sizes (no renames at the end); parts carry the source's metadata."""
-    return PartsWriter(dst_dir, params, hf_layout(params, max_file_bytes), metadata=metadata)
+    return PartsWriter(dst_dir, params, hf_part_split(params, max_file_bytes), metadata=metadata)
+
+
+hf_layout = hf_part_split  # the old names (they plan part files, not a layout)
+ms_layout = ms_part_split

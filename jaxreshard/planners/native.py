@@ -1,0 +1,90 @@
+"""The native planner: layouts with jaxreshard's semantics over rank files of any format.
+
+Both sides may be native layouts or MindSpore strategies read as layouts (parameters outside a strategy are
+replicated). Text entries of the source (MindSpore `str` records) go to every rank, as MindSpore's
+pass-through does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+import numpy as np
+
+from ..box import Box
+from ..coverage import cover, source_grid
+from ..errors import ConfigError
+from ..formats import SourceCheckpoint
+from ..layout import COMPLETE, ParamLayout
+from ..plan import LayoutLike, ParamInfo, Plan, RankPlan, ShardPlan, TextRecord, full_shape, make_plan, merge_orders
+from ..srccheck import source_layout
+from ..transforms import Cast
+from .base import ArrayRequest, FileRequest
+from .sides import Side, as_layout
+
+
+class NativePlanner:
+    """Plans rank files (`Planner`) and in-memory arrays (`ArrayPlanner`) with native semantics.
+
+    `renamed` adds output names (new -> stored) whose tensor rank is the stored parameter's (merge-lora's
+    `X.base_layer.weight` -> `X.weight`).
+    """
+
+    flavour = "native"
+
+    def __init__(self, source: SourceCheckpoint, src: Side, dst: Side = None, *,
+                 renamed: Mapping[str, str] | None = None):  # fmt: skip
+        ndims = {p: len(shape) for p, shape in source.shapes.items()}
+        ndims.update({new: ndims[old] for new, old in (renamed or {}).items() if old in ndims})
+        self.source = source
+        self.src_layout: LayoutLike | None = source_layout(source, as_layout(src, ndims))
+        self.dst_layout: LayoutLike | None = as_layout(dst, ndims)
+        self._resolved: dict[str, ParamLayout] | None = None
+        if source.distributed and self.src_layout is None:
+            raise ConfigError(
+                f"{source.path}: this is a distributed checkpoint ({len(source.entries)} rank folders); pass the "
+                "layout it was saved with (--src-layout / src_layout=, or --src-strategy / src_strategy=)"
+            )
+
+    def plan(self, request: FileRequest) -> Plan:
+        source = self.source
+        plan = make_plan(source.entries, self.src_layout, self.dst_layout, prefix=request.prefix,
+                         suffix=request.suffix, dst_ranks=request.dst_ranks)
+        texts = tuple(TextRecord(k, v) for k, v in source.extras.get(min(source.entries), {}).items())
+        if texts:
+            plan = replace(plan, ranks=tuple(replace(r, texts=texts) for r in plan.ranks))
+        return plan
+
+    def params(self) -> list[str]:
+        return merge_orders([list(self.source.entries[r]) for r in sorted(self.source.entries)])
+
+    def _src_params(self) -> dict[str, ParamLayout]:
+        """Every source parameter's layout, resolved over all names at once (a layout's stages may depend on
+        the whole set, e.g. layer indices), once."""
+        if self._resolved is None:
+            names = self.params()
+            self._resolved = self.src_layout.resolve(names) if self.src_layout is not None else \
+                {n: COMPLETE for n in names}  # fmt: skip
+        return self._resolved
+
+    def full_shape(self, param: str) -> tuple[tuple[int, ...], np.dtype]:
+        return full_shape(param, self._src_params()[param], self.source.entries)
+
+    def plan_arrays(self, wanted: Mapping[str, ArrayRequest]) -> Plan:
+        layouts = self._src_params()
+        view = {r: {p: e[w.src_param] for p, w in wanted.items() if w.src_param in e}
+                for r, e in self.source.entries.items()}
+        infos, shards = {}, []
+        for param, want in wanted.items():
+            shape, dtype = full_shape(want.src_param, layouts[want.src_param], self.source.entries)
+            casts = (Cast(want.dtype),) if want.dtype is not None and want.dtype != dtype else ()
+            infos[param] = ParamInfo(want.src_param, shape, dtype, layouts[want.src_param], COMPLETE, transforms=casts)
+            grid = source_grid(param, shape, infos[param].src_layout, view)
+            shards += [ShardPlan(param, box, cover(grid, box)) for box in dict.fromkeys(want.boxes)]
+        return Plan(infos, (RankPlan(0, "", tuple(shards)),), view)
+
+
+def boxes_of(sharding: object, shape: tuple[int, ...]) -> list[Box]:
+    """The boxes this process's devices hold under `sharding` (pure metadata, no device memory)."""
+    return [Box.from_index(index, shape) for index in sharding.addressable_devices_indices_map(shape).values()]  # type: ignore[attr-defined]
