@@ -101,6 +101,21 @@ def read_box(handles: FileHandles, entry: TensorEntry, box: Box, out: np.ndarray
             pos += chunk
 
 
+def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> None:
+    """Write `buffers` back to back at `offset`, looping until every byte is written (`pwritev` may write less)."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        done = os.pwritev(fd, views, offset)
+        if done <= 0:
+            raise OSError(f"pwritev wrote nothing at offset {offset}")
+        offset += done
+        while done:
+            if done >= len(views[0]):
+                done -= len(views.pop(0))
+            else:
+                views[0], done = views[0][done:], 0
+
+
 def _segment_ranges(entry: TensorEntry, offset: int, nbytes: int):
     """Map a byte range of the tensor onto file ranges through its segments."""
     if len(entry.segments) == 1:

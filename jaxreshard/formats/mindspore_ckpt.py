@@ -31,7 +31,6 @@ from ..errors import FormatError
 from .base import TensorEntry
 from .untrusted import MAX_DIMS, NotACheckpoint, check_name, open_regular
 
-RECORD_CHUNK_BYTES = 536_870_912  # save_checkpoint's byte chunk per record; tests monkeypatch it
 CRC_MARKER = b"crc_num"  # trailer: marker + 10-byte big-endian CRC-32 of all preceding bytes
 ENCRYPTED_MAGICS = (0x7F3A5ED8, 0x7F3A5ED9)  # little-endian uint32 at the start of AES-GCM / CBC blocks
 
@@ -241,5 +240,3 @@ def _index(path: Path, mm: mmap.mmap, verify_crc: bool) -> CkptIndex:
     return CkptIndex(path, names, MappingProxyType({n: tensors[n] for n in names if n in tensors}),
                      MappingProxyType({n: extras[n] for n in names if n in extras}), crc, end)
 
-
-from .mindspore_ckpt_write import CkptRankWriter, _record_header, write_ckpt  # noqa: E402, F401 - re-exported

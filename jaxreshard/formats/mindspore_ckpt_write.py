@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import mindspore_ckpt as _reader  # RECORD_CHUNK_BYTES is read at use, so tests can shrink it
+from .base import pwrite_all
 from .manifest import FileRecord, StreamingHash
 from .mindspore_ckpt import CRC_MARKER, ckpt_dtype_name
+
+RECORD_CHUNK_BYTES = 536_870_912  # save_checkpoint's byte chunk per record; read at use, so tests can shrink it
 
 
 def _enc_varint(value: int) -> bytes:
@@ -41,20 +43,6 @@ def _str_content(text: str) -> bytes:
     return text.encode("utf-32-le") or b"\0\0\0\0"
 
 
-def _pwrite_all(fd: int, buffers: list, offset: int) -> None:
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while views:
-        done = os.pwritev(fd, views, offset)
-        if done <= 0:
-            raise OSError(f"pwritev wrote nothing at offset {offset}")
-        offset += done
-        while done:
-            if done >= len(views[0]):
-                done -= len(views.pop(0))
-            else:
-                views[0], done = views[0][done:], 0
-
-
 class CkptRankWriter:
     """Streams one `.ckpt` with save_checkpoint's exact bytes: every record is sized up front, so each tensor
     goes to its computed offset whenever `write` gets it, in any order, with one `pwritev` per record."""
@@ -77,7 +65,7 @@ class CkptRankWriter:
             raise ValueError(f"{self.path}: `order` must list every parameter and extra exactly once")
         self._records: dict[str, list[tuple[int, bytes, int, int]]] = {}  # (offset, header, tensor byte, nbytes)
         strings: list[tuple[int, bytes]] = []
-        pos, chunk = 0, _reader.RECORD_CHUNK_BYTES
+        pos, chunk = 0, RECORD_CHUNK_BYTES
         for name in order:
             if name in extras:
                 content = _str_content(extras[name])
@@ -99,7 +87,7 @@ class CkptRankWriter:
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         os.ftruncate(self._fd, pos)
         for offset, record in strings:
-            _pwrite_all(self._fd, [record], offset)
+            pwrite_all(self._fd, [record], offset)
             self._hash.update(offset, record)
 
     def write(self, param: str, array: np.ndarray) -> None:
@@ -118,7 +106,7 @@ class CkptRankWriter:
             raise ValueError(f"{self.path}: the writer is closed")
         data = memoryview(array.reshape(-1).view(np.uint8))
         for offset, header, start, n in self._records[param]:
-            _pwrite_all(self._fd, [header, data[start : start + n]], offset)
+            pwrite_all(self._fd, [header, data[start : start + n]], offset)
             self._hash.update(offset, header)
             self._hash.update(offset + len(header), data[start : start + n])
         self._written.add(param)
@@ -140,7 +128,7 @@ class CkptRankWriter:
                     n = os.preadv(fd, [memoryview(buf)[: min(len(buf), self.size - offset)]], offset)
                     crc = zlib.crc32(memoryview(buf)[:n], crc)
                 trailer = CRC_MARKER + crc.to_bytes(10, "big")
-                _pwrite_all(fd, [trailer], self.size)
+                pwrite_all(fd, [trailer], self.size)
                 self._hash.update(self.size, trailer)
             os.fsync(fd)
         finally:
