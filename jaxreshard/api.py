@@ -356,7 +356,7 @@ def save_strategy(src: str | Path, layout: LayoutArg, out: str | Path, *, overwr
     """MindSpore strategy files for a native layout applied to `src`'s parameters (MindSpore's
     `only_save_strategy` without launching a job): `ckpt_strategy_rank_<r>.ckpt` per global rank (identical
     within a pipeline stage, like a training job's) and `merged_ckpt_strategy.ckpt`."""
-    from .formats.mindspore_strategy import write_merged_strategy_file, write_strategy_file
+    from .formats.mindspore_strategy_write import write_merged_strategy_file, write_strategy_file
     from .strategy import strategies_by_stage
 
     native = as_layout(layout)
