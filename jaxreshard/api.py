@@ -85,7 +85,7 @@ def native_layouts(
     strategy (path or an already read `Strategy`); `renamed` adds output names (new -> stored) whose tensor
     rank is the stored parameter's."""
     from .formats.mindspore_strategy import Strategy, read_strategy
-    from .strategy import StrategyLayout
+    from .mindspore import StrategyLayout
 
     _one_per_side(src_layout, src_strategy, dst_layout, dst_strategy)
     ndims = {p: len(shape) for p, shape in source.shapes.items()}
@@ -148,7 +148,7 @@ def plan_conversion(
     """
     from .formats.mindspore_strategy import read_strategy
     from .mindspore import plan_mindspore
-    from .strategy import StrategyLayout
+    from .mindspore import StrategyLayout
 
     _one_per_side(src_layout, src_strategy, dst_layout, dst_strategy)
     check_file_prefix(prefix)
@@ -357,7 +357,7 @@ def save_strategy(src: str | Path, layout: LayoutArg, out: str | Path, *, overwr
     `only_save_strategy` without launching a job): `ckpt_strategy_rank_<r>.ckpt` per global rank (identical
     within a pipeline stage, like a training job's) and `merged_ckpt_strategy.ckpt`."""
     from .formats.mindspore_strategy_write import write_merged_strategy_file, write_strategy_file
-    from .strategy import strategies_by_stage
+    from .mindspore import strategies_by_stage
 
     native = as_layout(layout)
     if not isinstance(native, Layout):

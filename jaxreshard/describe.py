@@ -88,7 +88,7 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 def describe_strategy(strategy) -> Iterator[str]:
     """A MindSpore strategy file: per parameter, its layout as mesh axes + PartitionSpec and its stages."""
-    from .strategy import param_layout
+    from .mindspore import param_layout
 
     yield (f"{strategy.source}: MindSpore strategy, {len(strategy.params)} parameters, {strategy.stage_num} "
            f"stage(s) x {strategy.stage_device_num} devices")

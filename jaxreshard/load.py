@@ -197,7 +197,7 @@ def layout_from_strategy(path: str | Path, params: Any, **kwargs: Any) -> dict[s
     """The `NamedSharding`s of a MindSpore strategy file or folder (`params` must give shapes or a checkpoint,
     since strategies do not record tensor ranks of parameters outside them)."""
     from .formats.mindspore_strategy import read_strategy
-    from .strategy import StrategyLayout
+    from .mindspore import StrategyLayout
 
     if isinstance(params, (str, Path)):
         from .formats import open_source

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from .formats.mindspore_strategy import ParamStrategy
-from .layout import COMPLETE, ParamLayout, unravel
+from ..formats.mindspore_strategy import ParamStrategy
+from ..layout import COMPLETE, ParamLayout, unravel
 from .strategy import param_layout
 
 

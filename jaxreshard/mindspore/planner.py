@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
-from .box import Box
-from .coverage import Cell, ReadItem, SourceGrid, cover, lowest_rank, source_grid
-from .errors import PlanError
-from .formats import SourceCheckpoint
-from .formats.mindspore_strategy import Strategy
-from .layout import COMPLETE, ParamLayout, unravel
-from .plan import ParamInfo, Plan, RankPlan, ShardPlan, dst_rank_list, full_shape
+from ..box import Box
+from ..coverage import Cell, ReadItem, SourceGrid, cover, lowest_rank, source_grid
+from ..errors import PlanError
+from ..formats import SourceCheckpoint
+from ..formats.mindspore_strategy import Strategy
+from ..layout import COMPLETE, ParamLayout, unravel
+from ..plan import ParamInfo, Plan, RankPlan, ShardPlan, dst_rank_list, full_shape
 from .ranklist import rank_list_for_transform
 from .strategy import param_layout
 

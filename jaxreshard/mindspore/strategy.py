@@ -16,9 +16,9 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from .errors import LayoutError
-from .formats.mindspore_strategy import ParamStrategy, Strategy, TensorMapEntry
-from .layout import ParamLayout
+from ..errors import LayoutError
+from ..formats.mindspore_strategy import ParamStrategy, Strategy, TensorMapEntry
+from ..layout import ParamLayout
 
 
 def tensor_strategy(dev_matrix: Sequence[int], tensor_map: Sequence[TensorMapEntry]) -> list[int]:
