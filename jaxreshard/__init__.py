@@ -7,8 +7,8 @@ from .api import ConvertReport as ConvertReport
 from .api import convert as convert
 from .api import plan_conversion as plan_conversion
 from .api import save_strategy as save_strategy
-from .auto import auto_convert as auto_convert
-from .auto import auto_convert_from_config as auto_convert_from_config
+from .mindformers.auto import auto_convert as auto_convert
+from .mindformers.auto import auto_convert_from_config as auto_convert_from_config
 from .errors import ConfigError as ConfigError
 from .errors import FormatError as FormatError
 from .errors import JaxreshardError as JaxreshardError

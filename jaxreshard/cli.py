@@ -204,7 +204,7 @@ def _float(value: str | None, flag: str) -> float | None:
 
 def _merge(task: str, opts: JobOptions) -> int:
     from . import api, merge
-    from .compat import parse_bool
+    from .mindformers.compat import parse_bool
     from .fsutil import check_destination
 
     _require(opts, "dst")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapter import read_adapter_config
+from .formats.adapter_config import read_adapter_config
 from .box import Box
 from .errors import ConfigError, FormatError, PlanError
 from .formats.base import FileHandles, TensorEntry, aligned_empty

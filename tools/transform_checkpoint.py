@@ -5,7 +5,7 @@
 import argparse
 import sys
 
-from jaxreshard.compat import parse_bool, transform_checkpoint
+from jaxreshard.mindformers.compat import parse_bool, transform_checkpoint
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--src_checkpoint", required=True, help="complete .ckpt, folder of .ckpt files, or folder of rank_<n>/")

@@ -5,7 +5,7 @@
 import argparse
 import sys
 
-from jaxreshard.compat import transform_ckpt_lora
+from jaxreshard.mindformers.compat import transform_ckpt_lora
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--src_ckpt_strategy", default=None, help="strategy file or folder of a distributed source")

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from .errors import ConfigError, JaxreshardError
+from .. import api
+from ..errors import ConfigError, JaxreshardError
+from ..formats.mindspore_strategy import read_strategy
+from ..merge import merge_lora, plan_unify, write_unified
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +80,6 @@ def transform_checkpoint(
     rank_id: int | None, world_size: int | None, process_num: int, overwrite: bool = False,
 ) -> int:  # fmt: skip
     """`transform_checkpoint.py`: returns the exit code."""
-    from . import api
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxreshard").setLevel(logging.INFO)
     try:
@@ -123,11 +126,6 @@ def transform_ckpt_lora(src: str, src_strategy: str | None, dst_dir: str, prefix
     """`transform_ckpt_lora.py`: one complete `dst_dir/merged_lora.<format>` with every LoRA branch folded in.
     Unlike MindFormers: no silent scale of 1 (the scale is required), the destination folder is created, a
     transposed base works, optimizer states are dropped, and a distributed source is merged in full."""
-    import shutil
-    import tempfile
-
-    from .merge import merge_lora
-
     def body() -> None:
         if lora_scaling is None:
             raise ConfigError("--lora_scaling is required (MindFormers silently used 1): lora_alpha / r")
@@ -154,9 +152,6 @@ def unified_safetensors(src_strategy_dirs: str | None, ckpt_dir: str, output_dir
     (`part{i}.safetensors`, `param_name_map.json`, `hyper_param.safetensors` for parameters outside the strategy)
     so MindFormers' loaders accept it. Unlike MindFormers: nothing is deleted first, filtered parameters appear
     nowhere, the strategy folder is merged in memory, and a failed worker fails the command."""
-    from .formats.mindspore_strategy import read_strategy
-    from .merge import plan_unify, write_unified
-
     def body() -> None:
         strategy = strategy_arg(src_strategy_dirs)
         prefixes = [*filter_out_param_prefix, "accu_grads"]
