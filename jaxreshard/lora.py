@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats.adapter_config import read_adapter_config
 from .box import Box
 from .errors import ConfigError, FormatError, PlanError
+from .formats.adapter_config import read_adapter_config
 from .formats.base import FileHandles, TensorEntry, aligned_empty
+from .formats.mindspore_ckpt import OPTIMIZER_STATE_PREFIXES as OPTIMIZER_PREFIXES  # noqa: F401 - for merge.py
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ _PAIRS = (  # (suffix of A, suffix of B)
     (".lora_a", ".lora_b"),
     (".lora_A.weight", ".lora_B.weight"),
 )
-OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.")  # MindSpore optimizer states, dropped by default
 PEFT_PREFIX = "base_model.model."
 
 

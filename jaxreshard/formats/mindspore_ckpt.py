@@ -33,6 +33,11 @@ from .untrusted import MAX_DIMS, NotACheckpoint, check_name, open_regular
 
 CRC_MARKER = b"crc_num"  # trailer: marker + 10-byte big-endian CRC-32 of all preceding bytes
 ENCRYPTED_MAGICS = (0x7F3A5ED8, 0x7F3A5ED9)  # little-endian uint32 at the start of AES-GCM / CBC blocks
+# MindSpore's optimizers keep a state per trainable weight named "<prefix>.<weight>" (`Parameter.clone(prefix=...)`:
+# Adam's moments, gradient accumulation). transform_checkpoints tests the bare prefixes when it chooses its
+# by-stage path; "<prefix>." is how a state's name starts (the LoRA merge drops or keeps them as a group).
+OPTIMIZER_PREFIXES = ("adam_m", "adam_v", "accu_grads")
+OPTIMIZER_STATE_PREFIXES = tuple(f"{p}." for p in OPTIMIZER_PREFIXES)
 
 _DTYPES: dict[str, np.dtype] = {
     "Float16": np.dtype("<f2"), "Float32": np.dtype("<f4"), "Float64": np.dtype("<f8"),

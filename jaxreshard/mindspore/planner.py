@@ -22,13 +22,12 @@ from ..box import Box
 from ..coverage import Cell, ReadItem, SourceGrid, cover, lowest_rank, source_grid
 from ..errors import PlanError
 from ..formats import SourceCheckpoint
+from ..formats.mindspore_ckpt import OPTIMIZER_PREFIXES
 from ..formats.mindspore_strategy import Strategy
 from ..layout import COMPLETE, ParamLayout, unravel
 from ..plan import ParamInfo, Plan, RankPlan, ShardPlan, dst_rank_list, full_shape
 from .ranklist import rank_list_for_transform
 from .strategy import param_layout
-
-OPTIMIZER_PREFIXES = ("accu_grads", "adam_v", "adam_m")  # ignored when choosing the by-stage path
 
 
 def uses_by_stage_path(src: Strategy | None, dst: Strategy | None) -> bool:

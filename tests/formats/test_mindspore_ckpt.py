@@ -464,3 +464,16 @@ def test_a_file_in_no_checkpoint_format_says_so_distinctly(tmp_path):
     with pytest.raises(FormatError, match="truncated") as info:
         mc.read_ckpt_index(tmp_path / "t.ckpt")
     assert not isinstance(info.value, NotACheckpoint)
+
+
+def test_optimizer_prefixes_match_the_states_mindspore_saves():
+    """One definition, two uses: the bare prefixes transform_checkpoints tests, and "<prefix>." which begins every
+    optimizer state MindSpore saved in the reference fixture (a state of each trainable weight, named after it)."""
+    assert mc.OPTIMIZER_PREFIXES == ("adam_m", "adam_v", "accu_grads")
+    assert mc.OPTIMIZER_STATE_PREFIXES == ("adam_m.", "adam_v.", "accu_grads.")
+    names = mc.read_ckpt_index(ROOT / "ckpt" / "complete" / "rank_0" / "checkpoint_0.ckpt").names
+    states = [n for n in names if n.startswith(mc.OPTIMIZER_STATE_PREFIXES)]
+    assert states == ["adam_m.layer1.weight", "adam_v.layer1.weight"]
+    assert all(n.split(".", 1)[1] in names for n in states)  # each names a weight of the same file
+    assert [n for n in names if n.startswith(mc.OPTIMIZER_PREFIXES)] == states
+    assert not "adam_mean.w".startswith(mc.OPTIMIZER_STATE_PREFIXES) and "adam_mean.w".startswith(mc.OPTIMIZER_PREFIXES)
