@@ -152,7 +152,8 @@ def plan_conversion(
 
     _one_per_side(src_layout, src_strategy, dst_layout, dst_strategy)
     check_file_prefix(prefix)
-    from .formats.orbax_io import is_orbax, plan_orbax_source, read_orbax_metadata
+    from .formats.orbax_io import is_orbax, read_orbax_metadata
+    from .orbax_restore import plan_orbax_source
 
     if is_orbax(Path(src)):
         if src_layout is not None or src_strategy is not None:
@@ -305,7 +306,7 @@ def write_job(
         if wanted is not None or process_num != 1 or hf:
             raise ConfigError("--output-format orbax writes one orbax checkpoint in one process: no --ranks, "
                               "--process-num or --hf")
-        from .formats.orbax_io import write_orbax
+        from .orbax_restore import write_orbax
 
         write_orbax(job.plan, dst, overwrite=overwrite)
         stats = plan_stats(job.plan)
