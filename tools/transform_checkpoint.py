@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Drop-in for MindFormers' tools/ckpt_transform/transform_checkpoint.py, same arguments, same output layout
-(<dst>/<stem>/rank_<r>/<prefix><r>.ckpt), without its bugs (see jaxreshard/compat.py and the README)."""
+(<dst>/<stem>/rank_<r>/<prefix><r>.ckpt), without its bugs (see jaxreshard/mindformers/compat.py and the README)."""
 
 import argparse
 import sys

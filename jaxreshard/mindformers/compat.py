@@ -15,11 +15,13 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import api
 from ..errors import ConfigError, JaxreshardError
 from ..formats.mindspore_strategy import read_strategy
+from ..logs import configure_logging
 from ..merge import merge_lora, plan_unify, write_unified
 
 log = logging.getLogger(__name__)
@@ -80,9 +82,9 @@ def transform_checkpoint(
     rank_id: int | None, world_size: int | None, process_num: int, overwrite: bool = False,
 ) -> int:  # fmt: skip
     """`transform_checkpoint.py`: returns the exit code."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jaxreshard").setLevel(logging.INFO)
-    try:
+
+    def body() -> None:
+        nonlocal dst_dir, rank_id
         if not dst_dir:
             dst_dir = str(Path.cwd() / "transformed_checkpoint")
             log.warning("--dst_checkpoint_dir not given; writing to %s", dst_dir)
@@ -104,15 +106,13 @@ def transform_checkpoint(
                 overwrite=overwrite,
             )  # fmt: skip
             log.info("wrote %d file(s) under %s", len(report.files), dst)
-    except JaxreshardError as e:
-        print(f"transform_checkpoint: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return _run("transform_checkpoint", body)
 
 
-def _run(tool: str, body) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jaxreshard").setLevel(logging.INFO)
+def _run(tool: str, body: Callable[[], None]) -> int:
+    """Run a drop-in's body with the CLI's logging; a JaxreshardError is one `<tool>: error: ...` line, exit 2."""
+    configure_logging()
     try:
         body()
     except JaxreshardError as e:
