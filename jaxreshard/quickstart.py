@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import api
 from .box import Box
 from .config import JobOptions
 from .describe import human_bytes
@@ -20,8 +21,6 @@ DEFAULT_LAYOUTS = ("configs/layouts/llama_dp2mp4.yaml", "configs/layouts/llama_d
 
 
 def run_quickstart(opts: JobOptions) -> int:
-    from . import api
-
     workdir = Path(opts.workdir)
     layouts = list(opts.layouts or DEFAULT_LAYOUTS)
     for layout in layouts:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats.manifest import FileRecord, file_sha256, prefix_sha256
-from .fsutil import partial_dir
+from .fsutil import partial_dir, stale_partials
 from .plan import Plan
 
 log = logging.getLogger(__name__)
@@ -217,15 +217,9 @@ def finish(tmp: Path) -> None:
 
 
 def _stale_partials(dst: Path) -> list[Path]:
-    """Temporary folders of `dst` whose owner is gone: `fsutil.stale_partials` where it exists, else every
-    `.<name>.partial-*` folder; either way only those whose journal names an owner that is not running."""
-    from . import fsutil
-
-    finder = getattr(fsutil, "stale_partials", None)
-    if finder is not None:
-        return [p for p in finder(dst) if not _owner_alive(_header(p), other_hosts_alive=False)]
-    candidates = [p for p in dst.parent.glob(f".{dst.name}.partial-*") if p.is_dir() and not p.is_symlink()]
-    return [p for p in candidates if not _owner_alive(_header(p), other_hosts_alive=True)]
+    """Temporary folders of `dst` whose owner is gone (`fsutil.stale_partials`) and whose journal names no
+    running owner either."""
+    return [p for p in stale_partials(dst) if not _owner_alive(_header(p), other_hosts_alive=False)]
 
 
 def _header(folder: Path) -> dict:
