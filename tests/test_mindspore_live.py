@@ -92,10 +92,10 @@ def plain_layout(rng: random.Random, n: int, ndim: int) -> dict:
 
 
 def opt_layout(rng: random.Random, n: int, ndim: int, two_mp: bool = False) -> dict | None:
-    """Optimizer shard, simple case of spec §3.2: dev_matrix[0] is the only repeated axis, every other axis > 1 is
-    a model-parallel axis; step = product of the other axes, size 2 or -1 (whole group). `two_mp` asks for two
+    """Optimizer shard, simple case of MindSpore's expansion: dev_matrix[0] is the only repeated axis, every other
+    axis > 1 is a model-parallel axis; step = product of the other axes, size 2 or -1 (whole group). `two_mp` asks for two
     model-parallel axes of 2 (8 devices, 2-D+ tensor): with a map not in descending order that is the quirk of
-    §3.2 (the expanded layout orders the axes by tensor dim)."""
+    MindSpore's expansion (the expanded layout orders the axes by tensor dim)."""
     if two_mp and n == 8 and ndim >= 2:
         dp, mp_axes = 2, [2, 2]
     else:
@@ -198,7 +198,7 @@ FEATURES = [  # case i forces features[i % len]; everything else is random
     {"pp_B": True, "opt_B": True},
     {"pp_A": True, "pp_B": True},
     {"multi_A": True, "multi_B": True},
-    {"drop_A": True},  # a param missing from A only: A -> B takes MindSpore's by-stage path (§5.4)
+    {"drop_A": True},  # a param missing from A only: A -> B takes MindSpore's by-stage path
     {"drop_B": True},  # a param missing from B: its A slices are passed through verbatim
     {"pp_A": True, "pp_B": True, "opt_A": True, "opt_B": True},
     {"opt_A": True, "two_mp_A": True, "opt_B": True, "two_mp_B": True},
@@ -275,7 +275,7 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
 
 
 def records(data: bytes) -> list[tuple[str, tuple[int, ...], str, bytes]]:
-    """(tag, dims, tensor_type, content) per record of a .ckpt (spec §1.2), for readable failure messages."""
+    """(tag, dims, tensor_type, content) per record of a .ckpt, for readable failure messages."""
     def fields(buf: bytes):
         i = 0
         while i < len(buf):

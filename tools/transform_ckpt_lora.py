@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Drop-in for MindFormers' transform_ckpt_lora.py: fold every LoRA branch into its base weight and write
-<dst_ckpt_dir>/merged_lora.<ckpt|safetensors> (see jaxreshard/mindformers/compat.py and the README for the differences)."""
+<dst_ckpt_dir>/merged_lora.<ckpt|safetensors> (see jaxreshard/mindformers/compat.py and the README for the
+differences)."""
 
 import argparse
 import sys

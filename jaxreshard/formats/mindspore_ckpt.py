@@ -1,13 +1,14 @@
 """MindSpore `.ckpt` files, read without MindSpore and without the protobuf runtime (writing: mindspore_ckpt_write).
 
-Why by hand: MindSpore parses a whole file into memory (and refuses files larger than free RAM, spec §1.5). A
-`.ckpt` is a concatenation of one-`Value` protobuf records of a fixed shape (spec §1.2), so walking the wire
+Why by hand: MindSpore parses a whole file into memory (and refuses files larger than free RAM). A
+`.ckpt` is a concatenation of one-`Value` protobuf records of a fixed shape, so walking the wire
 format over an mmap finds where every tensor's bytes lie without touching them, and the writer can size every
 record up front and stream each tensor to its offset. The writer's bytes equal `mindspore.save_checkpoint`'s.
 
 Reader semantics follow `load_checkpoint`: a `crc_num` trailer is always stripped (checked on request);
-consecutive records with one tag are one tensor (512 MiB chunks, §1.4); `dims == [0]` means a scalar; a tag seen
-again later replaces the earlier value but keeps its first position (MindSpore fills a dict). `str` records are
+consecutive records with one tag are one tensor (`save_checkpoint` splits a tensor into 512 MiB chunks);
+`dims == [0]` means a scalar; a tag seen again later replaces the earlier value but keeps its first position
+(MindSpore fills a dict). `str` records are
 "extras" (Python strings). Int4 and MapTensor records are refused with a FormatError naming the parameter:
 `transform_checkpoints` cannot convert them either, and skipping them silently would drop data.
 """

@@ -1,6 +1,7 @@
 """Writing MindSpore `.ckpt` files whose bytes equal `mindspore.save_checkpoint`'s, streamed: every record is
-sized up front (fields in number order, unpacked dims, 512 MiB byte chunks with full dims in each, spec §1.2/§1.4),
-so each tensor is written at its offset when it arrives and no file is ever held in memory."""
+sized up front (fields in number order, unpacked dims, 512 MiB byte chunks with full dims in each, as
+`save_checkpoint` writes them), so each tensor is written at its offset when it arrives and no file is ever held
+in memory."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def _enc_varint(value: int) -> bytes:
 
 
 def _record_header(tag: str, dims: Sequence[int], type_name: str, content_len: int) -> bytes:
-    """All bytes of one record before its tensor_content (spec §1.2: fields in number order, unpacked dims)."""
+    """All bytes of one record before its tensor_content (fields in number order, unpacked dims: what the protobuf
+    runtime writes, tests/formats/test_mindspore_ckpt.py::test_record_header_equals_protobuf_runtime)."""
     tag_b, type_b = tag.encode("utf-8"), type_name.encode("ascii")
     tp = b"".join(b"\x08" + _enc_varint(d) for d in dims)
     tp += b"\x12" + _enc_varint(len(type_b)) + type_b + b"\x1a" + _enc_varint(content_len)

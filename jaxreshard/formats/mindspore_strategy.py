@@ -1,4 +1,5 @@
-"""MindSpore parallel strategy files (spec §2): per-rank, merged-pipeline and JSON flavours, read into pure data.
+"""MindSpore parallel strategy files (`node_strategy.proto`): per-rank, merged-pipeline and JSON flavours, read
+into pure data.
 
 Decoding uses the protobuf runtime with the message classes of `mindspore_strategy_proto` (MindSpore itself
 parses these files with the runtime, so required-field checks, unknown fields and repeated-field merging behave
@@ -68,7 +69,7 @@ class FrozenMap(Mapping):
 
 @dataclass(frozen=True, slots=True)
 class Strategy:
-    """A whole strategy: `params` holds the layout MindSpore uses without a rank (the lowest stage's, §2.3);
+    """A whole strategy: `params` holds the layout MindSpore uses without a rank (the lowest stage's);
     `entries` keeps every stage's own layout, in file order, for the per-rank and per-stage choices."""
 
     params: FrozenMap  # name -> ParamStrategy, in first-seen order
@@ -76,7 +77,7 @@ class Strategy:
     stage_num: int
     source: str = field(compare=False)  # the file or directory it came from, for messages
     entries: FrozenMap  # name -> ((stage, ParamStrategy), ...) in file order
-    file_stage: int = 0  # stage of the first strategy item (MindSpore's by-stage path, §5.4)
+    file_stage: int = 0  # stage of the first strategy item (MindSpore's by-stage path)
 
     def layout_for_stage(self, name: str, stage: int) -> ParamStrategy:
         """The layout of `name` in pipeline `stage` (shared parameters may differ per stage)."""
@@ -102,7 +103,7 @@ class Strategy:
 
 
 def _tensor_map(maps: Sequence[Sequence[int]]) -> tuple[TensorMapEntry, ...]:
-    """Several TensorMaps = one per tensor dim, each a list of axes, empty ones dropped (§2.2)."""
+    """Several TensorMaps = one per tensor dim, each a list of axes, empty ones dropped (as `_convert_to_list`)."""
     if len(maps) > 1:
         return tuple(m[0] if len(m) == 1 else tuple(m) for m in (list(m) for m in maps) if m)
     return tuple(int(x) if isinstance(x, int) else (x[0] if len(x) == 1 else tuple(x)) for x in maps[0])

@@ -3,7 +3,7 @@
 Reading parses only the 8-byte length and the JSON header (what `safe_open` does), validated against the
 file size before anything is allocated; tensor bytes are then read by `base.read_box` with `preadv`, which
 was 2x faster than `safe_open(...).get_slice` for row blocks and reads only the requested columns' rows
-instead of the whole tensor (spec/jax_and_io_notes.md). Files we write are ordinary safetensors files that
+instead of the whole tensor. Files we write are ordinary safetensors files that
 `safetensors.safe_open` reads; they are written header first and filled at computed offsets, so no rank
 file is ever held in memory.
 """

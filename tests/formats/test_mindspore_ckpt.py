@@ -1,8 +1,8 @@
 """MindSpore `.ckpt` reader/writer against the real MindSpore 2.10 reference files and the protobuf runtime.
 
 Expectations come from outside the module under test: the fixture manifest (sha256 of files written by real
-`save_checkpoint`), spec §8.1 (parameter list), spec §3.1 (which slice a rank holds), and an independent decoder
-/ encoder built on the protobuf runtime from `checkpoint.proto` (spec §1.1).
+`save_checkpoint`), tools/mindspore_reference.py (parameter list, which slice a rank holds), and an independent decoder
+/ encoder built on the protobuf runtime from MindSpore's `checkpoint.proto`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ CKPT_FILES = sorted(
 
 
 def _checkpoint_class():
-    """`Checkpoint` from spec §1.1, built with the protobuf runtime: an encoder/decoder independent of ours."""
+    """MindSpore's `Checkpoint` message (checkpoint.proto) on the protobuf runtime: a codec independent of ours."""
     F = descriptor_pb2.FieldDescriptorProto
     fdp = descriptor_pb2.FileDescriptorProto(name="test_checkpoint.proto", syntax="proto2")
     tp = fdp.message_type.add(name="TensorProto")
@@ -109,7 +109,7 @@ def rewrite(index: mc.CkptIndex, path: Path, order=None) -> None:
 
 # --- the complete reference file -------------------------------------------------------------------------------
 
-SPEC_PARAMS = [  # spec §8.1, in save order
+SPEC_PARAMS = [  # tools/mindspore_reference.py's parameters, in save order
     ("embedding.embedding_table", (64, 16), np.float32), ("layer1.weight", (16, 32), np.float16),
     ("layer1.bias", (32,), np.float32), ("layer2.weight", (32, 16), ml_dtypes.bfloat16),
     ("layer2.bias", (16,), np.float16), ("norm.gamma", (16,), np.float32),
@@ -159,7 +159,7 @@ def test_read_box_arbitrary_boxes_complete():
 
 
 def test_dp2mp2_rank_slices_follow_spec_worked_example():
-    """Spec §3.1: dp2mp2 ranks 1,3 hold layer1.weight[:, 16:32]; embedding rows 32*(r%2):+32."""
+    """dp2mp2 ranks 1,3 hold layer1.weight[:, 16:32]; embedding rows 32*(r%2):+32."""
     full = read_all(mc.read_ckpt_index(COMPLETE))
     for rank in range(4):
         part = read_all(mc.read_ckpt_index(ROOT / f"ckpt/dp2mp2/rank_{rank}/checkpoint_{rank}.ckpt"))
@@ -227,7 +227,7 @@ def test_multi_record_roundtrip_and_segment_boundaries(tmp_path, monkeypatch):
 
 
 def test_large_sparse_two_record_parameter(tmp_path):
-    """Spec §9: a 640 MiB fp32 parameter is stored as 536870912 + 134217728 B records (sparse file, no RAM)."""
+    """A 640 MiB fp32 parameter is stored as 536870912 + 134217728 B records (sparse file, no RAM)."""
     n, chunk = 640 * 2**20 // 4, mw.RECORD_CHUNK_BYTES
     h1 = mw._record_header("big", [160, 1048576], "Float32", chunk)
     h2 = mw._record_header("big", [160, 1048576], "Float32", n * 4 - chunk)

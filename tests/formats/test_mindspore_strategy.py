@@ -193,8 +193,8 @@ def test_directory_errors(tmp_path):
 
 
 def test_shared_parameter_layout_choice(tmp_path):
-    """§2.3: without a rank the lowest stage's layout; with rank r (n devices per stage) stage 0's for r < n,
-    else the last later-stage one. Written stage 1 first to check the choice does not depend on file order."""
+    """`_convert_to_list`: without a rank the lowest stage's layout; with rank r (n devices per stage) stage 0's
+    for r < n, else the last later-stage one. Written stage 1 first to check the choice does not depend on file order."""
     a, b = ParamStrategy((2, 2), (1, -1), 0, 0, ()), ParamStrategy((2, 2), (0, -1), 0, 0, ())
     path = tmp_path / "shared.ckpt"
     path.write_bytes(msw.strategy_bytes({1: {"e": b, "x": b}, 0: {"e": a}}, merged=True))
@@ -233,7 +233,7 @@ def test_bad_files(tmp_path):
 
 
 def test_inconsistent_probe_strategies():
-    """The replica-probe strategies (spec §4.2) as decoded independently from their wire bytes."""
+    """The replica-probe strategies as decoded independently from their wire bytes."""
     expected = {
         "src_dp2mp2": {"w": [[2, 2], [-1, 0], 0, 0], "v": [[2, 1, 2], [1, 0], 0, 0]},
         "dst_mp4": {"w": [[4], [-1, 0], 0, 0], "v": [[1, 4], [0, -1], 0, 0]},
