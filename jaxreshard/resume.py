@@ -135,14 +135,18 @@ def _journal(folder: Path, key: str, files: dict[str, FileRecord], partial: dict
         progress_writer(folder)(skip, {rel: (size, h.hexdigest()) for rel, (size, h) in partial.items()})
 
 
-def _last_progress(journal: Path) -> tuple[int, dict[str, tuple[int, str]]] | None:
+def _journal_records(journal: Path) -> list[bytes]:
+    """The journal's lines after its header; none when it cannot be read or is over the size cap."""
     try:
         if journal.stat().st_size > MAX_JOURNAL_BYTES:
-            return None
-        lines = journal.read_bytes().splitlines()[1:]
+            return []
+        return journal.read_bytes().splitlines()[1:]
     except OSError:
-        return None
-    for line in reversed(lines):
+        return []
+
+
+def _last_progress(journal: Path) -> tuple[int, dict[str, tuple[int, str]]] | None:
+    for line in reversed(_journal_records(journal)):
         try:
             item = json.loads(line)
             skip, states = item["progress"], item["files"]
@@ -251,13 +255,7 @@ def _owner_alive(head: dict, *, other_hosts_alive: bool) -> bool:
 def _entries(journal: Path) -> dict[str, FileRecord]:
     """The complete files a journal records (a torn last line, from a kill mid-write, is ignored)."""
     out: dict[str, FileRecord] = {}
-    try:
-        if journal.stat().st_size > MAX_JOURNAL_BYTES:
-            return out
-        lines = journal.read_bytes().splitlines()[1:]
-    except OSError:
-        return out
-    for line in lines:
+    for line in _journal_records(journal):
         try:
             item = json.loads(line)
             rel, size, sha = str(item["file"]), item["size"], item["sha256"]
