@@ -32,6 +32,8 @@ import pytest
 import jaxreshard
 from jaxreshard.formats.manifest import MANIFEST_NAME
 
+from .wire import fields
+
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tools" / "mindspore_reference.py"
 N_CASES = int(os.environ.get("JAXRESHARD_LIVE_CASES", "0"))  # 0: one case per entry of FEATURES
@@ -264,29 +266,8 @@ def outputs(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = data[i]
-        value |= (b & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if not b & 0x80:
-            return value, i
-
-
 def records(data: bytes) -> list[tuple[str, tuple[int, ...], str, bytes]]:
     """(tag, dims, tensor_type, content) per record of a .ckpt, for readable failure messages."""
-    def fields(buf: bytes):
-        i = 0
-        while i < len(buf):
-            key, i = _varint(buf, i)
-            if key & 7 == 0:
-                value, i = _varint(buf, i)
-            else:
-                size, i = _varint(buf, i)
-                value, i = buf[i:i + size], i + size
-            yield key >> 3, value
-
     out = []
     for _, value in fields(data):
         tag, dims, ttype, content = "", [], "", b""

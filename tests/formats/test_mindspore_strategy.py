@@ -19,6 +19,8 @@ from jaxreshard.formats import mindspore_strategy as ms
 from jaxreshard.formats import mindspore_strategy_write as msw
 from jaxreshard.formats.mindspore_strategy import ParamStrategy, read_strategy
 
+from ..wire import fields
+
 ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "mindspore"
 MANIFEST = json.loads((ROOT / "manifest.json").read_text())
 LAYOUTS = {k: v for k, v in MANIFEST["layouts"].items() if not k.startswith("dp1mp2pp2")}
@@ -249,27 +251,6 @@ def test_inconsistent_probe_strategies():
 
 def _wire_layouts(data: bytes) -> dict:
     """A minimal wire-format decoder (no protobuf runtime) for single-TensorMap strategy files."""
-
-    def fields(buf: bytes):
-        pos = 0
-        while pos < len(buf):
-            key, pos = varint(buf, pos)
-            if key & 7 == 0:
-                value, pos = varint(buf, pos)
-            else:
-                n, pos = varint(buf, pos)
-                value, pos = buf[pos : pos + n], pos + n
-            yield key >> 3, value
-
-    def varint(buf: bytes, pos: int):
-        result = shift = 0
-        while True:
-            b = buf[pos]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                return result, pos
 
     def signed(v: int) -> int:
         return v - (1 << 64) if v >= 1 << 63 else v
