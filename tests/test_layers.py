@@ -30,6 +30,19 @@ KNOWN_CYCLE_EDGES = {("jaxreshard.verify", "jaxreshard.api")}
 KNOWN_LAZY = {"jaxreshard.api", "jaxreshard.load", "jaxreshard.merge", "jaxreshard.lora", "jaxreshard.cli",
               "jaxreshard.config", "jaxreshard.verify"}  # fmt: skip
 
+# Every module's layer, top (0) to bottom, as the README's "Development" table draws them; a module imports only
+# from its own layer and those below. A package (formats, mindspore, mindformers) is one entry.
+LAYERS = {
+    0: {"cli", "config", "quickstart", "example", "__main__"},  # commands
+    1: {"mindformers"},  # MindFormers shims
+    2: {"api", "load", "verify", "describe", "merge"},  # library
+    3: {"mindspore", "lora", "orbax_restore"},  # planners
+    4: {"execute", "run", "fill", "resume", "manifests", "integrity", "srccheck"},  # executor
+    5: {"plan", "coverage", "layout"},  # plan
+    6: {"fsutil", "dstlock", "renameat", "distributed", "devices"},  # storage
+    7: {"formats"},  # formats
+    8: {"errors", "caps", "box", "readfile", "saferegex", "yamlfile", "logs", "progress"},  # leaves
+}
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
@@ -127,3 +140,21 @@ def test_package_imports_at_the_top():
     """The graph is visible at the top of each module (jax and orbax may stay lazy: they are not ours)."""
     found = {m: lazy_imports(p) for m, p in modules().items() if m not in KNOWN_LAZY}
     assert {m: lines for m, lines in found.items() if lines} == {}
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1]
+    return next(n for n, names in LAYERS.items() if top in names)
+
+
+def test_every_module_has_a_layer():
+    tops = {m.split(".")[1] for m in modules() if m != "jaxreshard"}
+    assert sorted(tops - set().union(*LAYERS.values())) == []
+    assert sorted(set().union(*LAYERS.values()) - tops) == []
+
+
+def test_imports_go_downward():
+    g = graph()
+    g.pop("jaxreshard")  # the public surface re-exports from every layer
+    up = [(m, d) for m, deps in g.items() for d in deps if layer_of(d) < layer_of(m)]
+    assert sorted(up) == []
