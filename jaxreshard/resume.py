@@ -223,7 +223,7 @@ def finish(tmp: Path) -> None:
 def _stale_partials(dst: Path) -> list[Path]:
     """Temporary folders of `dst` whose owner is gone (`fsutil.stale_partials`) and whose journal names no
     running owner either."""
-    return [p for p in stale_partials(dst) if not _owner_alive(_header(p), other_hosts_alive=False)]
+    return [p for p in stale_partials(dst) if not _owner_alive(_header(p))]
 
 
 def _header(folder: Path) -> dict:
@@ -235,12 +235,12 @@ def _header(folder: Path) -> dict:
         return {}
 
 
-def _owner_alive(head: dict, *, other_hosts_alive: bool) -> bool:
+def _owner_alive(head: dict) -> bool:
     pid = head.get("pid")
     if not isinstance(pid, int):
         return False  # no journal header: nothing to resume from anyway
     if head.get("host") != socket.gethostname():
-        return other_hosts_alive  # only fsutil.stale_partials can judge another host's run
+        return False  # another host's run: fsutil.stale_partials has judged it already
     if pid == os.getpid():
         return True
     try:
