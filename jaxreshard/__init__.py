@@ -7,8 +7,6 @@ from .api import ConvertReport as ConvertReport
 from .api import convert as convert
 from .api import plan_conversion as plan_conversion
 from .api import save_strategy as save_strategy
-from .mindformers.auto import auto_convert as auto_convert
-from .mindformers.auto import auto_convert_from_config as auto_convert_from_config
 from .errors import ConfigError as ConfigError
 from .errors import FormatError as FormatError
 from .errors import JaxreshardError as JaxreshardError
@@ -25,6 +23,8 @@ from .load import layout_from_yaml as layout_from_yaml
 from .load import load as load
 from .merge import merge_lora as merge_lora
 from .merge import unify as unify
+from .mindformers.auto import auto_convert as auto_convert
+from .mindformers.auto import auto_convert_from_config as auto_convert_from_config
 from .plan import Plan as Plan
 from .plan import make_plan as make_plan
 from .verify import VerifyError as VerifyError

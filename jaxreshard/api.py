@@ -147,8 +147,7 @@ def plan_conversion(
     exactly; a strategy on one side and a native layout on the other mixes them with native semantics.
     """
     from .formats.mindspore_strategy import read_strategy
-    from .mindspore import plan_mindspore
-    from .mindspore import StrategyLayout
+    from .mindspore import StrategyLayout, plan_mindspore
 
     _one_per_side(src_layout, src_strategy, dst_layout, dst_strategy)
     check_file_prefix(prefix)

@@ -204,8 +204,8 @@ def _float(value: str | None, flag: str) -> float | None:
 
 def _merge(task: str, opts: JobOptions) -> int:
     from . import api, merge
-    from .mindformers.compat import parse_bool
     from .fsutil import check_destination
+    from .mindformers.compat import parse_bool
 
     _require(opts, "dst")
     if task == "merge-lora":

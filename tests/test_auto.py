@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxreshard.mindformers.auto import auto_convert, auto_convert_from_config, default_npu_num_per_node
 from jaxreshard.errors import ConfigError, JaxreshardError
+from jaxreshard.mindformers.auto import auto_convert, auto_convert_from_config, default_npu_num_per_node
 
 from .helpers import tree
 
