@@ -7,8 +7,6 @@ from .api import ConvertReport as ConvertReport
 from .api import convert as convert
 from .api import plan_conversion as plan_conversion
 from .api import save_strategy as save_strategy
-from .auto import auto_convert as auto_convert
-from .auto import auto_convert_from_config as auto_convert_from_config
 from .errors import ConfigError as ConfigError
 from .errors import FormatError as FormatError
 from .errors import JaxreshardError as JaxreshardError
@@ -26,9 +24,11 @@ from .load import load as load
 from .load import shardings_from_strategy as shardings_from_strategy
 from .load import shardings_from_yaml as shardings_from_yaml
 from .lora import merge_lora as merge_lora
-from .unify import unify as unify
+from .mindformers.auto import auto_convert as auto_convert
+from .mindformers.auto import auto_convert_from_config as auto_convert_from_config
 from .plan import Plan as Plan
 from .plan import make_plan as make_plan
+from .unify import unify as unify
 from .verify import VerifyError as VerifyError
 from .verify import VerifyReport as VerifyReport
 from .verify import verify as verify

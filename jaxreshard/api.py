@@ -20,18 +20,18 @@ from .distributed import cluster_from
 from .errors import ConfigError, JaxreshardError
 from .formats import SourceCheckpoint, open_source
 from .formats.mindspore_ckpt import read_ckpt_index
-from .formats.mindspore_strategy import Strategy, write_merged_strategy_file, write_strategy_file
+from .formats.mindspore_strategy import Strategy
+from .formats.mindspore_strategy_write import write_merged_strategy_file, write_strategy_file
 from .formats.orbax_io import OrbaxSource, is_orbax, read_orbax_metadata
 from .formats.writers import OUTPUT_FORMATS, OutputKind
 from .fsutil import atomic_output, check_destination, check_file_prefix
 from .jobs import ConvertReport, Job, output_of, read_paths, write_job
 from .layout import Layout
-from .mindspore import uses_by_stage_path
+from .mindspore import strategies_by_stage, uses_by_stage_path
 from .plan import LayoutLike, with_dtype
 from .planners import FileRequest, MindSporePlanner, NativePlanner, RestorePlanner, Side, one_side, read_side
 from .planners.sides import as_layout as side_layout
 from .run import parse_ranks
-from .strategy import strategies_by_stage
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 
 from .commands import make_parser, options_from_args, read_job, run
 from .errors import ConfigError, JaxreshardError
-from .logsetup import setup_logging
+from .logs import configure_logging
 
 
 class Terminated(KeyboardInterrupt):
@@ -60,7 +60,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return int(e.code or 0)
     values = {k: v for k, v in vars(args).items() if k not in ("config", "task")}
     quiet = bool(values.get("quiet"))
-    setup_logging(quiet)
+    configure_logging(quiet=quiet)
     try:
         if args.config:
             if args.task:

@@ -6,7 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .formats import SourceCheckpoint
+from .formats.orbax_io import read_orbax_metadata
 from .layout import format_spec
+from .mindspore import param_layout
 from .plan import LayoutLike, Plan, format_ranks, make_plan, plan_stats
 
 
@@ -67,8 +69,6 @@ def describe_source(source: SourceCheckpoint, src_layout: LayoutLike | None) -> 
 
 def describe_orbax(path: Path) -> Iterator[str]:
     """An orbax checkpoint: its arrays (complete, as orbax stores them) with dtype, shape and bytes."""
-    from .formats.orbax_io import read_orbax_metadata
-
     params = read_orbax_metadata(path)
     yield f"{path}: orbax checkpoint, {len(params)} array(s)"
     total = 0
@@ -88,8 +88,6 @@ def _prod(shape: tuple[int, ...]) -> int:
 
 def describe_strategy(strategy) -> Iterator[str]:
     """A MindSpore strategy file: per parameter, its layout as mesh axes + PartitionSpec and its stages."""
-    from .strategy import param_layout
-
     yield (f"{strategy.source}: MindSpore strategy, {len(strategy.params)} parameters, {strategy.stage_num} "
            f"stage(s) x {strategy.stage_device_num} devices")
     for name, p in strategy.params.items():

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from .caps import MAX_RANKS
+from .devices import request_cpu_devices
 from .errors import ConfigError
 
 
@@ -68,10 +69,7 @@ def _env_int(name: str) -> int | None:
 def start(cluster: Cluster, devices_per_stage: int) -> int:
     """Join the JAX job with enough local CPU devices for an even share of the mesh; returns the local count."""
     local = max(1, -(-devices_per_stage // cluster.num_processes))
-    if "jax" not in __import__("sys").modules:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={local}".strip()
+    request_cpu_devices(local)
     import jax
 
     jax.distributed.initialize(cluster.coordinator_address, cluster.num_processes, cluster.process_id)

@@ -2,7 +2,7 @@
 
 A region that is contiguous both in its source file and in its destination buffer (row blocks) is read
 straight into place with one `preadv`. Strided regions (column blocks) would cost one small read per row,
-which is slow on a cold disk (1 MiB reads: 0.97 GB/s vs 64 MiB: 1.7 GB/s, spec/jax_and_io_notes.md), so
+which is slow on a cold disk (1 MiB reads: 0.97 GB/s vs 64 MiB: 1.7 GB/s, measured on the README's benchmark VM), so
 when a parameter's strided regions cover their source rows completely, those rows are read once in slabs of
 `SLAB_BYTES` and every destination box cuts its columns from the slab: each source byte is read once, in big
 requests, and the extra memory is one slab. Otherwise only the wanted runs are read, never a byte more.

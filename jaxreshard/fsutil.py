@@ -106,14 +106,22 @@ def atomic_output(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
         was_empty_dir = target.is_dir()  # (check_destination passed: an empty folder, if anything)
         tmp = _fresh_partial(target)
         try:
-            with _writes_named(target):
+            with _filled(target, tmp):
                 yield tmp
-            fsync_tree(tmp)
-            fault("before-commit")
             commit_tree(tmp, target, overwrite=overwrite, replace_empty_dir=was_empty_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+@contextlib.contextmanager
+def _filled(target: Path, tmp: Path) -> Iterator[None]:
+    """The caller fills `tmp` (write errors name `target`); then it is made durable and the `before-commit` fault
+    point runs, so every commit starts from a temporary that is complete on disk."""
+    with _writes_named(target):
+        yield
+    fsync_tree(tmp)
+    fault("before-commit")
 
 
 @contextlib.contextmanager
@@ -130,10 +138,8 @@ def staged_rank_folders(dst: Path, folders: Sequence[str], ranks: Sequence[int],
             raise OutputExistsError(f"{dst}: {', '.join(taken)} already exist; pass --overwrite to replace them")
         tmp = _fresh_partial(target)
         try:
-            with _writes_named(target):
+            with _filled(target, tmp):
                 yield tmp
-            fsync_tree(tmp)
-            fault("before-commit")
             _make_dir(target)
             for folder in folders:  # each rank folder replaces its old self only once complete
                 commit_tree(tmp / folder, target / folder, overwrite=overwrite)

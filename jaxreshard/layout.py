@@ -20,6 +20,7 @@ from .box import Box
 from .caps import MAX_MESH_AXES, MAX_NAME_CHARS, MAX_RANKS
 from .errors import LayoutError
 from .saferegex import compile_safe
+from .yamlfile import load_yaml
 
 Spec = tuple[tuple[str, ...], ...]  # per tensor dim: mesh axes splitting it, major first; () = whole
 
@@ -301,8 +302,6 @@ def layout_from_dict(data: Any, source: str = "<layout>") -> Layout:
 
 def read_layout(path: str | Path) -> Layout:
     """Read a native layout YAML file (a regular UTF-8 file, size-, depth- and alias-capped)."""
-    from .yamlfile import load_yaml
-
     return layout_from_dict(load_yaml(path, LayoutError, "layout file"), str(path))
 
 

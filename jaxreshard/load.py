@@ -25,10 +25,10 @@ from .formats.base import FileHandles
 from .formats.mindspore_strategy import read_strategy
 from .formats.orbax_io import OrbaxSource, is_orbax
 from .layout import read_layout
+from .mindspore import StrategyLayout
 from .plan import is_floating
 from .planners import ArrayRequest, NativePlanner, RestorePlanner, one_side, read_side
 from .planners.native import boxes_of
-from .strategy import StrategyLayout
 
 Rename = Callable[[str], str | None] | Sequence[tuple[str, str]]
 

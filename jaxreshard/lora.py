@@ -15,17 +15,18 @@ import logging
 import math
 import os
 import re
-
-import numpy as np
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .adapter import read_adapter_config
+import numpy as np
+
 from .api import LayoutArg, native_layouts, parse_size
 from .errors import ConfigError, FormatError, PlanError
 from .formats import open_source
+from .formats.adapter_config import read_adapter_config
 from .formats.base import TensorEntry
+from .formats.mindspore_ckpt import OPTIMIZER_STATE_PREFIXES
 from .formats.writers import OutputKind
 from .fsutil import check_destination, check_file_prefix
 from .jobs import Job, write_job
@@ -39,7 +40,7 @@ _PAIRS = (  # (suffix of A, suffix of B)
     (".lora_a", ".lora_b"),
     (".lora_A.weight", ".lora_B.weight"),
 )
-OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.")  # MindSpore optimizer states, dropped by default
+OPTIMIZER_PREFIXES = OPTIMIZER_STATE_PREFIXES  # MindSpore optimizer states ("adam_m." ...), dropped by default
 PEFT_PREFIX = "base_model.model."
 
 

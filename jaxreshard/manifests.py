@@ -16,7 +16,7 @@ from pathlib import Path
 from .caps import MAX_MESH_AXES, MAX_RANKS
 from .errors import ConfigError, FormatError
 from .formats.manifest import FileRecord, Manifest, ParamRecord, read_manifest, write_manifest
-from .formats.safetensors_io import DTYPE_CODES
+from .formats.safetensors_io import DTYPE_CODES, HF_INDEX, read_safetensors_index
 from .layout import COMPLETE, ParamLayout
 from .plan import PerRankCopy, Plan, RankPlan
 
@@ -66,8 +66,6 @@ def rank_metadata(plan: Plan, rank: RankPlan, num_ranks: int) -> dict[str, str]:
 def source_metadata(source) -> dict[int, dict[str, str]]:
     """Per source rank, its safetensors metadata; for a Hugging Face folder, the entries all its parts share
     (read from the part headers, headers only)."""
-    from .formats.safetensors_io import HF_INDEX, read_safetensors_index
-
     out = {r: dict(m) for r, m in source.metadata.items()}
     if source.suffix == ".safetensors" and Path(source.path).is_dir() and (Path(source.path) / HF_INDEX).is_file():
         for rank, files in source.files.items():

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import api
 from .box import Box
 from .describe import human_bytes
 from .errors import ConfigError, JaxreshardError
@@ -23,8 +24,6 @@ def run_quickstart(workdir: Path, layouts: Sequence[str] = DEFAULT_LAYOUTS, *, o
                    progress: bool = True) -> None:
     """Write the example under `workdir`, convert it through `layouts` in order and back to one complete file,
     print each step, and raise unless the result holds the example's bytes."""
-    from . import api
-
     layouts = list(layouts or DEFAULT_LAYOUTS)
     for layout in layouts:
         if not Path(layout).is_file():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .describe import human_bytes
 from .errors import ConfigError
 from .fill import fill_boxes
 from .formats import SourceCheckpoint, open_source
@@ -57,8 +58,6 @@ class VerifyReport:
     replicas: int = 0  # replica blocks compared
 
     def summary(self) -> str:
-        from .describe import human_bytes
-
         text = (f"verified: {self.path} matches {self.reference}: {self.params} parameters, "
                 f"{human_bytes(self.logical_bytes)}, {self.rank_files} rank file(s)")
         if self.hashed_bytes:

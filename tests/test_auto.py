@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxreshard.auto import auto_convert, auto_convert_from_config, default_npu_num_per_node
 from jaxreshard.errors import ConfigError, JaxreshardError
+from jaxreshard.mindformers.auto import auto_convert, auto_convert_from_config, default_npu_num_per_node
 
 from .helpers import tree
 
@@ -138,7 +138,7 @@ def test_default_npu_num_per_node(monkeypatch):
     assert default_npu_num_per_node() == 8  # jax is imported here, but jax.distributed is not initialised
     monkeypatch.setenv("DEVICE_NUM_PER_NODE", "16")
     assert default_npu_num_per_node() == 16
-    code = "import sys, jaxreshard.auto as a; n = a.default_npu_num_per_node(); print(n, 'jax' in sys.modules)"
+    code = "import sys, jaxreshard.mindformers.auto as a; n = a.default_npu_num_per_node(); print(n, 'jax' in sys.modules)"
     env = {k: v for k, v in os.environ.items() if k != "DEVICE_NUM_PER_NODE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["8", "False"]  # never imports JAX just to find out
@@ -222,7 +222,7 @@ def test_missing_rank_file_is_converted_again(tmp_path, caplog):
 def test_truncated_safetensors_found_by_its_header(tmp_path):
     """The header says where the data ends: a file cut short is caught even without a marker's sizes."""
     from jaxreshard.formats.safetensors_io import SafetensorsWriter
-    from jaxreshard.reuse import implied_size
+    from jaxreshard.mindformers.reuse import implied_size
 
     path = tmp_path / "x.safetensors"
     data = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -303,7 +303,7 @@ def test_unwritable_output_dir_is_a_config_error(tmp_path):
 
 def _stale_failure(tmp_path, age_s=600):
     """The failure marker of an earlier attempt at this same conversion, as a killed-and-restarted job leaves."""
-    from jaxreshard.auto import _fingerprint
+    from jaxreshard.mindformers.auto import _fingerprint
 
     markers = tmp_path / "out" / ".complete.jaxreshard"
     markers.mkdir(parents=True)
@@ -334,7 +334,7 @@ def test_restarted_job_does_not_fail_on_the_last_attempts_error(tmp_path):
 
 
 def test_old_failure_nobody_clears_is_raised_after_the_grace(tmp_path, monkeypatch):
-    monkeypatch.setattr("jaxreshard.auto.STALE_FAILURE_GRACE_S", 0.3)
+    monkeypatch.setattr("jaxreshard.mindformers.auto.STALE_FAILURE_GRACE_S", 0.3)
     _stale_failure(tmp_path)
     start = time.monotonic()
     with pytest.raises(JaxreshardError, match=r"failed in the converter of block_0 \(rank 0, node 0 \(ranks 0-1\)\): "

@@ -26,7 +26,7 @@ TIMEOUT_S = 120
 
 WORKER = """
 import json, sys
-from jaxreshard.auto import auto_convert
+from jaxreshard.mindformers.auto import auto_convert
 from jaxreshard.errors import JaxreshardError
 try:
     print("OK", auto_convert(**json.loads(sys.argv[1])))
@@ -119,7 +119,7 @@ def test_converter_failure_is_raised_on_its_node_only(tmp_path, offline):
 
 NODE_WORKER = """
 import json, sys, threading, yaml
-from jaxreshard.auto import auto_convert_from_config
+from jaxreshard.mindformers.auto import auto_convert_from_config
 cfg = yaml.safe_load(open(sys.argv[1]))
 node, npu, out = int(sys.argv[2]), int(cfg["npu_num_per_node"]), sys.argv[3]
 results = {}

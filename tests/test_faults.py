@@ -225,7 +225,7 @@ def test_a_full_disk_is_a_write_error_naming_the_file(llama, tmp_path, monkeypat
     def full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(safetensors_io.os, "pwrite", full)
+    monkeypatch.setattr(safetensors_io.os, "pwritev", full)  # formats.base.pwrite_all writes with pwritev
     dst = tmp_path / "out"
     assert main(_args(llama, dst)) == 2
     err = capsys.readouterr().err.strip()

@@ -28,6 +28,7 @@ from safetensors.numpy import load_file
 import jaxreshard as jr
 from jaxreshard.box import Box
 from jaxreshard.example import llama_params, llama_tensor
+from jaxreshard.formats import rank_dirs
 from jaxreshard.formats.base import FileHandles, aligned_empty, read_box
 from jaxreshard.formats.manifest import MANIFEST_NAME
 from jaxreshard.formats.mindspore_ckpt import read_ckpt_index
@@ -608,11 +609,9 @@ def test_rename_with_distributed_source(llama_dp2mp4, full):
 
 def rank_files(dist: Path) -> dict[int, dict[str, np.ndarray]]:
     out = {}
-    for d in dist.iterdir():
-        m = re.fullmatch(r"rank_(\d+)", d.name)
-        if m:
-            (f,) = list(d.glob("*.safetensors"))
-            out[int(m.group(1))] = load_file(str(f))
+    for rank, d in rank_dirs(dist).items():
+        (f,) = list(d.glob("*.safetensors"))
+        out[rank] = load_file(str(f))
     return out
 
 

@@ -28,7 +28,7 @@ from jaxreshard.cli import main
 from jaxreshard.formats import open_source
 from jaxreshard.formats.base import FileHandles, read_box
 from jaxreshard.formats.manifest import MANIFEST_NAME
-from jaxreshard.formats.mindspore_ckpt import write_ckpt
+from jaxreshard.formats.mindspore_ckpt_write import write_ckpt
 
 from .helpers import block_slices
 

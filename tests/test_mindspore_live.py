@@ -32,6 +32,8 @@ import pytest
 import jaxreshard
 from jaxreshard.formats.manifest import MANIFEST_NAME
 
+from .wire import fields
+
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tools" / "mindspore_reference.py"
 N_CASES = int(os.environ.get("JAXRESHARD_LIVE_CASES", "0"))  # 0: one case per entry of FEATURES
@@ -92,10 +94,10 @@ def plain_layout(rng: random.Random, n: int, ndim: int) -> dict:
 
 
 def opt_layout(rng: random.Random, n: int, ndim: int, two_mp: bool = False) -> dict | None:
-    """Optimizer shard, simple case of spec §3.2: dev_matrix[0] is the only repeated axis, every other axis > 1 is
-    a model-parallel axis; step = product of the other axes, size 2 or -1 (whole group). `two_mp` asks for two
+    """Optimizer shard, simple case of MindSpore's expansion: dev_matrix[0] is the only repeated axis, every other
+    axis > 1 is a model-parallel axis; step = product of the other axes, size 2 or -1 (whole group). `two_mp` asks for two
     model-parallel axes of 2 (8 devices, 2-D+ tensor): with a map not in descending order that is the quirk of
-    §3.2 (the expanded layout orders the axes by tensor dim)."""
+    MindSpore's expansion (the expanded layout orders the axes by tensor dim)."""
     if two_mp and n == 8 and ndim >= 2:
         dp, mp_axes = 2, [2, 2]
     else:
@@ -198,7 +200,7 @@ FEATURES = [  # case i forces features[i % len]; everything else is random
     {"pp_B": True, "opt_B": True},
     {"pp_A": True, "pp_B": True},
     {"multi_A": True, "multi_B": True},
-    {"drop_A": True},  # a param missing from A only: A -> B takes MindSpore's by-stage path (§5.4)
+    {"drop_A": True},  # a param missing from A only: A -> B takes MindSpore's by-stage path
     {"drop_B": True},  # a param missing from B: its A slices are passed through verbatim
     {"pp_A": True, "pp_B": True, "opt_A": True, "opt_B": True},
     {"opt_A": True, "two_mp_A": True, "opt_B": True, "two_mp_B": True},
@@ -264,29 +266,8 @@ def outputs(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = data[i]
-        value |= (b & 0x7F) << shift
-        i, shift = i + 1, shift + 7
-        if not b & 0x80:
-            return value, i
-
-
 def records(data: bytes) -> list[tuple[str, tuple[int, ...], str, bytes]]:
-    """(tag, dims, tensor_type, content) per record of a .ckpt (spec §1.2), for readable failure messages."""
-    def fields(buf: bytes):
-        i = 0
-        while i < len(buf):
-            key, i = _varint(buf, i)
-            if key & 7 == 0:
-                value, i = _varint(buf, i)
-            else:
-                size, i = _varint(buf, i)
-                value, i = buf[i:i + size], i + size
-            yield key >> 3, value
-
+    """(tag, dims, tensor_type, content) per record of a .ckpt, for readable failure messages."""
     out = []
     for _, value in fields(data):
         tag, dims, ttype, content = "", [], "", b""

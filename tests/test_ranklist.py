@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from jaxreshard.formats.mindspore_strategy import read_strategy
-from jaxreshard.ranklist import rank_list_for_transform
+from jaxreshard.mindspore import rank_list_for_transform
 
 FIX = Path(__file__).parent / "fixtures" / "mindspore"
 MANIFEST = json.loads((FIX / "manifest.json").read_text())

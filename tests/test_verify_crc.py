@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxreshard.cli import main
-from jaxreshard.formats.mindspore_ckpt import write_ckpt
+from jaxreshard.formats.mindspore_ckpt_write import write_ckpt
 
 
 def test_verify_crc(tmp_path, capsys):

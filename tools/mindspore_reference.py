@@ -19,7 +19,7 @@ For each case it writes, under `dir`:
   (params absent from every strategy are passed through by the transform);
 * `strategy/<S>.ckpt`: a one-stage strategy, or for several stages `strategy/<S>_stages/ckpt_strategy_rank_<r>.ckpt`
   (one per rank, identical inside a stage) merged by `mindspore.merge_pipeline_strategys` into `strategy/<S>.ckpt`.
-  Files are filled with MindSpore's own `node_strategy_pb2` classes as its C++ writer fills them (spec §2.2). A
+  Files are filled with MindSpore's own `node_strategy_pb2` classes as its C++ writer fills them. A
   tensor-map entry that is a list is a multi-axis (Layout) entry: one TensorMap per dim, plus an empty one for 1-D;
 * `out/<conversion>/`: `mindspore.transform_checkpoints(src, out, prefix, src_strategy, dst_strategy)`, where
   `src` is "complete" or the name of an earlier conversion of the case (its output dir).
@@ -76,7 +76,7 @@ def split_counts(dev_matrix: list[int], tensor_map: list) -> list[int]:
 
 
 def stage_strategy(params: dict, stage: int) -> bytes:
-    """One stage's ParallelStrategyMap, as the C++ StrategyCheckpointInfo::to_protobuf fills it (spec §2.2)."""
+    """One stage's ParallelStrategyMap, as the C++ StrategyCheckpointInfo::to_protobuf fills it."""
     msg = pb.ParallelStrategyMap()
     msg.current_stage = 1
     for i, (name, lay) in enumerate(params.items()):  # one operator per parameter, first one carries the stage

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Drop-in for MindFormers' tools/ckpt_transform/transform_checkpoint.py, same arguments, same output layout
-(<dst>/<stem>/rank_<r>/<prefix><r>.ckpt), without its bugs (see jaxreshard/compat.py and the README)."""
+(<dst>/<stem>/rank_<r>/<prefix><r>.ckpt), without its bugs (see jaxreshard/mindformers/compat.py and the README)."""
 
 import argparse
 import sys
 
-from jaxreshard.compat import parse_bool, transform_checkpoint
+from jaxreshard.mindformers.compat import parse_bool, transform_checkpoint
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--src_checkpoint", required=True, help="complete .ckpt, folder of .ckpt files, or folder of rank_<n>/")

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Drop-in for MindFormers' transform_ckpt_lora.py: fold every LoRA branch into its base weight and write
-<dst_ckpt_dir>/merged_lora.<ckpt|safetensors> (see jaxreshard/compat.py and the README for the differences)."""
+<dst_ckpt_dir>/merged_lora.<ckpt|safetensors> (see jaxreshard/mindformers/compat.py and the README for the
+differences)."""
 
 import argparse
 import sys
 
-from jaxreshard.compat import transform_ckpt_lora
+from jaxreshard.mindformers.compat import transform_ckpt_lora
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--src_ckpt_strategy", default=None, help="strategy file or folder of a distributed source")

@@ -5,7 +5,7 @@ MindSpore's unified layout under <output_dir>/<file_suffix>_ckpt_convert/unified
 import argparse
 import sys
 
-from jaxreshard.compat import parse_bool, unified_safetensors
+from jaxreshard.mindformers.compat import parse_bool, unified_safetensors
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--src_strategy_dirs", default=None, help="strategy file or folder (merged in memory, never written)")

@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 from ..api import parse_size
 from ..caps import MAX_PROCESSES, MAX_RANKS
-from ..compat import parse_bool
 from ..errors import ConfigError
+from ..mindformers.compat import parse_bool
 from ..run import parse_ranks
 
 T = TypeVar("T")

@@ -3,7 +3,7 @@
 A format's reader only parses headers into `TensorEntry`s (where each tensor's bytes lie in its file);
 reading any box of any tensor is the same code for every format, through `pread` into buffers this module
 allocates 64-byte aligned (JAX on CPU aliases such buffers instead of copying them: 0.23 GB/s and 2x memory
-otherwise, see spec/jax_and_io_notes.md).
+otherwise, measured with jax 0.10 on CPU).
 """
 
 from __future__ import annotations
@@ -99,6 +99,21 @@ def read_box(handles: FileHandles, entry: TensorEntry, box: Box, out: np.ndarray
                     )
                 done += got
             pos += chunk
+
+
+def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> None:
+    """Write `buffers` back to back at `offset`, looping until every byte is written (`pwritev` may write less)."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        done = os.pwritev(fd, views, offset)
+        if done <= 0:
+            raise OSError(f"pwritev wrote nothing at offset {offset}")
+        offset += done
+        while done:
+            if done >= len(views[0]):
+                done -= len(views.pop(0))
+            else:
+                views[0], done = views[0][done:], 0
 
 
 def _segment_ranges(entry: TensorEntry, offset: int, nbytes: int):

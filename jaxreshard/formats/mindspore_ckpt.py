@@ -1,13 +1,14 @@
 """MindSpore `.ckpt` files, read without MindSpore and without the protobuf runtime (writing: mindspore_ckpt_write).
 
-Why by hand: MindSpore parses a whole file into memory (and refuses files larger than free RAM, spec §1.5). A
-`.ckpt` is a concatenation of one-`Value` protobuf records of a fixed shape (spec §1.2), so walking the wire
+Why by hand: MindSpore parses a whole file into memory (and refuses files larger than free RAM). A
+`.ckpt` is a concatenation of one-`Value` protobuf records of a fixed shape, so walking the wire
 format over an mmap finds where every tensor's bytes lie without touching them, and the writer can size every
 record up front and stream each tensor to its offset. The writer's bytes equal `mindspore.save_checkpoint`'s.
 
 Reader semantics follow `load_checkpoint`: a `crc_num` trailer is always stripped (checked on request);
-consecutive records with one tag are one tensor (512 MiB chunks, §1.4); `dims == [0]` means a scalar; a tag seen
-again later replaces the earlier value but keeps its first position (MindSpore fills a dict). `str` records are
+consecutive records with one tag are one tensor (`save_checkpoint` splits a tensor into 512 MiB chunks);
+`dims == [0]` means a scalar; a tag seen again later replaces the earlier value but keeps its first position
+(MindSpore fills a dict). `str` records are
 "extras" (Python strings). Int4 and MapTensor records are refused with a FormatError naming the parameter:
 `transform_checkpoints` cannot convert them either, and skipping them silently would drop data.
 """
@@ -31,9 +32,13 @@ from ..errors import FormatError
 from .base import TensorEntry
 from .untrusted import MAX_DIMS, NotACheckpoint, check_name, open_regular
 
-RECORD_CHUNK_BYTES = 536_870_912  # save_checkpoint's byte chunk per record; tests monkeypatch it
 CRC_MARKER = b"crc_num"  # trailer: marker + 10-byte big-endian CRC-32 of all preceding bytes
 ENCRYPTED_MAGICS = (0x7F3A5ED8, 0x7F3A5ED9)  # little-endian uint32 at the start of AES-GCM / CBC blocks
+# MindSpore's optimizers keep a state per trainable weight named "<prefix>.<weight>" (`Parameter.clone(prefix=...)`:
+# Adam's moments, gradient accumulation). transform_checkpoints tests the bare prefixes when it chooses its
+# by-stage path; "<prefix>." is how a state's name starts (the LoRA merge drops or keeps them as a group).
+OPTIMIZER_PREFIXES = ("adam_m", "adam_v", "accu_grads")
+OPTIMIZER_STATE_PREFIXES = tuple(f"{p}." for p in OPTIMIZER_PREFIXES)
 
 _DTYPES: dict[str, np.dtype] = {
     "Float16": np.dtype("<f2"), "Float32": np.dtype("<f4"), "Float64": np.dtype("<f8"),
@@ -241,5 +246,3 @@ def _index(path: Path, mm: mmap.mmap, verify_crc: bool) -> CkptIndex:
     return CkptIndex(path, names, MappingProxyType({n: tensors[n] for n in names if n in tensors}),
                      MappingProxyType({n: extras[n] for n in names if n in extras}), crc, end)
 
-
-from .mindspore_ckpt_write import CkptRankWriter, _record_header, write_ckpt  # noqa: E402, F401 - re-exported

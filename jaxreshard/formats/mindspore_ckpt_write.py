@@ -1,6 +1,7 @@
 """Writing MindSpore `.ckpt` files whose bytes equal `mindspore.save_checkpoint`'s, streamed: every record is
-sized up front (fields in number order, unpacked dims, 512 MiB byte chunks with full dims in each, spec §1.2/§1.4),
-so each tensor is written at its offset when it arrives and no file is ever held in memory."""
+sized up front (fields in number order, unpacked dims, 512 MiB byte chunks with full dims in each, as
+`save_checkpoint` writes them), so each tensor is written at its offset when it arrives and no file is ever held
+in memory."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import mindspore_ckpt as _reader  # RECORD_CHUNK_BYTES is read at use, so tests can shrink it
+from .base import pwrite_all
 from .manifest import FileRecord, StreamingHash
 from .mindspore_ckpt import CRC_MARKER, ckpt_dtype_name
+
+RECORD_CHUNK_BYTES = 536_870_912  # save_checkpoint's byte chunk per record; read at use, so tests can shrink it
 
 
 def _enc_varint(value: int) -> bytes:
@@ -27,7 +30,8 @@ def _enc_varint(value: int) -> bytes:
 
 
 def _record_header(tag: str, dims: Sequence[int], type_name: str, content_len: int) -> bytes:
-    """All bytes of one record before its tensor_content (spec §1.2: fields in number order, unpacked dims)."""
+    """All bytes of one record before its tensor_content (fields in number order, unpacked dims: what the protobuf
+    runtime writes, tests/formats/test_mindspore_ckpt.py::test_record_header_equals_protobuf_runtime)."""
     tag_b, type_b = tag.encode("utf-8"), type_name.encode("ascii")
     tp = b"".join(b"\x08" + _enc_varint(d) for d in dims)
     tp += b"\x12" + _enc_varint(len(type_b)) + type_b + b"\x1a" + _enc_varint(content_len)
@@ -39,20 +43,6 @@ def _record_header(tag: str, dims: Sequence[int], type_name: str, content_len: i
 def _str_content(text: str) -> bytes:
     """`np.array(text).tobytes()`, as save_checkpoint stores a str: UTF-32LE, at least one (NUL) character."""
     return text.encode("utf-32-le") or b"\0\0\0\0"
-
-
-def _pwrite_all(fd: int, buffers: list, offset: int) -> None:
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while views:
-        done = os.pwritev(fd, views, offset)
-        if done <= 0:
-            raise OSError(f"pwritev wrote nothing at offset {offset}")
-        offset += done
-        while done:
-            if done >= len(views[0]):
-                done -= len(views.pop(0))
-            else:
-                views[0], done = views[0][done:], 0
 
 
 class CkptRankWriter:
@@ -77,7 +67,7 @@ class CkptRankWriter:
             raise ValueError(f"{self.path}: `order` must list every parameter and extra exactly once")
         self._records: dict[str, list[tuple[int, bytes, int, int]]] = {}  # (offset, header, tensor byte, nbytes)
         strings: list[tuple[int, bytes]] = []
-        pos, chunk = 0, _reader.RECORD_CHUNK_BYTES
+        pos, chunk = 0, RECORD_CHUNK_BYTES
         for name in order:
             if name in extras:
                 content = _str_content(extras[name])
@@ -99,7 +89,7 @@ class CkptRankWriter:
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         os.ftruncate(self._fd, pos)
         for offset, record in strings:
-            _pwrite_all(self._fd, [record], offset)
+            pwrite_all(self._fd, [record], offset)
             self._hash.update(offset, record)
 
     def write(self, param: str, array: np.ndarray) -> None:
@@ -118,7 +108,7 @@ class CkptRankWriter:
             raise ValueError(f"{self.path}: the writer is closed")
         data = memoryview(array.reshape(-1).view(np.uint8))
         for offset, header, start, n in self._records[param]:
-            _pwrite_all(self._fd, [header, data[start : start + n]], offset)
+            pwrite_all(self._fd, [header, data[start : start + n]], offset)
             self._hash.update(offset, header)
             self._hash.update(offset + len(header), data[start : start + n])
         self._written.add(param)
@@ -140,7 +130,7 @@ class CkptRankWriter:
                     n = os.preadv(fd, [memoryview(buf)[: min(len(buf), self.size - offset)]], offset)
                     crc = zlib.crc32(memoryview(buf)[:n], crc)
                 trailer = CRC_MARKER + crc.to_bytes(10, "big")
-                _pwrite_all(fd, [trailer], self.size)
+                pwrite_all(fd, [trailer], self.size)
                 self._hash.update(self.size, trailer)
             os.fsync(fd)
         finally:

@@ -1,9 +1,9 @@
-"""MindSpore parallel strategy files (spec §2): per-rank, merged-pipeline and JSON flavours, read into pure data.
+"""MindSpore parallel strategy files (`node_strategy.proto`): per-rank, merged-pipeline and JSON flavours, read
+into pure data.
 
-Decoding uses the protobuf runtime with message classes built at import time from a descriptor written here in
-Python (`node_strategy.proto` is the same schema, checked in for reference): MindSpore itself parses these files
-with the runtime, so required-field checks, unknown fields and repeated-field merging behave exactly as there,
-and the writer's bytes match those of MindSpore's own classes. No protoc, no generated code to version-pin.
+Decoding uses the protobuf runtime with the message classes of `mindspore_strategy_proto` (MindSpore itself
+parses these files with the runtime, so required-field checks, unknown fields and repeated-field merging behave
+exactly as there). Writing: `mindspore_strategy_write`.
 
 A directory is merged in memory exactly like `merge_pipeline_strategys` (byte-identical files skipped, the first
 file of each stage wins, `.ckpt` and `.json` never mixed); it is only read, never written to. Files are taken in
@@ -21,59 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from ..caps import MAX_RANKS, MAX_STRATEGY_BYTES
 from ..errors import FormatError
 from ..readfile import one_line, read_regular_file
+from .mindspore_strategy_proto import ParallelStrategyMap
 from .strategy_checks import check_device_counts, check_layout_item, check_stage
 
-_F = descriptor_pb2.FieldDescriptorProto
-_SCHEMA: dict[str, list[tuple[str, int, int, Any]]] = {  # message -> (field, number, label, type or message)
-    "ParallelStrategy": [("dim", 1, _F.LABEL_REPEATED, _F.TYPE_UINT32)],
-    "ParallelStrategys": [("stage", 1, _F.LABEL_REQUIRED, _F.TYPE_UINT32),
-                          ("parallel_strategy", 2, _F.LABEL_REPEATED, "ParallelStrategy")],
-    "ParallelStrategyItem": [("node_name", 1, _F.LABEL_REQUIRED, _F.TYPE_STRING),
-                             ("parallel_strategys", 2, _F.LABEL_REQUIRED, "ParallelStrategys")],
-    "DevMatrix": [("dim", 1, _F.LABEL_REPEATED, _F.TYPE_UINT32)],
-    "TensorMap": [("dim", 1, _F.LABEL_REPEATED, _F.TYPE_INT32)],
-    "ParamSplitShape": [("dim", 1, _F.LABEL_REPEATED, _F.TYPE_INT64)],
-    "IndicesOffset": [("dim", 1, _F.LABEL_REPEATED, _F.TYPE_INT64)],
-    "ParallelLayouts": [("dev_matrix", 1, _F.LABEL_REPEATED, "DevMatrix"),
-                        ("tensor_map", 2, _F.LABEL_REPEATED, "TensorMap"),
-                        ("param_split_shape", 3, _F.LABEL_REPEATED, "ParamSplitShape"),
-                        ("indices_offset", 4, _F.LABEL_REPEATED, "IndicesOffset"),
-                        ("field", 5, _F.LABEL_REQUIRED, _F.TYPE_INT32),
-                        ("opt_weight_shard_step", 6, _F.LABEL_REQUIRED, _F.TYPE_INT32),
-                        ("opt_weight_shard_size", 7, _F.LABEL_REQUIRED, _F.TYPE_INT32)],
-    "ParallelLayoutItem": [("param_name", 1, _F.LABEL_REQUIRED, _F.TYPE_STRING),
-                           ("parallel_layouts", 2, _F.LABEL_REQUIRED, "ParallelLayouts")],
-    "ParallelStrategyMap": [("current_stage", 1, _F.LABEL_REQUIRED, _F.TYPE_UINT32),
-                            ("parallel_strategy_item", 2, _F.LABEL_REPEATED, "ParallelStrategyItem"),
-                            ("parallel_layout_item", 3, _F.LABEL_REPEATED, "ParallelLayoutItem")],
-}  # fmt: skip
-
-
-def _message_classes() -> dict[str, type]:
-    proto = descriptor_pb2.FileDescriptorProto(name="jaxreshard/node_strategy.proto", package="mindspore.straspb")
-    proto.syntax = "proto2"
-    for name, fields in _SCHEMA.items():
-        message = proto.message_type.add(name=name)
-        for fname, number, label, kind in fields:
-            f = message.field.add(name=fname, number=number, label=label)
-            if isinstance(kind, str):
-                f.type, f.type_name = _F.TYPE_MESSAGE, f".mindspore.straspb.{kind}"
-            else:
-                f.type = kind
-    pool = descriptor_pool.DescriptorPool()  # private: MindSpore's own classes may be loaded beside ours
-    pool.Add(proto)
-    get_class = getattr(message_factory, "GetMessageClass", None) or message_factory.MessageFactory(pool).GetPrototype
-    return {n: get_class(pool.FindMessageTypeByName(f"mindspore.straspb.{n}")) for n in _SCHEMA}
-
-
-_MSG = _message_classes()
-ParallelStrategyMap = _MSG["ParallelStrategyMap"]
 TensorMapEntry = int | tuple[int, ...]
 
 
@@ -114,7 +69,7 @@ class FrozenMap(Mapping):
 
 @dataclass(frozen=True, slots=True)
 class Strategy:
-    """A whole strategy: `params` holds the layout MindSpore uses without a rank (the lowest stage's, §2.3);
+    """A whole strategy: `params` holds the layout MindSpore uses without a rank (the lowest stage's);
     `entries` keeps every stage's own layout, in file order, for the per-rank and per-stage choices."""
 
     params: FrozenMap  # name -> ParamStrategy, in first-seen order
@@ -122,7 +77,7 @@ class Strategy:
     stage_num: int
     source: str = field(compare=False)  # the file or directory it came from, for messages
     entries: FrozenMap  # name -> ((stage, ParamStrategy), ...) in file order
-    file_stage: int = 0  # stage of the first strategy item (MindSpore's by-stage path, §5.4)
+    file_stage: int = 0  # stage of the first strategy item (MindSpore's by-stage path)
 
     def layout_for_stage(self, name: str, stage: int) -> ParamStrategy:
         """The layout of `name` in pipeline `stage` (shared parameters may differ per stage)."""
@@ -148,7 +103,7 @@ class Strategy:
 
 
 def _tensor_map(maps: Sequence[Sequence[int]]) -> tuple[TensorMapEntry, ...]:
-    """Several TensorMaps = one per tensor dim, each a list of axes, empty ones dropped (§2.2)."""
+    """Several TensorMaps = one per tensor dim, each a list of axes, empty ones dropped (as `_convert_to_list`)."""
     if len(maps) > 1:
         return tuple(m[0] if len(m) == 1 else tuple(m) for m in (list(m) for m in maps) if m)
     return tuple(int(x) if isinstance(x, int) else (x[0] if len(x) == 1 else tuple(x)) for x in maps[0])
@@ -328,41 +283,3 @@ def read_strategy(path: Path) -> Strategy:
     if path.name.endswith(".json"):
         return _build(_load_json(path), str(path))
     return _build(_parse_proto(_read_bytes(path), path), str(path))
-
-
-def _add_layout(message: Any, name: str, p: ParamStrategy) -> None:
-    """Fill one ParallelLayoutItem as MindSpore's C++ writer does: every field present, one DevMatrix, one
-    TensorMap (or one per dim plus a trailing empty one for a 1-D multi-axis map), empty split shape/offsets."""
-    layouts = message.parallel_layout_item.add(param_name=name).parallel_layouts
-    layouts.dev_matrix.add().dim.extend(p.dev_matrix)
-    if any(isinstance(e, tuple) for e in p.tensor_map):
-        for e in p.tensor_map:
-            layouts.tensor_map.add().dim.extend(e if isinstance(e, tuple) else (e,))
-        if len(p.tensor_map) == 1:
-            layouts.tensor_map.add()
-    else:
-        layouts.tensor_map.add().dim.extend(p.tensor_map)
-    layouts.param_split_shape.add()
-    layouts.indices_offset.add()
-    layouts.field, layouts.opt_weight_shard_step, layouts.opt_weight_shard_size = 0, p.opt_shard_step, p.opt_shard_size
-
-
-def strategy_bytes(stages: Mapping[int, Mapping[str, ParamStrategy]], *, merged: bool) -> bytes:
-    """A serialized ParallelStrategyMap holding `stages[s]`, stage s's layouts, with one strategy item per stage
-    carrying `s`. Merged names every layout `"<stage>-<name>"`, as merge_pipeline_strategys does."""
-    message = ParallelStrategyMap(current_stage=1)
-    for stage, params in stages.items():
-        message.parallel_strategy_item.add(node_name=f"jaxreshard/stage{stage}").parallel_strategys.stage = stage
-        for name, p in params.items():
-            _add_layout(message, f"{stage}-{name}" if merged else name, p)
-    return message.SerializeToString()
-
-
-def write_strategy_file(path: Path, params: Mapping[str, ParamStrategy], stage: int = 0) -> None:
-    """One stage's strategy file, like the `ckpt_strategy_rank_x.ckpt` a training job saves."""
-    Path(path).write_bytes(strategy_bytes({stage: params}, merged=False))
-
-
-def write_merged_strategy_file(path: Path, stages: Sequence[Mapping[str, ParamStrategy]]) -> None:
-    """A merged pipeline strategy (what `merge_pipeline_strategys` writes); `stages[s]` = stage s's layouts."""
-    Path(path).write_bytes(strategy_bytes(dict(enumerate(stages)), merged=True))

@@ -3,7 +3,7 @@
 Reading parses only the 8-byte length and the JSON header (what `safe_open` does), validated against the
 file size before anything is allocated; tensor bytes are then read by `base.read_box` with `preadv`, which
 was 2x faster than `safe_open(...).get_slice` for row blocks and reads only the requested columns' rows
-instead of the whole tensor (spec/jax_and_io_notes.md). Files we write are ordinary safetensors files that
+instead of the whole tensor. Files we write are ordinary safetensors files that
 `safetensors.safe_open` reads; they are written header first and filled at computed offsets, so no rank
 file is ever held in memory.
 """
@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import FormatError
-from .base import TensorEntry
+from .base import TensorEntry, pwrite_all
 from .manifest import FileRecord, StreamingHash
 from .untrusted import MAX_DIMS, check_name, check_text, list_dir, load_json, open_regular
 
@@ -314,7 +314,7 @@ class SafetensorsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.ftruncate(self._fd, offset)
-        _pwrite_all(self._fd, head, 0)
+        pwrite_all(self._fd, [head], 0)
         self._hash.update(0, head)
 
     def write(self, param: str, array: np.ndarray) -> None:
@@ -323,7 +323,7 @@ class SafetensorsWriter:
             raise ValueError(f"{self.path}: {param!r} expects {dtype}{list(shape)}, got {array.dtype}{list(array.shape)}")
         array = np.ascontiguousarray(array)  # safetensors stores C order; never write a strided view's memory
         data = memoryview(array.reshape(-1).view(np.uint8))
-        _pwrite_all(self._fd, data, offset)
+        pwrite_all(self._fd, [data], offset)
         self._hash.update(offset, data)
         self._pending.discard(param)
 
@@ -349,14 +349,6 @@ class SafetensorsWriter:
         os.close(self._fd)
         self._fd = None
         return {self.path: FileRecord(self._size, self._hash.digest(self.path, self._size))}
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        done = os.pwrite(fd, view, offset)
-        view = view[done:]
-        offset += done
 
 
 def split_into_files(nbytes: Sequence[int], max_file_bytes: int | None) -> list[list[int]]:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from ..formats import SourceCheckpoint
 from ..formats.mindspore_strategy import Strategy
-from ..mindspore import plan_mindspore
+from ..mindspore import StrategyLayout, plan_mindspore
 from ..plan import Plan
 from ..srccheck import check_given_layout, source_manifest
-from ..strategy import StrategyLayout
 from .base import FileRequest
 
 

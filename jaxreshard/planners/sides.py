@@ -15,8 +15,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..formats.mindspore_strategy import Strategy, read_strategy
 from ..layout import Layout, layout_from_mesh, read_layout
+from ..mindspore import StrategyLayout
 from ..plan import LayoutLike
-from ..strategy import StrategyLayout
 
 SNIFF_BYTES = 4096  # enough of a file to tell a binary protobuf strategy from a YAML/JSON text layout
 _TEXT_CONTROLS = {9, 10, 13}  # tab, newline, carriage return: the only control bytes a YAML layout has

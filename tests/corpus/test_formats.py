@@ -9,6 +9,7 @@ import os
 import struct
 from pathlib import Path
 
+from ..wire import field as _field
 from .harness import Case, corpus_test
 
 FIXTURE_CKPT = Path(__file__).resolve().parents[1] / "fixtures/mindspore/ckpt/complete/rank_0/checkpoint_0.ckpt"
@@ -167,21 +168,6 @@ DISCOVERY = [
 
 
 # ------------------------------------------------------------------------------------------------ .ckpt
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes | int) -> bytes:
-    if isinstance(payload, int):
-        return _varint(number << 3) + _varint(payload)
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 def _record(tag: str, dims: list[int], kind: str, content: bytes) -> bytes:

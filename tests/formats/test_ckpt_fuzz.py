@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from jaxreshard.errors import FormatError
 from jaxreshard.formats.mindspore_ckpt import read_ckpt_index
 
+from ..wire import field as _field
+
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "mindspore" / "ckpt"
 SEEDS = [
     (FIXTURES / name).read_bytes()
@@ -48,21 +50,6 @@ def mutated(draw) -> bytes:
         elif op == "truncate":
             del data[pos:]
     return bytes(data)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes | int) -> bytes:
-    if isinstance(payload, int):
-        return _varint(number << 3) + _varint(payload)
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 @st.composite

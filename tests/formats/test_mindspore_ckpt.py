@@ -1,8 +1,8 @@
 """MindSpore `.ckpt` reader/writer against the real MindSpore 2.10 reference files and the protobuf runtime.
 
 Expectations come from outside the module under test: the fixture manifest (sha256 of files written by real
-`save_checkpoint`), spec §8.1 (parameter list), spec §3.1 (which slice a rank holds), and an independent decoder
-/ encoder built on the protobuf runtime from `checkpoint.proto` (spec §1.1).
+`save_checkpoint`), tools/mindspore_reference.py (parameter list, which slice a rank holds), and an independent decoder
+/ encoder built on the protobuf runtime from MindSpore's `checkpoint.proto`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from jaxreshard.box import Box
 from jaxreshard.errors import FormatError
 from jaxreshard.formats import mindspore_ckpt as mc
+from jaxreshard.formats import mindspore_ckpt_write as mw
 from jaxreshard.formats.base import FileHandles, aligned_empty, read_box
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "mindspore"
@@ -34,7 +35,7 @@ CKPT_FILES = sorted(
 
 
 def _checkpoint_class():
-    """`Checkpoint` from spec §1.1, built with the protobuf runtime: an encoder/decoder independent of ours."""
+    """MindSpore's `Checkpoint` message (checkpoint.proto) on the protobuf runtime: a codec independent of ours."""
     F = descriptor_pb2.FieldDescriptorProto
     fdp = descriptor_pb2.FileDescriptorProto(name="test_checkpoint.proto", syntax="proto2")
     tp = fdp.message_type.add(name="TensorProto")
@@ -101,14 +102,14 @@ def read_all(index: mc.CkptIndex) -> dict[str, np.ndarray]:
 def rewrite(index: mc.CkptIndex, path: Path, order=None) -> None:
     arrays = read_all(index)
     params = [(n, a.dtype, a.shape) for n, a in arrays.items()]
-    with mc.CkptRankWriter(path, params, index.extras, index.names) as writer:
+    with mw.CkptRankWriter(path, params, index.extras, index.names) as writer:
         for name in order or list(arrays):
             writer.write(name, arrays[name])
 
 
 # --- the complete reference file -------------------------------------------------------------------------------
 
-SPEC_PARAMS = [  # spec §8.1, in save order
+SPEC_PARAMS = [  # tools/mindspore_reference.py's parameters, in save order
     ("embedding.embedding_table", (64, 16), np.float32), ("layer1.weight", (16, 32), np.float16),
     ("layer1.bias", (32,), np.float32), ("layer2.weight", (32, 16), ml_dtypes.bfloat16),
     ("layer2.bias", (16,), np.float16), ("norm.gamma", (16,), np.float32),
@@ -158,7 +159,7 @@ def test_read_box_arbitrary_boxes_complete():
 
 
 def test_dp2mp2_rank_slices_follow_spec_worked_example():
-    """Spec §3.1: dp2mp2 ranks 1,3 hold layer1.weight[:, 16:32]; embedding rows 32*(r%2):+32."""
+    """dp2mp2 ranks 1,3 hold layer1.weight[:, 16:32]; embedding rows 32*(r%2):+32."""
     full = read_all(mc.read_ckpt_index(COMPLETE))
     for rank in range(4):
         part = read_all(mc.read_ckpt_index(ROOT / f"ckpt/dp2mp2/rank_{rank}/checkpoint_{rank}.ckpt"))
@@ -189,7 +190,7 @@ def test_reference_file_count():
 
 
 def test_multi_record_roundtrip_and_segment_boundaries(tmp_path, monkeypatch):
-    monkeypatch.setattr(mc, "RECORD_CHUNK_BYTES", 100)  # 512 MiB in MindSpore; 100 also splits elements
+    monkeypatch.setattr(mw, "RECORD_CHUNK_BYTES", 100)  # 512 MiB in MindSpore; 100 also splits elements
     rng = np.random.default_rng(1)
     tensors = {
         "a": rng.standard_normal((7, 13)).astype(np.float32),  # 364 B -> 100, 100, 100, 64
@@ -199,7 +200,7 @@ def test_multi_record_roundtrip_and_segment_boundaries(tmp_path, monkeypatch):
         "flag": np.array(True),
     }
     path = tmp_path / "m.ckpt"
-    mc.write_ckpt(path, tensors)
+    mw.write_ckpt(path, tensors)
     expected = b""  # what save_checkpoint writes: byte chunks, full dims in every record
     for name, array in tensors.items():
         raw = array.tobytes()
@@ -226,10 +227,10 @@ def test_multi_record_roundtrip_and_segment_boundaries(tmp_path, monkeypatch):
 
 
 def test_large_sparse_two_record_parameter(tmp_path):
-    """Spec §9: a 640 MiB fp32 parameter is stored as 536870912 + 134217728 B records (sparse file, no RAM)."""
-    n, chunk = 640 * 2**20 // 4, mc.RECORD_CHUNK_BYTES
-    h1 = mc._record_header("big", [160, 1048576], "Float32", chunk)
-    h2 = mc._record_header("big", [160, 1048576], "Float32", n * 4 - chunk)
+    """A 640 MiB fp32 parameter is stored as 536870912 + 134217728 B records (sparse file, no RAM)."""
+    n, chunk = 640 * 2**20 // 4, mw.RECORD_CHUNK_BYTES
+    h1 = mw._record_header("big", [160, 1048576], "Float32", chunk)
+    h2 = mw._record_header("big", [160, 1048576], "Float32", n * 4 - chunk)
     path = tmp_path / "big.ckpt"
     with open(path, "wb") as f:  # only headers and three marked floats are real
         f.write(h1)
@@ -254,7 +255,7 @@ def test_large_sparse_two_record_parameter(tmp_path):
 def test_record_header_equals_protobuf_runtime():
     for dims, tt, size in [([], "Float32", 4), ([2, 3], "Float16", 12), ([160, 1048576], "Float32", 300),
                            ([0], "str", 8), ([2**40], "Int8", 1000)]:
-        assert mc._record_header("name.x", dims, tt, size) + b"\0" * size == pb_record("name.x", dims, tt, b"\0" * size)
+        assert mw._record_header("name.x", dims, tt, size) + b"\0" * size == pb_record("name.x", dims, tt, b"\0" * size)
 
 
 # --- trailer, extras, scalars ----------------------------------------------------------------------------------
@@ -263,12 +264,12 @@ def test_record_header_equals_protobuf_runtime():
 def test_crc_trailer(tmp_path):
     path = tmp_path / "c.ckpt"
     tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "lr": np.float32(0.5), "note": "hi"}
-    mc.write_ckpt(path, tensors, crc=True)
+    mw.write_ckpt(path, tensors, crc=True)
     data = path.read_bytes()
     body = data[:-17]
     assert data[-17:] == b"crc_num" + zlib.crc32(body).to_bytes(10, "big")
     plain = tmp_path / "p.ckpt"
-    mc.write_ckpt(plain, tensors)
+    mw.write_ckpt(plain, tensors)
     assert plain.read_bytes() == body
     index = mc.read_ckpt_index(path, verify_crc=True)
     assert index.crc == zlib.crc32(body) and index.data_end == len(body)
@@ -286,7 +287,7 @@ def test_crc_trailer(tmp_path):
 def test_str_extras_roundtrip(tmp_path):
     path = tmp_path / "s.ckpt"
     w = np.ones((2, 2), np.float16)
-    mc.write_ckpt(path, {"w": w, "tag": "héllo 😀", "empty": "", "step": 7, "lr": 0.25, "ok": True, "z": np.int8(3)})
+    mw.write_ckpt(path, {"w": w, "tag": "héllo 😀", "empty": "", "step": 7, "lr": 0.25, "ok": True, "z": np.int8(3)})
     index = mc.read_ckpt_index(path)
     assert index.names == ("w", "tag", "empty", "step", "lr", "ok", "z")
     assert dict(index.extras) == {"tag": "héllo 😀", "empty": ""}
@@ -313,8 +314,8 @@ def test_dims_zero_is_scalar_and_zero_length_is_refused(tmp_path):
     assert index.tensors["s"].shape == () and index.tensors["n"].shape == ()
     assert read_all(index)["s"].item() == 3.0
     with pytest.raises(ValueError, match="cannot hold"):
-        mc.CkptRankWriter(tmp_path / "e.ckpt", [("x", np.float32, (0,))])
-    mc.write_ckpt(tmp_path / "f.ckpt", {"x": np.zeros((0, 3), np.float32), "y": np.float32(1)})  # still representable
+        mw.CkptRankWriter(tmp_path / "e.ckpt", [("x", np.float32, (0,))])
+    mw.write_ckpt(tmp_path / "f.ckpt", {"x": np.zeros((0, 3), np.float32), "y": np.float32(1)})  # still representable
     assert mc.read_ckpt_index(tmp_path / "f.ckpt").tensors["x"].shape == (0, 3)
 
 
@@ -346,7 +347,7 @@ def test_dtype_names():
 
 def test_writer_rejects_bad_arrays_and_incomplete_files(tmp_path):
     path = tmp_path / "w.ckpt"
-    writer = mc.CkptRankWriter(path, [("a", np.float32, (2, 3)), ("b", np.int8, (4,))])
+    writer = mw.CkptRankWriter(path, [("a", np.float32, (2, 3)), ("b", np.int8, (4,))])
     for bad in (np.zeros((2, 3), np.float64), np.zeros((3, 2), np.float32), np.zeros((3, 2), np.float32).T,
                 [[0.0] * 3] * 2):
         with pytest.raises(ValueError):
@@ -362,7 +363,7 @@ def test_writer_rejects_bad_arrays_and_incomplete_files(tmp_path):
     for params, extras, order in [(one * 2, None, None), (one, {"a": "x"}, None), (one, {"e": "x"}, ["a"]),
                                   (one, None, ["a", "a"]), (one, None, ["b"])]:
         with pytest.raises(ValueError):
-            mc.CkptRankWriter(tmp_path / "x.ckpt", params, extras, order)
+            mw.CkptRankWriter(tmp_path / "x.ckpt", params, extras, order)
 
 
 def test_writer_streams_in_any_order_with_extras_in_place(tmp_path):
@@ -372,7 +373,7 @@ def test_writer_streams_in_any_order_with_extras_in_place(tmp_path):
     for i, write_order in enumerate((["x", "y"], ["y", "x"])):
         paths.append(tmp_path / f"o{i}.ckpt")
         params = [(n, a.dtype, a.shape) for n, a in arrays.items()]
-        with mc.CkptRankWriter(paths[-1], params, {"meta": "m"}, order) as w:
+        with mw.CkptRankWriter(paths[-1], params, {"meta": "m"}, order) as w:
             for name in write_order:
                 w.write(name, arrays[name])
     assert paths[0].read_bytes() == paths[1].read_bytes() == (
@@ -463,3 +464,16 @@ def test_a_file_in_no_checkpoint_format_says_so_distinctly(tmp_path):
     with pytest.raises(FormatError, match="truncated") as info:
         mc.read_ckpt_index(tmp_path / "t.ckpt")
     assert not isinstance(info.value, NotACheckpoint)
+
+
+def test_optimizer_prefixes_match_the_states_mindspore_saves():
+    """One definition, two uses: the bare prefixes transform_checkpoints tests, and "<prefix>." which begins every
+    optimizer state MindSpore saved in the reference fixture (a state of each trainable weight, named after it)."""
+    assert mc.OPTIMIZER_PREFIXES == ("adam_m", "adam_v", "accu_grads")
+    assert mc.OPTIMIZER_STATE_PREFIXES == ("adam_m.", "adam_v.", "accu_grads.")
+    names = mc.read_ckpt_index(ROOT / "ckpt" / "complete" / "rank_0" / "checkpoint_0.ckpt").names
+    states = [n for n in names if n.startswith(mc.OPTIMIZER_STATE_PREFIXES)]
+    assert states == ["adam_m.layer1.weight", "adam_v.layer1.weight"]
+    assert all(n.split(".", 1)[1] in names for n in states)  # each names a weight of the same file
+    assert [n for n in names if n.startswith(mc.OPTIMIZER_PREFIXES)] == states
+    assert not "adam_mean.w".startswith(mc.OPTIMIZER_STATE_PREFIXES) and "adam_mean.w".startswith(mc.OPTIMIZER_PREFIXES)

@@ -16,7 +16,10 @@ import pytest
 
 from jaxreshard.errors import FormatError
 from jaxreshard.formats import mindspore_strategy as ms
+from jaxreshard.formats import mindspore_strategy_write as msw
 from jaxreshard.formats.mindspore_strategy import ParamStrategy, read_strategy
+
+from ..wire import fields
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "mindspore"
 MANIFEST = json.loads((ROOT / "manifest.json").read_text())
@@ -58,14 +61,14 @@ def test_writer_roundtrip_and_bytes(name, tmp_path):
     source = ROOT / f"strategy/{name}.ckpt"
     strategy = read_strategy(source)
     out = tmp_path / "s.ckpt"
-    ms.write_strategy_file(out, strategy.params)
+    msw.write_strategy_file(out, strategy.params)
     assert read_strategy(out) == strategy
     assert layouts_only(out.read_bytes()) == layouts_only(source.read_bytes())  # filled like MindSpore's writer
 
 
 def test_minus_one_is_a_ten_byte_varint(tmp_path):
     out = tmp_path / "s.ckpt"
-    ms.write_strategy_file(out, {"w": ParamStrategy((4, 1), (-1, -1), 1, -1, (0,))})
+    msw.write_strategy_file(out, {"w": ParamStrategy((4, 1), (-1, -1), 1, -1, (0,))})
     data = out.read_bytes()
     assert data.count(b"\xff" * 9 + b"\x01") == 3 and b"\x38\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01" in data
 
@@ -115,13 +118,13 @@ def test_directory_merge_equals_merged_file_and_reproduces_its_bytes():
 def test_merged_writer_roundtrip(tmp_path):
     strategy = read_strategy(MERGED)
     out = tmp_path / "m.ckpt"
-    ms.write_merged_strategy_file(out, [strategy.stage_params(0), strategy.stage_params(1)])
+    msw.write_merged_strategy_file(out, [strategy.stage_params(0), strategy.stage_params(1)])
     assert read_strategy(out) == strategy
     assert layouts_only(out.read_bytes()) == layouts_only(MERGED.read_bytes())
     per_stage = tmp_path / "dir"  # per-stage files written by us merge like MindSpore's
     per_stage.mkdir()
     for stage in (0, 1):
-        ms.write_strategy_file(per_stage / f"ckpt_strategy_rank_{2 * stage}.ckpt", strategy.stage_params(stage), stage)
+        msw.write_strategy_file(per_stage / f"ckpt_strategy_rank_{2 * stage}.ckpt", strategy.stage_params(stage), stage)
     assert read_strategy(per_stage) == strategy
 
 
@@ -161,8 +164,8 @@ def test_directory_semantics_and_never_written(tmp_path):
     for rank in (2, 3):
         shutil.copy(stage1, d / f"ckpt_strategy_rank_{rank}.ckpt")
     other = {"embedding.embedding_table": ParamStrategy((2,), (-1, -1), 0, 0, (0,))}  # differs: loses to rank_2
-    ms.write_strategy_file(d / "ckpt_strategy_rank_10.ckpt", other, stage=1)
-    ms.write_strategy_file(d / "ckpt_strategy_rank_5.ckpt", other, stage=0)  # stage 0 again: loses to rank_0
+    msw.write_strategy_file(d / "ckpt_strategy_rank_10.ckpt", other, stage=1)
+    msw.write_strategy_file(d / "ckpt_strategy_rank_5.ckpt", other, stage=0)  # stage 0 again: loses to rank_0
     os.chmod(d, 0o555)  # read-only: any attempt to write there fails loudly
     try:
         before = _snapshot(d)
@@ -185,24 +188,24 @@ def test_directory_errors(tmp_path):
     with pytest.raises(FormatError, match="no strategy files"):
         read_strategy(empty)
     gap = tmp_path / "gap.ckpt"  # stages {0, 2}: stage 1's file is missing
-    gap.write_bytes(ms.strategy_bytes({0: {"a": ParamStrategy((2,), (0,), 0, 0, ())},
+    gap.write_bytes(msw.strategy_bytes({0: {"a": ParamStrategy((2,), (0,), 0, 0, ())},
                                        2: {"b": ParamStrategy((2,), (0,), 0, 0, ())}}, merged=True))
     with pytest.raises(FormatError, match=r"stages \[0, 2\]"):
         read_strategy(gap)
 
 
 def test_shared_parameter_layout_choice(tmp_path):
-    """§2.3: without a rank the lowest stage's layout; with rank r (n devices per stage) stage 0's for r < n,
-    else the last later-stage one. Written stage 1 first to check the choice does not depend on file order."""
+    """`_convert_to_list`: without a rank the lowest stage's layout; with rank r (n devices per stage) stage 0's
+    for r < n, else the last later-stage one. Written stage 1 first to check the choice does not depend on file order."""
     a, b = ParamStrategy((2, 2), (1, -1), 0, 0, ()), ParamStrategy((2, 2), (0, -1), 0, 0, ())
     path = tmp_path / "shared.ckpt"
-    path.write_bytes(ms.strategy_bytes({1: {"e": b, "x": b}, 0: {"e": a}}, merged=True))
+    path.write_bytes(msw.strategy_bytes({1: {"e": b, "x": b}, 0: {"e": a}}, merged=True))
     strategy = read_strategy(path)
     assert strategy.params["e"].tensor_map == (1, -1) and strategy.params["e"].stages == (0, 1)
     assert strategy.stage_device_num == 4 and strategy.stage_num == 2
     assert strategy.layout_for_rank("e", 0).tensor_map == (1, -1)
     assert strategy.layout_for_rank("e", 5).tensor_map == (0, -1)  # stage 1's entry came first and stays
-    path.write_bytes(ms.strategy_bytes({0: {"e": a}, 1: {"e": b}}, merged=True))
+    path.write_bytes(msw.strategy_bytes({0: {"e": a}, 1: {"e": b}}, merged=True))
     strategy = read_strategy(path)
     assert strategy.layout_for_rank("e", 3).tensor_map == (1, -1)
     assert strategy.layout_for_rank("e", 4).tensor_map == (0, -1)
@@ -214,9 +217,9 @@ def test_bad_files(tmp_path):
         "empty.ckpt": b"",
         "garbage.ckpt": bytes(range(256)),
         "truncated.ckpt": MERGED.read_bytes()[:400],
-        "nolayouts.ckpt": ms.strategy_bytes({0: {}}, merged=False),
-        "pp_only.ckpt": ms.strategy_bytes({0: {"w": ParamStrategy((), (), 0, 0, ())}}, merged=False),
-        "dash.ckpt": ms.strategy_bytes({0: {"my-param": ParamStrategy((2,), (0,), 0, 0, ())}}, merged=False),
+        "nolayouts.ckpt": msw.strategy_bytes({0: {}}, merged=False),
+        "pp_only.ckpt": msw.strategy_bytes({0: {"w": ParamStrategy((), (), 0, 0, ())}}, merged=False),
+        "dash.ckpt": msw.strategy_bytes({0: {"my-param": ParamStrategy((2,), (0,), 0, 0, ())}}, merged=False),
         "bad.json": b"{not json",
     }
     messages = {"empty.ckpt": "empty", "garbage.ckpt": "not a MindSpore strategy", "truncated.ckpt": "strategy",
@@ -232,7 +235,7 @@ def test_bad_files(tmp_path):
 
 
 def test_inconsistent_probe_strategies():
-    """The replica-probe strategies (spec §4.2) as decoded independently from their wire bytes."""
+    """The replica-probe strategies as decoded independently from their wire bytes."""
     expected = {
         "src_dp2mp2": {"w": [[2, 2], [-1, 0], 0, 0], "v": [[2, 1, 2], [1, 0], 0, 0]},
         "dst_mp4": {"w": [[4], [-1, 0], 0, 0], "v": [[1, 4], [0, -1], 0, 0]},
@@ -248,27 +251,6 @@ def test_inconsistent_probe_strategies():
 
 def _wire_layouts(data: bytes) -> dict:
     """A minimal wire-format decoder (no protobuf runtime) for single-TensorMap strategy files."""
-
-    def fields(buf: bytes):
-        pos = 0
-        while pos < len(buf):
-            key, pos = varint(buf, pos)
-            if key & 7 == 0:
-                value, pos = varint(buf, pos)
-            else:
-                n, pos = varint(buf, pos)
-                value, pos = buf[pos : pos + n], pos + n
-            yield key >> 3, value
-
-    def varint(buf: bytes, pos: int):
-        result = shift = 0
-        while True:
-            b = buf[pos]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                return result, pos
 
     def signed(v: int) -> int:
         return v - (1 << 64) if v >= 1 << 63 else v

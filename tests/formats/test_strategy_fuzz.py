@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from jaxreshard.errors import JaxreshardError
 from jaxreshard.formats.mindspore_strategy import read_strategy
-from jaxreshard.strategy import StrategyLayout
+from jaxreshard.mindspore import StrategyLayout
 
 FIX = Path(__file__).parents[1] / "fixtures" / "mindspore" / "strategy"
 SEEDS = [p.read_bytes() for p in sorted(FIX.glob("*.ckpt"))]

@@ -53,7 +53,7 @@ def llama_params(size_gib: float) -> list[tuple[str, np.dtype, tuple[int, ...]]]
 
 def write_checkpoint(path: Path, params, fmt: str) -> None:
     """Stream a synthetic checkpoint to disk one tensor at a time (never the whole model in memory)."""
-    from jaxreshard.formats.mindspore_ckpt import CkptRankWriter
+    from jaxreshard.formats.mindspore_ckpt_write import CkptRankWriter
     from jaxreshard.formats.safetensors_io import SafetensorsWriter
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, FormatError, JaxreshardError
-from .fsutil import check_file_prefix
+from .. import api
+from ..errors import ConfigError, FormatError, JaxreshardError
+from ..formats.mindspore_strategy import read_strategy
+from ..fsutil import check_file_prefix
+from .compat import parse_bool
 from .reuse import MANIFEST, Reuse, block_record
 from .scope import Scope, default_npu_num_per_node, make_scope
 
@@ -88,8 +91,6 @@ def auto_convert(
 
 def _convert_block(scope: Scope, reuse: Reuse, src: Path, out: Path, options: dict[str, Any]) -> None:
     """Convert this converter's block of destination ranks into `out`, then mark it done (or failed, with why)."""
-    from . import api
-
     name = scope.my_block
     done, failed = reuse.markers / f"{name}.done", reuse.markers / f"{name}.failed"
     try:
@@ -128,8 +129,6 @@ def matches(src: Path, src_strategy: Any, dst_strategy: Any, dst_layout: Any) ->
         return False
     if src_strategy is None or dst_strategy is None:
         return src_strategy is None and dst_strategy is None
-    from .formats.mindspore_strategy import read_strategy
-
     a, b = read_strategy(Path(src_strategy)), read_strategy(Path(dst_strategy))
     return a.params == b.params and a.stage_device_num == b.stage_device_num and a.stage_num == b.stage_num
 
@@ -233,8 +232,6 @@ def _int_key(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
 
 
 def _bool_key(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
-    from .compat import parse_bool
-
     value = cfg.get(key, default)
     try:
         return parse_bool(value) if isinstance(value, (bool, str)) else _bad_bool(value)

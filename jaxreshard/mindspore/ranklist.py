@@ -1,7 +1,7 @@
 """`mindspore.rank_list_for_transform`: which source ranks MindSpore loads for a destination rank.
 
 It decides which files a destination rank's parameter list and order come from, and which missing rank
-folders are an error, so it is reproduced exactly (spec §4.3). MindSpore derives it from the AllConcat groups
+folders are an error, so it is reproduced exactly. MindSpore derives it from the AllConcat groups
 of its redistribution planner on a fake shape; the equivalent rule: unify the device counts, keep a source
 sharding axis if every destination block lies inside the source block with the destination device's own
 coordinate on that axis, then a rank needs every source device agreeing with it on all replicated and kept
@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from .formats.mindspore_strategy import ParamStrategy
-from .layout import COMPLETE, ParamLayout, unravel
+from ..formats.mindspore_strategy import ParamStrategy
+from ..layout import COMPLETE, ParamLayout, unravel
 from .strategy import param_layout
 
 

@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from .errors import ConfigError, JaxreshardError
-from .logsetup import setup_logging
+from .. import api
+from ..errors import ConfigError, JaxreshardError
+from ..formats.mindspore_strategy import read_strategy
+from ..logs import configure_logging
+from ..merge import merge_lora, plan_unify, write_unified
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +82,9 @@ def transform_checkpoint(
     rank_id: int | None, world_size: int | None, process_num: int, overwrite: bool = False,
 ) -> int:  # fmt: skip
     """`transform_checkpoint.py`: returns the exit code."""
-    from . import api
 
-    setup_logging()
-    try:
+    def body() -> None:
+        nonlocal dst_dir, rank_id
         if not dst_dir:
             dst_dir = str(Path.cwd() / "transformed_checkpoint")
             log.warning("--dst_checkpoint_dir not given; writing to %s", dst_dir)
@@ -101,14 +106,13 @@ def transform_checkpoint(
                 overwrite=overwrite,
             )  # fmt: skip
             log.info("wrote %d file(s) under %s", len(report.files), dst)
-    except JaxreshardError as e:
-        print(f"transform_checkpoint: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return _run("transform_checkpoint", body)
 
 
-def _run(tool: str, body) -> int:
-    setup_logging()
+def _run(tool: str, body: Callable[[], None]) -> int:
+    """Run a drop-in's body with the CLI's logging; a JaxreshardError is one `<tool>: error: ...` line, exit 2."""
+    configure_logging()
     try:
         body()
     except JaxreshardError as e:
@@ -122,11 +126,6 @@ def transform_ckpt_lora(src: str, src_strategy: str | None, dst_dir: str, prefix
     """`transform_ckpt_lora.py`: one complete `dst_dir/merged_lora.<format>` with every LoRA branch folded in.
     Unlike MindFormers: no silent scale of 1 (the scale is required), the destination folder is created, a
     transposed base works, optimizer states are dropped, and a distributed source is merged in full."""
-    import shutil
-    import tempfile
-
-    from .merge import merge_lora
-
     def body() -> None:
         if lora_scaling is None:
             raise ConfigError("--lora_scaling is required (MindFormers silently used 1): lora_alpha / r")
@@ -153,9 +152,6 @@ def unified_safetensors(src_strategy_dirs: str | None, ckpt_dir: str, output_dir
     (`part{i}.safetensors`, `param_name_map.json`, `hyper_param.safetensors` for parameters outside the strategy)
     so MindFormers' loaders accept it. Unlike MindFormers: nothing is deleted first, filtered parameters appear
     nowhere, the strategy folder is merged in memory, and a failed worker fails the command."""
-    from .formats.mindspore_strategy import read_strategy
-    from .merge import plan_unify, write_unified
-
     def body() -> None:
         strategy = strategy_arg(src_strategy_dirs)
         prefixes = [*filter_out_param_prefix, "accu_grads"]

@@ -1,7 +1,7 @@
 """`mindspore.transform_checkpoints`, exactly: which parameters each rank file gets, in which order, from where.
 
-The data movement itself is the ordinary plan (MindSpore's transform is a pure reslicing, spec §4.1); what
-this module adds is MindSpore's orchestration (spec §5), so that output files are byte-identical:
+The data movement itself is the ordinary plan (MindSpore's transform is a pure reslicing); what
+this module adds is MindSpore's orchestration, so that output files are byte-identical (tests/test_mindspore_parity.py):
 - path choice: the by-stage path (`{prefix}{rank}_part{stage}`) when one pipeline-stage strategy file is
   converted into a larger strategy, else the all-stages path;
 - per destination rank, parameters are first-seen in the files of the source stages it loads, read in
@@ -9,7 +9,7 @@ this module adds is MindSpore's orchestration (spec §5), so that output files a
 - parameters in both strategies are transformed; all others (step counters, names missing from one side)
   are copied verbatim from local source rank `rank % devices` (lowest global rank wins); transformed ones
   come first, then the copies;
-- with `exact_replicas`, every block is read from the data-parallel replica MindSpore would use (§4.2),
+- with `exact_replicas`, every block is read from the data-parallel replica MindSpore would use,
   which matters only for sources whose replicas differ; by default each block is read once.
 """
 
@@ -18,21 +18,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
-from .box import Box
-from .coverage import Cell, ReadItem, SourceGrid, cover, lowest_rank, source_grid
-from .errors import PlanError
-from .formats import SourceCheckpoint
-from .formats.mindspore_strategy import Strategy
-from .layout import COMPLETE, ParamLayout, unravel
-from .plan import COPY, ParamInfo, PerRankCopy, Plan, RankPlan, ShardPlan, TextRecord, dst_rank_list, full_shape
+from ..box import Box
+from ..coverage import Cell, ReadItem, SourceGrid, cover, lowest_rank, source_grid
+from ..errors import PlanError
+from ..formats import SourceCheckpoint
+from ..formats.mindspore_ckpt import OPTIMIZER_PREFIXES
+from ..formats.mindspore_strategy import Strategy
+from ..layout import COMPLETE, ParamLayout, unravel
+from ..plan import COPY, ParamInfo, PerRankCopy, Plan, RankPlan, ShardPlan, TextRecord, dst_rank_list, full_shape
 from .ranklist import rank_list_for_transform
 from .strategy import param_layout
 
-OPTIMIZER_PREFIXES = ("accu_grads", "adam_v", "adam_m")  # ignored when choosing the by-stage path
-
 
 def uses_by_stage_path(src: Strategy | None, dst: Strategy | None) -> bool:
-    """MindSpore's choice (spec §5.2): both single-stage, source keys a strict subset of destination keys."""
+    """`transform_checkpoints`' choice: both single-stage, source keys a strict subset of destination keys."""
     if src is None or dst is None or src.stage_num != 1 or dst.stage_num != 1:
         return False
     src_keys = {k for k in src.params if not k.startswith(OPTIMIZER_PREFIXES)}
@@ -217,7 +216,7 @@ class _Planner:
         return self._shard(name, box, tuple((r.src_rank, r.region, r.src_box) for r in reads))
 
     def _mindspore_pick(self, layout: ParamLayout, dst_local: int):
-        """§4.2: keep the destination rank's coordinates on the source's replicated axes."""
+        """MindSpore's replica choice: keep the destination rank's coordinates on the source's replicated axes."""
         n = layout.devices_per_stage
         split = {a for axes in layout.spec for a in axes}
         rep = [i for i, (name, _) in enumerate(layout.mesh_axes) if name not in split]

@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MINDFORMERS_NPU_NUM_PER_NODE = 8
 

@@ -2,7 +2,7 @@
 
 MindSpore describes a parameter's sharding by a device matrix counted from the right, a tensor map, and an
 optimizer ("ZeRO") shard that splits dim 0 again over replicated axes. MindSpore itself first *expands* this
-into a layout without optimizer shard or multi-axis entries over a reshaped tensor F' (spec §3.2), and its
+into a layout without optimizer shard or multi-axis entries over a reshaped tensor F', and its
 transform is a pure data movement on F'. `expanded_layout` ports that expansion line by line, quirks
 included (the simple optimizer-shard case rebuilds the device matrix in tensor-dimension order); because F'
 only splits dims into C-order sub-dims, the expanded layout is exactly a mesh (one axis per device-matrix
@@ -16,9 +16,9 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from .errors import LayoutError
-from .formats.mindspore_strategy import ParamStrategy, Strategy, TensorMapEntry
-from .layout import ParamLayout
+from ..errors import LayoutError
+from ..formats.mindspore_strategy import ParamStrategy, Strategy, TensorMapEntry
+from ..layout import ParamLayout
 
 
 def tensor_strategy(dev_matrix: Sequence[int], tensor_map: Sequence[TensorMapEntry]) -> list[int]:

@@ -16,7 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError
+from ..errors import FormatError
+from ..formats.mindspore_ckpt import read_ckpt_index
+from ..formats.safetensors_io import read_safetensors_index
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +46,11 @@ def implied_size(path: Path) -> int | None:
     """The size a rank file's own header says it has (None for formats without one); a corrupt or truncated
     file raises FormatError."""
     if path.suffix == ".safetensors":
-        from .formats.safetensors_io import read_safetensors_index
-
         entries, _ = read_safetensors_index(path)
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
         return max((off + n for e in entries for off, n in e.segments), default=8 + header_len)
     if path.suffix == ".ckpt":
-        from .formats.mindspore_ckpt import read_ckpt_index
-
         read_ckpt_index(path)  # walks every record header: a record cut short raises
     return None
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MAX_CONFIG_BYTES = 1 << 20  # PEFT writes ~1 KB; anything near this is not an adapter config
 MAX_RANK = 1 << 24  # LoRA ranks are small; a bigger one is a typo (and would overflow float math)
