@@ -284,3 +284,22 @@ def test_workers_die_with_their_parent(llama, tmp_path):
     finally:
         for pid in _marked(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+_IDLE_STUCK = """
+import os, signal
+from jaxreshard.run import worker_pool
+with worker_pool(2) as pool:
+    assert [pool.submit(abs, -i).result() for i in range(4)] == [0, 1, 2, 3]
+    for pid in list(pool._processes):
+        os.kill(pid, signal.SIGSTOP)  # idle workers that cannot take their stop message (as when one died
+                                      # holding the task queue's lock)
+print("stopped")
+"""
+
+
+def test_the_pool_ends_without_its_idle_workers_taking_a_stop_message():
+    """Regression: a worker killed while idle, during the pool's shutdown, left the parent waiting forever
+    (the shutdown handed each worker a stop message through the queue whose lock the dead worker held)."""
+    done = subprocess.run([sys.executable, "-c", _IDLE_STUCK], env=ENV, capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout.strip()) == (0, "stopped"), done.stderr
