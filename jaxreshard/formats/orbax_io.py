@@ -10,13 +10,14 @@ records in the metadata.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, OutputError
 
 SAVE_BATCH_BYTES = 512 << 20  # bounded memory per partial save; big enough that per-save overhead is small
 
@@ -147,7 +148,8 @@ class OrbaxWriter:
         import orbax.checkpoint.experimental.v1 as ocp
 
         if self._batch:
-            ocp.partial.save(str(self.path), self._batch, custom_metadata={ORDER_KEY: self._order})
+            with self._writing():
+                ocp.partial.save(str(self.path), self._batch, custom_metadata={ORDER_KEY: self._order})
             self._written += len(self._batch)
             self._batch, self._bytes = {}, 0
 
@@ -156,7 +158,24 @@ class OrbaxWriter:
 
         self._flush()
         if self._written:
-            ocp.partial.finalize(str(self.path))
+            with self._writing():
+                ocp.partial.finalize(str(self.path))
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """orbax (tensorstore) reports a full disk, a quota or a read-only folder as a ValueError or OSError
+        carrying the OS's words: the destination's fault, exit 2 naming it, not a traceback. Its worker
+        threads also log each such failure with a traceback through absl: kept quiet here, the error says it."""
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.CRITICAL)
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            raise OutputError(f"writing the orbax checkpoint {self.path} failed: {_one_line(e)}; free space (or "
+                              "quota) or choose another destination") from None
+        finally:
+            absl.setLevel(level)
 
 
 def plan_orbax_source(path: Path, dst_layout: Any, *, prefix: str, suffix: str, dst_ranks: Any = None) -> Any:
