@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from jaxreshard.cli import main
+from jaxreshard.example import write_llama_checkpoint
 
 from .harness import Case, corpus_test
 
@@ -14,6 +18,29 @@ def layout(text: str):
     return setup
 
 
+def edited_manifest(edit):
+    """Setup writing {tmp}/src: the example split to dp2mp4, whose manifest's params `edit` then changes."""
+    def setup(tmp: Path) -> None:
+        src = tmp / "src"
+        write_llama_checkpoint(tmp / "llama.safetensors")
+        assert main(["convert", "-q", "--src", str(tmp / "llama.safetensors"), "--dst", str(src), "--dst-layout",
+                     "configs/layouts/llama_dp2mp4.yaml"]) == 0
+        path = src / "jaxreshard.manifest.json"
+        doc = json.loads(path.read_text())
+        for record in doc["params"].values():
+            edit(record)
+        path.write_text(json.dumps(doc))
+    return setup
+
+
+def _replicated(record: dict) -> None:
+    record["spec"] = [[] for _ in record["spec"]]
+
+
+def _axes_swapped(record: dict) -> None:
+    record["mesh"] = record["mesh"][::-1]
+
+
 PLAN_L = ["plan", "--src", "{llama}", "--dst-layout", "{tmp}/l.yaml"]
 RULE = "params:\n  - {match: '%s', spec: []}\n"
 
@@ -23,6 +50,14 @@ CASES = [
          layout(RULE % "(?:a{1,30}){1,30}b")),
     Case("layout-regex-optional-run", PLAN_L, 2, r"params\[0\]: match regex .* over 4096 ways",
          layout(RULE % ("a?" * 30 + "a" * 30))),
+    # a manifest's layout was trusted without comparing it with the rank files' own records: wrong tensors, exit 0
+    Case("manifest-edited-to-replicated", ["convert", "--src", "{tmp}/src", "--dst", "{tmp}/out"], 2,
+         r"src[/\\]rank_0[/\\]checkpoint_0\.safetensors: parameter 'model\.embed_tokens\.weight' on rank 0: the layout "
+         r"jaxreshard\.manifest\.json records makes it \[128, 128\] but the file records \[512, 128\] .* the manifest "
+         r"was damaged or edited", edited_manifest(_replicated)),
+    Case("manifest-mesh-axes-swapped", ["convert", "--src", "{tmp}/src", "--dst", "{tmp}/out"], 2,
+         r"rank_1[/\\]checkpoint_1\.safetensors: parameter '.*' on rank 1: the layout jaxreshard\.manifest\.json "
+         r"records makes it .* but the file records", edited_manifest(_axes_swapped)),
 ]
 
 test_case = corpus_test(CASES)
