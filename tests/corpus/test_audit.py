@@ -50,6 +50,8 @@ CASES = [
          layout(RULE % "(?:a{1,30}){1,30}b")),
     Case("layout-regex-optional-run", PLAN_L, 2, r"params\[0\]: match regex .* over 4096 ways",
          layout(RULE % ("a?" * 30 + "a" * 30))),
+    Case("dst-name-too-long", ["convert", "--src", "{llama}", "--dst", "{tmp}/" + "a" * 300], 2,
+         r"a{300}: cannot be used as the destination: File name too long; choose another destination"),
     # a manifest's layout was trusted without comparing it with the rank files' own records: wrong tensors, exit 0
     Case("manifest-edited-to-replicated", ["convert", "--src", "{tmp}/src", "--dst", "{tmp}/out"], 2,
          r"src[/\\]rank_0[/\\]checkpoint_0\.safetensors: parameter 'model\.embed_tokens\.weight' on rank 0: the layout "
