@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from jaxreshard.cli import main
@@ -41,6 +43,14 @@ def _axes_swapped(record: dict) -> None:
     record["mesh"] = record["mesh"][::-1]
 
 
+def strategy_folder_with_a_fifo(tmp: Path) -> None:
+    """A pipeline strategy folder: stage 0's file, and a FIFO named like stage 1's."""
+    (tmp / "pp").mkdir()
+    fixture = Path(__file__).parents[1] / "fixtures" / "mindspore" / "strategy" / "pp_stages"
+    shutil.copy(fixture / "ckpt_strategy_rank_0.ckpt", tmp / "pp" / "ckpt_strategy_rank_0.ckpt")
+    os.mkfifo(tmp / "pp" / "ckpt_strategy_rank_2.ckpt")
+
+
 PLAN_L = ["plan", "--src", "{llama}", "--dst-layout", "{tmp}/l.yaml"]
 RULE = "params:\n  - {match: '%s', spec: []}\n"
 
@@ -52,6 +62,9 @@ CASES = [
          layout(RULE % ("a?" * 30 + "a" * 30))),
     Case("dst-name-too-long", ["convert", "--src", "{llama}", "--dst", "{tmp}/" + "a" * 300], 2,
          r"a{300}: cannot be used as the destination: File name too long; choose another destination"),
+    Case("strategy-folder-holds-a-fifo", ["plan", "--src", "{llama}", "--dst-strategy", "{tmp}/pp"], 2,
+         r"pp[/\\]ckpt_strategy_rank_2\.ckpt: is not a regular file \(a FIFO, device or dangling link\)",
+         strategy_folder_with_a_fifo),
     # a manifest's layout was trusted without comparing it with the rank files' own records: wrong tensors, exit 0
     Case("manifest-edited-to-replicated", ["convert", "--src", "{tmp}/src", "--dst", "{tmp}/out"], 2,
          r"src[/\\]rank_0[/\\]checkpoint_0\.safetensors: parameter 'model\.embed_tokens\.weight' on rank 0: the layout "
