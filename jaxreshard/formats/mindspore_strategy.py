@@ -222,7 +222,8 @@ def _strategy_file(path: Path) -> bool:
 def merge_pipeline_strategies(directory: Path) -> tuple[str, Any]:
     """`merge_pipeline_strategys` without writing: `("proto", ParallelStrategyMap)` or `("json", dict)`."""
     directory = Path(directory)
-    kinds = {s: sorted((p for p in directory.glob(f"*.{s}") if _strategy_file(p)), key=_natural) for s in ("ckpt", "json")}
+    kinds = {s: sorted((p for p in directory.glob(f"*.{s}") if _strategy_file(p)), key=_natural)
+             for s in ("ckpt", "json")}
     if kinds["ckpt"] and kinds["json"]:
         raise FormatError(f"{directory}: mixes .ckpt and .json strategy files; keep one kind (as MindSpore requires)")
     files = kinds["ckpt"] or kinds["json"]
