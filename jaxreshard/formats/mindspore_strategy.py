@@ -28,6 +28,7 @@ from ..caps import MAX_RANKS, MAX_STRATEGY_BYTES
 from ..errors import FormatError
 from ..readfile import one_line, read_regular_file
 from .strategy_checks import check_device_counts, check_layout_item, check_stage
+from .untrusted import check_json_width
 
 _F = descriptor_pb2.FieldDescriptorProto
 _SCHEMA: dict[str, list[tuple[str, int, int, Any]]] = {  # message -> (field, number, label, type or message)
@@ -176,6 +177,7 @@ def _parse_proto(data: bytes, source: Any) -> Any:
 
 def _load_json(path: Path) -> dict:
     data = read_regular_file(path, MAX_STRATEGY_BYTES, FormatError, "the JSON strategy file")
+    check_json_width(data, path, "JSON strategy file")
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

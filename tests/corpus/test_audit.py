@@ -51,6 +51,19 @@ def strategy_folder_with_a_fifo(tmp: Path) -> None:
     os.mkfifo(tmp / "pp" / "ckpt_strategy_rank_2.ckpt")
 
 
+def _wide_header(tmp: Path) -> None:
+    """A safetensors file whose one tensor carries an extra key of 17 million empty objects (51 MB): the
+    library ignores unknown keys, and parsing it took ~1.4 GB."""
+    body = b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":[' + b",".join([b"{}"] * 17_000_000) + b"]}}"
+    body += b" " * (-len(body) % 8)
+    (tmp / "wide.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + bytes(8))
+
+
+def _wide_strategy(tmp: Path) -> None:
+    body = b'{"parallel_layout_item": {}, "pad": [' + b",".join([b"[]"] * 17_000_000) + b"]}"
+    (tmp / "wide.json").write_bytes(body)
+
+
 PLAN_L = ["plan", "--src", "{llama}", "--dst-layout", "{tmp}/l.yaml"]
 RULE = "params:\n  - {match: '%s', spec: []}\n"
 
@@ -65,6 +78,11 @@ CASES = [
     Case("strategy-folder-holds-a-fifo", ["plan", "--src", "{llama}", "--dst-strategy", "{tmp}/pp"], 2,
          r"pp[/\\]ckpt_strategy_rank_2\.ckpt: is not a regular file \(a FIFO, device or dangling link\)",
          strategy_folder_with_a_fifo),
+    Case("st-header-of-17-million-objects", ["convert", "--src", "{tmp}/wide.safetensors", "--dst", "{tmp}/out"], 2,
+         r"wide\.safetensors: corrupt safetensors header: 17000005 JSON objects and arrays, over the cap of 16000000",
+         _wide_header),
+    Case("strategy-json-of-17-million-arrays", ["plan", "--src", "{llama}", "--dst-strategy", "{tmp}/wide.json"], 2,
+         r"wide\.json: corrupt JSON strategy file: 17000003 JSON objects and arrays, over the cap", _wide_strategy),
     # a manifest's layout was trusted without comparing it with the rank files' own records: wrong tensors, exit 0
     Case("manifest-edited-to-replicated", ["convert", "--src", "{tmp}/src", "--dst", "{tmp}/out"], 2,
          r"src[/\\]rank_0[/\\]checkpoint_0\.safetensors: parameter 'model\.embed_tokens\.weight' on rank 0: the layout "
