@@ -12,6 +12,7 @@ MAX_MESH_AXES = 32  # axes of a native mesh, entries of a MindSpore device matri
 MAX_NAME_CHARS = 512  # a parameter name matched against layout rules (keeps every regex match fast)
 MAX_PATTERN_CHARS = 1024  # a layout rule's `match` regex
 MAX_UNBOUNDED_REPEATS = 3  # unbounded repeats (*, +, {n,}) in one `match` regex
+MAX_BOUNDED_CHOICES = 4096  # ways the bounded repeats and alternations of one `match` regex can split a name
 MAX_YAML_BYTES = 256 * 2**10  # a job or layout YAML file
 MAX_YAML_NODES = 100_000  # YAML nodes of a document, each alias counted as the whole node it stands for
 MAX_YAML_DEPTH = 64  # nesting of YAML collections

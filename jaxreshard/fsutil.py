@@ -69,11 +69,27 @@ def check_destination(dst: Path, sources: Sequence[Path], *, overwrite: bool) ->
         src = Path(src).resolve()
         if real_dst == src or src in real_dst.parents or real_dst in src.parents:
             raise ConfigError(f"{dst}: the destination overlaps the source {src}; choose another destination")
-    if real_dst.exists() and not (real_dst.is_dir() and not any(real_dst.iterdir())):
+    try:
+        taken = real_dst.exists() and not (real_dst.is_dir() and not any(real_dst.iterdir()))
+    except OSError as e:  # a name too long, a folder we may not list
+        raise OutputError(f"{dst}: cannot be used as the destination: {e.strerror}; choose another destination") \
+            from None
+    if taken and overwrite and _holds_cwd(real_dst):
+        raise ConfigError(f"{dst}: --overwrite would replace the current directory (or a folder holding it) "
+                          f"{Path.cwd()}; choose another destination")
+    if taken:
         if not real_dst.is_dir():
             raise OutputExistsError(f"{dst}: exists and is not a directory; remove it or choose another destination")
         if not overwrite:
             raise OutputExistsError(f"{dst}: already exists and is not empty; pass --overwrite to replace it")
+
+
+def _holds_cwd(path: Path) -> bool:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        return False
+    return path == cwd or path in cwd.parents
 
 
 def check_file_prefix(prefix: str) -> str:

@@ -188,12 +188,20 @@ def worker_pool(n: int) -> Iterator[ProcessPoolExecutor]:
     try:
         yield pool
     except BaseException:
-        for pid in list(getattr(pool, "_processes", None) or {}):  # private, but stable since 3.2
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)
         raise
+    # Every result is in. A worker killed while idle (OOM killer, an operator) can die holding the task
+    # queue's lock; the pool's own shutdown hands each worker its stop message through that queue and would
+    # then wait forever (so would Python's exit). The workers have nothing left to do: stop them first.
+    _kill_workers(pool)
     pool.shutdown(wait=True)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    for pid in list(getattr(pool, "_processes", None) or {}):  # private, but stable since 3.2
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _worker_init(parent: int) -> None:

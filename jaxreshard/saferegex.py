@@ -3,7 +3,9 @@
 Python's `re` backtracks: `(a+)+$` or `(a|aa)*b` take exponential time on a name that almost matches, and
 `k` unbounded repeats in a row take time ~ n^k. The check walks the parsed pattern (`re._parser`, the
 parser `re.compile` itself uses) and refuses a repeat nested in an unbounded repeat, an alternation inside an
-unbounded repeat, and more than `MAX_UNBOUNDED_REPEATS` unbounded repeats in all. Together with the cap on name
+unbounded repeat, more than `MAX_UNBOUNDED_REPEATS` unbounded repeats in all, and bounded repeats and
+alternations that could split a name in more than `MAX_BOUNDED_CHOICES` ways (`(a?){30}a{30}` is exponential
+too). Together with the cap on name
 length (`MAX_NAME_CHARS`, checked where names are matched) every match then takes at most a few milliseconds.
 Alternations of single characters (`(q|k|v)`) are compiled to character classes and stay allowed.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .caps import MAX_PATTERN_CHARS, MAX_UNBOUNDED_REPEATS
+from .caps import MAX_BOUNDED_CHOICES, MAX_PATTERN_CHARS, MAX_UNBOUNDED_REPEATS
 
 try:  # Python 3.11+
     from re import _constants as sre_constants
@@ -33,11 +35,36 @@ def backtracking_risk(pattern: str) -> str | None:
     if len(pattern) > MAX_PATTERN_CHARS:
         return f"it is {len(pattern)} characters long, over the cap of {MAX_PATTERN_CHARS}"
     count = [0]
-    problem = _walk(sre_parse.parse(pattern), in_repeat=False, in_unbounded=False, count=count)
+    parsed = sre_parse.parse(pattern)
+    problem = _walk(parsed, in_repeat=False, in_unbounded=False, count=count)
     if problem is None and count[0] > MAX_UNBOUNDED_REPEATS:
         problem = (f"it has {count[0]} unbounded repeats (*, +, {{n,}}); at most {MAX_UNBOUNDED_REPEATS} keep "
                    "matching fast")
+    if problem is None and _choices(parsed) > MAX_BOUNDED_CHOICES:
+        problem = (f"its bounded repeats and alternations allow over {MAX_BOUNDED_CHOICES} ways to split a name "
+                   "(like (a?){30}a{30} or (a{1,30}){1,30}b)")
     return problem
+
+
+def _choices(parsed: Any) -> int:
+    """How many ways the bounded repeats and alternations of `parsed` can divide a name between them (the
+    backtracking a failed match may try), capped just above `MAX_BOUNDED_CHOICES`. Unbounded repeats count 1
+    here: they are limited by `_walk` and the count of them."""
+    total = 1
+    for op, av in parsed:
+        if op in _REPEATS:
+            low, high, body = av
+            if high == sre_constants.MAXREPEAT or high > _LARGE:
+                continue
+            inner = _choices(body)
+            total *= inner ** high * (high - low + 1)
+        elif op in (sre_constants.BRANCH, sre_constants.GROUPREF_EXISTS):
+            total *= sum(_choices(child) for child in _children(op, av))
+        else:
+            for child in _children(op, av):
+                total *= _choices(child)
+        total = min(total, MAX_BOUNDED_CHOICES + 1)
+    return total
 
 
 def _children(op: Any, av: Any) -> list[Any]:

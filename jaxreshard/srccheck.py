@@ -22,6 +22,7 @@ from .manifests import META_KEY, direct_params, layout_from_manifest
 from .plan import LayoutLike
 
 HINT = "pass the layout it was written with, or omit --src-layout/--src-strategy to use the layout its manifest records"
+MANIFEST_HINT = "the manifest was damaged or edited: restore it, or pass the layout the files were written with"
 
 
 def source_manifest(source: SourceCheckpoint) -> Manifest | None:
@@ -54,7 +55,12 @@ def source_layout(source: SourceCheckpoint, given: LayoutLike | None) -> LayoutL
         check_given_layout(source, given, manifest)
         return given
     if manifest is not None and source.distributed:
-        return layout_from_manifest(manifest, str(Path(source.path) / MANIFEST_NAME))
+        layout = layout_from_manifest(manifest, str(Path(source.path) / MANIFEST_NAME))
+        # a damaged or edited manifest must not silently mis-read the files: they record their blocks too
+        names = list(dict.fromkeys(p for entries in source.entries.values() for p in entries))
+        _against_rank_files(source, layout.resolve(names), whose=f"the layout {MANIFEST_NAME} records",
+                            hint=MANIFEST_HINT)
+        return layout
     return None
 
 
@@ -66,10 +72,15 @@ def check_given_layout(source: SourceCheckpoint, given: LayoutLike, manifest: Ma
     resolved = given.resolve(names)
     if manifest is not None:
         _against_manifest(source, resolved, manifest)
+    _against_rank_files(source, resolved)
+
+
+def _against_rank_files(source: SourceCheckpoint, resolved: dict[str, ParamLayout], *,
+                        whose: str = "the given source layout", hint: str = HINT) -> None:
     for rank in sorted(source.entries):
         raw = source.metadata.get(rank, {}).get(META_KEY)
         if raw is not None:
-            _against_rank(source, rank, resolved, _rank_params(source, rank, raw))
+            _against_rank(source, rank, resolved, _rank_params(source, rank, raw), whose, hint)
 
 
 def _implied_shape(layout: ParamLayout, stored: tuple[int, ...]) -> tuple[int, ...]:
@@ -140,20 +151,20 @@ def _rank_params(source: SourceCheckpoint, rank: int, raw: str) -> dict[str, tup
 
 
 def _against_rank(source: SourceCheckpoint, rank: int, resolved: dict[str, ParamLayout],
-                  recorded: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> None:
+                  recorded: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], whose: str, hint: str) -> None:
     path = source.files[rank][0]
     for name, (shape, start) in recorded.items():
         entry, layout = source.entries[rank].get(name), resolved.get(name)
         if entry is None or layout is None:
             continue
         if rank not in layout.global_ranks():
-            raise LayoutError(f"{path}: parameter {name!r} on rank {rank}: the given source layout puts no block of "
+            raise LayoutError(f"{path}: parameter {name!r} on rank {rank}: {whose} puts no block of "
                               f"it on this rank but the file holds block {list(entry.shape)} at {list(start)} of "
-                              f"{list(shape)}; " + HINT)
+                              f"{list(shape)}; " + hint)
         implied = _implied_shape(layout, entry.shape)
         box = layout.box(shape, rank % layout.devices_per_stage) if implied == shape else None
         if implied != shape or box.start != start:
             got = f"{list(implied)}" + (f" with its block at {list(box.start)}" if box is not None else "")
-            raise LayoutError(f"{path}: parameter {name!r} on rank {rank}: the given source layout makes it {got} "
+            raise LayoutError(f"{path}: parameter {name!r} on rank {rank}: {whose} makes it {got} "
                               f"but the file records {list(shape)} with its block {list(entry.shape)} at "
-                              f"{list(start)}; " + HINT)
+                              f"{list(start)}; " + hint)

@@ -250,6 +250,27 @@ def test_a_dead_worker_fails_the_run_naming_its_ranks(llama, tmp_path, monkeypat
     assert not unified.exists() and temporaries(unified) == []
 
 
+def test_a_full_disk_under_an_orbax_output_is_a_write_error(llama, tmp_path, monkeypatch, capsys):
+    """orbax (tensorstore) reports ENOSPC as a ValueError; it was a traceback (exit 1)."""
+    import logging
+
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    def full(path, *args, **kwargs):
+        raise ValueError(f'RESOURCE_EXHAUSTED: Failed writing: "{path}/d/0": No space left on device '
+                         "[os_error_code='28']")
+
+    monkeypatch.setattr(ocp.partial, "save", full)
+    dst = tmp_path / "out"
+    assert main(["convert", "-q", "--src", str(llama), "--dst", str(dst), "--output-format", "orbax"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"jaxreshard: error: writing the orbax checkpoint {tmp_path}/.out.partial-") and \
+        err.endswith("No space left on device [os_error_code='28']; free space (or quota) or choose another "
+                     "destination") and "\n" not in err, err
+    assert not dst.exists() and temporaries(dst) == []
+    assert logging.getLogger("absl").level != logging.CRITICAL  # its threads' own logging is quiet only meanwhile
+
+
 def _marked(marker: str) -> dict[int, str]:
     """pid -> state of every process whose environment holds `marker` (Linux /proc)."""
     out = {}
@@ -284,3 +305,23 @@ def test_workers_die_with_their_parent(llama, tmp_path):
     finally:
         for pid in _marked(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+_IDLE_STUCK = """
+import os, signal
+from jaxreshard.run import worker_pool
+with worker_pool(2) as pool:
+    assert [pool.submit(abs, -i).result() for i in range(4)] == [0, 1, 2, 3]
+    for pid in list(pool._processes):
+        os.kill(pid, signal.SIGSTOP)  # idle workers that cannot take their stop message (as when one died
+                                      # holding the task queue's lock)
+print("stopped")
+"""
+
+
+def test_the_pool_ends_without_its_idle_workers_taking_a_stop_message():
+    """Regression: a worker killed while idle, during the pool's shutdown, left the parent waiting forever
+    (the shutdown handed each worker a stop message through the queue whose lock the dead worker held)."""
+    done = subprocess.run([sys.executable, "-c", _IDLE_STUCK], env=ENV, capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "stopped"), done.stderr

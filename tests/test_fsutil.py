@@ -153,6 +153,24 @@ def test_check_destination_refuses_overlap_with_source(tmp_path, where):
     assert _tree(src) == {"rank_0/checkpoint_0.safetensors": b"data"}
 
 
+def test_overwrite_never_replaces_the_current_directory_or_a_folder_holding_it(tmp_path, monkeypatch):
+    """`--dst . --overwrite` (or `..`) swapped the user's working folder, files and all, for the output."""
+    (tmp_path / "work" / "keep").mkdir(parents=True)
+    (tmp_path / "work" / "keep" / "file").write_text("precious")
+    monkeypatch.chdir(tmp_path / "work" / "keep")
+    for dst in (".", "..", str(tmp_path)):
+        with pytest.raises(ConfigError, match=r"--overwrite would replace the current directory \(or a folder holding "
+                                              rf"it\) {re.escape(str(tmp_path / 'work' / 'keep'))}; choose another"):
+            check_destination(Path(dst), [], overwrite=True)
+    check_destination(tmp_path / "work" / "other", [], overwrite=True)  # a sibling is fine
+    assert (tmp_path / "work" / "keep" / "file").read_text() == "precious"
+
+
+def test_a_destination_name_too_long_is_an_output_error(tmp_path):
+    with pytest.raises(OutputError, match=r": cannot be used as the destination: File name too long; choose another"):
+        check_destination(tmp_path / ("a" * 300), [], overwrite=False)
+
+
 def test_check_destination_refuses_a_file_sources_directory(tmp_path):
     src = _src(tmp_path)
     src_file = src / "rank_0" / "checkpoint_0.safetensors"

@@ -13,7 +13,8 @@ SHIPPED = [r"model\.layers\.(\d+)\.mlp\.(gate|up)_proj\.weight", r"(adam_[mv]\.)
            r"layer2\.bias|norm\.gamma", r"model\.layers\.(\d+)\..*", r"train_state\..*", r"(\d{1,3}\.){3}\d+",
            r"a*+b*+c*+d*+e", r"(?=.*x)\w+", r".*\.layers\.(\d+)\..*"]
 EXPONENTIAL = [r"(a+)+$", r"(.*)*x", r"(a|aa)*b", r"(x+x+)+y", r"((ab)*)*c", r"(a*){3}", r"(?:a|a)*", r"(?>a*)*",
-               r"(\w+\s?)*$", r"(a{2,}){2,}"]
+               r"(\w+\s?)*$", r"(a{2,}){2,}", r"(?:a{1,30}){1,30}b", r"(a?){30}a{30}", "a?" * 30 + "a" * 30,
+               r"(a|aa){40}b"]
 
 
 @pytest.mark.parametrize("pattern", SHIPPED)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from .untrusted import check_json_width
 
 MANIFEST_NAME = "jaxreshard.manifest.json"
 FORMAT = "jaxreshard.manifest"
@@ -130,7 +131,9 @@ def read_manifest(root: Path) -> Manifest | None:
     if not path.is_file() or st.st_size > MAX_MANIFEST_BYTES:
         raise FormatError(f"{path}: not a jaxreshard manifest (not a regular file, or over {MAX_MANIFEST_BYTES} bytes)")
     try:
-        data = json.loads(path.read_bytes())
+        raw = path.read_bytes()
+        check_json_width(raw, path, "jaxreshard manifest")
+        data = json.loads(raw)
         return _parse(data)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise FormatError(f"{path}: damaged jaxreshard manifest ({type(e).__name__}: {e}); remove it or re-run the "

@@ -28,6 +28,7 @@ from ..errors import FormatError
 from ..readfile import one_line, read_regular_file
 from .mindspore_strategy_proto import ParallelStrategyMap
 from .strategy_checks import check_device_counts, check_layout_item, check_stage
+from .untrusted import check_json_width
 
 TensorMapEntry = int | tuple[int, ...]
 
@@ -131,6 +132,7 @@ def _parse_proto(data: bytes, source: Any) -> Any:
 
 def _load_json(path: Path) -> dict:
     data = read_regular_file(path, MAX_STRATEGY_BYTES, FormatError, "the JSON strategy file")
+    check_json_width(data, path, "JSON strategy file")
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -163,10 +165,22 @@ def _first_stage(doc: Any, source: Any) -> int | None:
         raise FormatError(f"{source}: malformed parallel_strategy_item, no stage in its first item ({e!r})") from e
 
 
+def _strategy_file(path: Path) -> bool:
+    """Whether a `*.ckpt`/`*.json` entry of a strategy folder is read: a regular file yes, a sub-folder no; a
+    FIFO, device or dangling link is refused (it was skipped in silence, then "no strategy files" misled)."""
+    if path.is_file():
+        return True
+    if path.is_dir():
+        return False
+    raise FormatError(f"{path}: is not a regular file (a FIFO, device or dangling link); a strategy folder may hold "
+                      "only regular strategy files")
+
+
 def merge_pipeline_strategies(directory: Path) -> tuple[str, Any]:
     """`merge_pipeline_strategys` without writing: `("proto", ParallelStrategyMap)` or `("json", dict)`."""
     directory = Path(directory)
-    kinds = {s: sorted((p for p in directory.glob(f"*.{s}") if p.is_file()), key=_natural) for s in ("ckpt", "json")}
+    kinds = {s: sorted((p for p in directory.glob(f"*.{s}") if _strategy_file(p)), key=_natural)
+             for s in ("ckpt", "json")}
     if kinds["ckpt"] and kinds["json"]:
         raise FormatError(f"{directory}: mixes .ckpt and .json strategy files; keep one kind (as MindSpore requires)")
     files = kinds["ckpt"] or kinds["json"]

@@ -10,6 +10,7 @@ records in the metadata.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import FormatError, OutputError
 
 SAVE_BATCH_BYTES = 512 << 20  # bounded memory per partial save; big enough that per-save overhead is small
 
@@ -155,7 +156,8 @@ class OrbaxWriter:
         import orbax.checkpoint.experimental.v1 as ocp
 
         if self._batch:
-            ocp.partial.save(str(self.path), self._batch, custom_metadata={ORDER_KEY: self._order})
+            with self._writing():
+                ocp.partial.save(str(self.path), self._batch, custom_metadata={ORDER_KEY: self._order})
             self._written += len(self._batch)
             self._batch, self._bytes = {}, 0
 
@@ -165,7 +167,8 @@ class OrbaxWriter:
 
         self._flush()
         if self._written:
-            ocp.partial.finalize(str(self.path))
+            with self._writing():
+                ocp.partial.finalize(str(self.path))
         if self.path.is_dir():
             inner = self._dst_dir / ".orbax-checkpoint"  # so a child named "checkpoint" can move up too
             os.rename(self.path, inner)
@@ -173,6 +176,22 @@ class OrbaxWriter:
                 os.rename(child, self._dst_dir / child.name)
             inner.rmdir()
         return {}
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """orbax (tensorstore) reports a full disk, a quota or a read-only folder as a ValueError or OSError
+        carrying the OS's words: the destination's fault, exit 2 naming it, not a traceback. Its worker
+        threads also log each such failure with a traceback through absl: kept quiet here, the error says it."""
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.CRITICAL)
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            raise OutputError(f"writing the orbax checkpoint {self.path} failed: {_one_line(e)}; free space (or "
+                              "quota) or choose another destination") from None
+        finally:
+            absl.setLevel(level)
 
     def abort(self) -> None:
         self._batch, self._bytes = {}, 0  # the caller's atomic_output removes the temporary folder

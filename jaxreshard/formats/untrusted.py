@@ -81,12 +81,27 @@ def _json_int(text: str) -> int | float:
     return -0.0 if text == "-0" else int(text)
 
 
+MAX_JSON_CONTAINERS = 16_000_000  # objects + arrays of one JSON text (real headers and manifests: a few million)
+
+
+def check_json_width(raw: bytes, where: object, what: str) -> None:
+    """Refuse JSON with more objects and arrays than any real header, index or manifest holds, before parsing:
+    `[{},{},...]` costs Python ~20 times its size (a 60 MB header took 1.6 GB), the byte caps alone allow GBs.
+    Brackets inside strings are counted too, which only makes the bound safer."""
+    count = raw.count(b"{") + raw.count(b"[")
+    if count > MAX_JSON_CONTAINERS:
+        raise FormatError(f"{where}: corrupt {what}: {count} JSON objects and arrays, over the cap of "
+                          f"{MAX_JSON_CONTAINERS}; no real one holds that many")
+
+
 def load_json(raw: bytes, where: object, what: str, hook: Callable[[list], Any] | None = None) -> Any:
-    """Parse untrusted JSON: strict UTF-8, every parser failure (nesting, huge numbers, syntax) one line."""
+    """Parse untrusted JSON: strict UTF-8, every parser failure (nesting, huge numbers, syntax) one line, and
+    at most `MAX_JSON_CONTAINERS` objects and arrays (bounded memory)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise FormatError(f"{where}: corrupt {what}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    check_json_width(raw, where, what)
     try:
         return json.loads(text, object_pairs_hook=hook, parse_int=_json_int)
     except RecursionError:

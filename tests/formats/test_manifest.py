@@ -74,3 +74,17 @@ def test_streaming_hash_in_order_and_out_of_order(tmp_path):
     h.update(1000, data[1000:])  # out of order: falls back to hashing the file
     h.update(0, data[:1000])
     assert h.digest(path, len(data)) == want == file_sha256(path)
+
+
+def test_a_manifest_of_too_many_objects_is_refused_before_parsing(tmp_path, monkeypatch):
+    """`{}` costs Python ~64 bytes for 3 bytes of file: a wide manifest within the byte cap took GBs."""
+    from jaxreshard.formats import untrusted
+
+    data = _manifest().to_json()
+    data["extra"] = {"pad": [{}] * 1000}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    assert read_manifest(tmp_path).num_ranks == 8  # within the cap: read as before
+    monkeypatch.setattr(untrusted, "MAX_JSON_CONTAINERS", 1000)
+    with pytest.raises(FormatError, match=r"MANIFEST: corrupt jaxreshard manifest: 10\d\d JSON objects and arrays, over "
+                                          r"the cap of 1000".replace("MANIFEST", MANIFEST_NAME.replace(".", r"\."))):
+        read_manifest(tmp_path)
