@@ -18,6 +18,7 @@ import numpy as np
 
 from .box import Box, byte_runs, is_contiguous
 from .formats.base import FileHandles, TensorEntry, aligned_empty, read_box
+from .composed import Part, arrange, src_view
 from .plan import Plan, ShardPlan
 
 SLAB_BYTES = 64 << 20  # reads this big run at full disk speed cold; small next to any tensor worth slabbing
@@ -25,6 +26,33 @@ SLAB_BYTES = 64 << 20  # reads this big run at full disk speed cold; small next 
 
 def fill_boxes(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]], handles: FileHandles) -> None:
     """Read every source region of each `(shard, buffer)` into its place in the buffer."""
+    targets, permuted = _expand_pieces(plan, targets)
+    _fill(plan, targets, handles)
+    for part, tmp, view in permuted:  # transposed in memory after the read: one piece's buffer at a time
+        view[...] = arrange(part, tmp)
+
+
+def _expand_pieces(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]]) -> tuple[
+        list[tuple[ShardPlan, np.ndarray]], list[tuple[Part, np.ndarray, np.ndarray]]]:  # fmt: skip
+    """A composed box's pieces as plain reads: each straight into its region of the buffer (a view in source
+    order), or, when the piece permutes axes, into a buffer of its own to be transposed into place."""
+    plain, permuted = [], []
+    for shard, buf in targets:
+        if not shard.pieces:
+            plain.append((shard, buf))
+            continue
+        for piece in shard.pieces:
+            view = buf[piece.region.relative_to(shard.dst_box).to_slices()]
+            read = ShardPlan(piece.part.src_param, piece.src_box, piece.reads)
+            into = src_view(piece.part, view)
+            if into is None:
+                into = aligned_empty(piece.src_box.shape, buf.dtype)
+                permuted.append((piece.part, into, view))
+            plain.append((read, into))
+    return plain, permuted
+
+
+def _fill(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]], handles: FileHandles) -> None:
     strided: dict[tuple[int, str], list[tuple[Box, np.ndarray]]] = defaultdict(list)
     for shard, buf in targets:
         for item in shard.reads:
@@ -71,8 +99,8 @@ def prefetch(plan: Plan, shards: Sequence[ShardPlan], handles: FileHandles) -> N
     """Ask the kernel to start reading the source bytes of `shards` now (`POSIX_FADV_WILLNEED`), so the disk
     works on the next parameter while this one is copied and written. Only a hint: errors are ignored."""
     for shard in shards:
-        for item in shard.reads:
-            entry = plan.src_entries[item.src_rank][shard.param]
+        for param, item in shard.source_reads():
+            entry = plan.src_entries[item.src_rank][param]
             region = item.region.relative_to(item.src_box)
             runs = list(byte_runs(region, entry.shape, entry.dtype.itemsize)) if region.size else []
             if not runs:
