@@ -219,3 +219,55 @@ def test_apply_rules_names_and_shapes():
     assert list(back) == ["x.0.w", "x.1.w", "y"] and back["x.1.w"].shape == (2, 3)
     with pytest.raises(PlanError, match=r"lacks e=1"):
         apply_rules(rules, ["x.0.w", "x.2.w"], {"x.0.w": shapes["x.0.w"], "x.2.w": shapes["x.1.w"]})
+
+
+TEMPLATES = Path(__file__).parents[1] / "configs" / "transforms"
+FLAX_TP = """mesh: {dp: 2, mp: 4}
+params:
+  - {match: '.*\\.(q|k|v|gate|up)_proj\\.kernel', spec: [null, mp]}
+  - {match: '.*\\.(o|down)_proj\\.kernel', spec: [mp, null]}
+  - {match: 'lm_head\\.kernel', spec: [null, mp]}
+  - {match: '.*embed_tokens\\.embedding', spec: [mp, null]}
+  - {match: '.*', spec: []}
+"""
+
+
+def test_hf_llama_to_flax_template_both_ways(tmp_path, llama):
+    (tmp_path / "tp.yaml").write_text(FLAX_TP)
+    template = TEMPLATES / "hf_llama_to_flax.yaml"
+    jr.convert(llama, tmp_path / "tp", dst_layout=tmp_path / "tp.yaml", transform=template)
+    jr.convert(tmp_path / "tp", tmp_path / "flax", src_layout=tmp_path / "tp.yaml")
+    src, flax = load_file(str(llama)), load_file(str(complete(tmp_path / "flax")))
+    assert len(flax) == len(src)
+    for name, t in src.items():
+        if name.endswith("_proj.weight") or name == "lm_head.weight":
+            got = flax[name[: -len("weight")] + "kernel"]
+            assert got.tobytes() == np.ascontiguousarray(t.T).tobytes(), name
+        elif name == "model.embed_tokens.weight":
+            assert flax["model.embed_tokens.embedding"].tobytes() == t.tobytes()
+        else:
+            assert flax[name].tobytes() == t.tobytes(), name  # norms keep their names
+    jr.convert(tmp_path / "tp", tmp_path / "back", src_layout=tmp_path / "tp.yaml", transform=template, reverse=True)
+    jr.convert(llama, tmp_path / "plain")  # the same bytes written without a transform
+    assert complete(tmp_path / "back").read_bytes() == complete(tmp_path / "plain").read_bytes()
+
+
+def test_moe_template_stacks_mixtral_and_qwen_names(tmp_path):
+    rng = np.random.default_rng(3)
+    src = {}
+    for e in range(3):
+        src[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"] = rng.standard_normal((F, H)).astype(BF16)
+        src[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"] = rng.standard_normal((F, H)).astype(BF16)
+    src["model.layers.0.mlp.shared_expert.gate_proj.weight"] = rng.standard_normal((F, H)).astype(BF16)
+    src["model.layers.0.mlp.gate.weight"] = rng.standard_normal((3, H)).astype(np.float32)
+    path = write(tmp_path / "src" / "model.safetensors", src)
+    template = TEMPLATES / "hf_moe_stack_experts.yaml"
+    jr.convert(path, tmp_path / "stacked", transform=template)
+    got = load_file(str(complete(tmp_path / "stacked")))
+    assert set(got) == {"model.layers.0.block_sparse_moe.experts.w1", "model.layers.0.mlp.experts.gate_proj",
+                        "model.layers.0.mlp.shared_expert.gate_proj.weight", "model.layers.0.mlp.gate.weight"}
+    want = np.stack([src[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"] for e in range(3)])
+    assert got["model.layers.0.mlp.experts.gate_proj"].tobytes() == want.tobytes()
+    jr.convert(complete(tmp_path / "stacked"), tmp_path / "back", transform=template, reverse=True)
+    back = load_file(str(complete(tmp_path / "back")))
+    assert set(back) == set(src) and all(back[n].tobytes() == t.tobytes() for n, t in src.items())
