@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .box import Box, byte_runs, is_contiguous
-from .formats.base import FileHandles, TensorEntry, aligned_empty, read_box
 from .composed import Part, arrange, src_view
+from .formats.base import FileHandles, TensorEntry, aligned_empty, read_box
 from .plan import Plan, ShardPlan
 
 SLAB_BYTES = 64 << 20  # reads this big run at full disk speed cold; small next to any tensor worth slabbing

@@ -26,9 +26,9 @@ from .formats.mindspore_strategy import read_strategy
 from .formats.orbax_io import OrbaxSource, is_orbax
 from .layout import read_layout
 from .plan import is_floating
-from .rules import Rules
 from .planners import ArrayRequest, NativePlanner, RestorePlanner, one_side, read_side
 from .planners.native import boxes_of
+from .rules import Rules
 from .strategy import StrategyLayout
 
 Rename = Callable[[str], str | None] | Sequence[tuple[str, str]]

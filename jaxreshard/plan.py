@@ -26,10 +26,10 @@ from .coverage import ReadItem, SourceGrid, cover, source_grid
 from .errors import FormatError, LayoutError, PlanError
 from .formats.base import TensorEntry
 from .layout import COMPLETE, ParamLayout
-from .rules import Rules, Target, apply_rules
 from .planstats import PlanStats as PlanStats  # re-exported: `jaxreshard.plan` is where users look
 from .planstats import RankStats as RankStats
 from .planstats import plan_stats as plan_stats
+from .rules import Rules, Target, apply_rules
 from .transforms import Cast, Transform
 
 

@@ -3,8 +3,6 @@ checked against numpy references, and `--reverse` back byte for byte."""
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import ml_dtypes
@@ -91,7 +89,7 @@ def test_stack_experts_over_expert_parallel_layout_and_back(tmp_path, rules):
     jr.convert(path, tmp_path / "ep", dst_layout=tmp_path / "ep.yaml", transform=rules)
     want = expected_stacked(src, transpose=rules is STACK_T)
     # each rank holds its box of the stacked tensor: rank r = (ep, mp) coordinates (ep major)
-    w1 = [k for k in want if k.startswith("model.layers.1") and ".w1" in k][0]
+    w1 = next(k for k in want if k.startswith("model.layers.1") and ".w1" in k)
     for rank in range(8):
         got = load_file(str(tmp_path / "ep" / f"rank_{rank}" / f"checkpoint_{rank}.safetensors"))
         ep, mp = divmod(rank, 2)
@@ -191,7 +189,8 @@ def test_transpose_rename_and_unmatched_names_by_cli(tmp_path, capsys):
 
 def test_load_into_shardings_with_a_transform(tmp_path):
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     src = moe_tensors()
     path = write(tmp_path / "src" / "model.safetensors", src)
@@ -269,5 +268,21 @@ def test_moe_template_stacks_mixtral_and_qwen_names(tmp_path):
     want = np.stack([src[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"] for e in range(3)])
     assert got["model.layers.0.mlp.experts.gate_proj"].tobytes() == want.tobytes()
     jr.convert(complete(tmp_path / "stacked"), tmp_path / "back", transform=template, reverse=True)
+    back = load_file(str(complete(tmp_path / "back")))
+    assert set(back) == set(src) and all(back[n].tobytes() == t.tobytes() for n, t in src.items())
+
+
+def test_job_file_keys_transform_and_reverse(tmp_path):
+    src = moe_tensors()
+    path = write(tmp_path / "src" / "model.safetensors", src)
+    (tmp_path / "t.yaml").write_text("rules:\n  - {from: '{p}.experts.{e}.{w}.weight', to: '{p}.experts.{w}', "
+                                     "stack: e, axis: 0}\n")
+    for name, extra in (("fwd", ""), ("back", "reverse: true\n")):
+        source = path if name == "fwd" else complete(tmp_path / "fwd")
+        (tmp_path / f"{name}.yaml").write_text(f"task: convert\nsrc: {source}\ndst: {tmp_path / name}\n"
+                                               f"transform: {tmp_path / 't.yaml'}\nquiet: true\n{extra}")
+        assert main(["--config", str(tmp_path / f"{name}.yaml")]) == 0
+    stacked = load_file(str(complete(tmp_path / "fwd")))
+    assert stacked["model.layers.0.block_sparse_moe.experts.w2"].shape == (E, H, F)
     back = load_file(str(complete(tmp_path / "back")))
     assert set(back) == set(src) and all(back[n].tobytes() == t.tobytes() for n, t in src.items())

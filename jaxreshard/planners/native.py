@@ -13,13 +13,24 @@ from dataclasses import replace
 import numpy as np
 
 from ..box import Box
+from ..composed import Composed
 from ..coverage import cover, source_grid
 from ..errors import ConfigError
 from ..formats import SourceCheckpoint
 from ..layout import COMPLETE, ParamLayout
-from ..composed import Composed
+from ..plan import (
+    LayoutLike,
+    ParamInfo,
+    ParamSources,
+    Plan,
+    RankPlan,
+    ShardPlan,
+    TextRecord,
+    full_shape,
+    make_plan,
+    merge_orders,
+)
 from ..rules import Rules, apply_rules
-from ..plan import LayoutLike, ParamInfo, ParamSources, Plan, RankPlan, ShardPlan, TextRecord, full_shape, make_plan, merge_orders
 from ..srccheck import source_layout
 from ..transforms import Cast
 from .base import ArrayRequest, FileRequest
