@@ -29,7 +29,8 @@ from .layout import COMPLETE, ParamLayout
 from .planstats import PlanStats as PlanStats  # re-exported: `jaxreshard.plan` is where users look
 from .planstats import RankStats as RankStats
 from .planstats import plan_stats as plan_stats
-from .rules import Rules, Target, apply_rules
+from .rulemap import Target, apply_rules
+from .rules import Rules
 from .transforms import Cast, Transform
 
 

@@ -14,7 +14,8 @@ import jaxreshard as jr
 from jaxreshard.api import plan_conversion
 from jaxreshard.cli import main
 from jaxreshard.errors import PlanError
-from jaxreshard.rules import Rules, apply_rules
+from jaxreshard.rulemap import apply_rules
+from jaxreshard.rules import Rules
 
 E, H, F = 4, 8, 16  # experts, hidden, ffn
 BF16 = ml_dtypes.bfloat16

@@ -30,7 +30,8 @@ from ..plan import (
     make_plan,
     merge_orders,
 )
-from ..rules import Rules, apply_rules
+from ..rulemap import apply_rules
+from ..rules import Rules
 from ..srccheck import source_layout
 from ..transforms import Cast
 from .base import ArrayRequest, FileRequest
