@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .box import Box, byte_runs, is_contiguous
-from .composed import Part, arrange, src_view
+from .composed import Piece, arrange, src_view
 from .formats.base import FileHandles, TensorEntry, aligned_empty, read_box
 from .plan import Plan, ShardPlan
 
@@ -28,14 +28,16 @@ def fill_boxes(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]], hand
     """Read every source region of each `(shard, buffer)` into its place in the buffer."""
     targets, permuted = _expand_pieces(plan, targets)
     _fill(plan, targets, handles)
-    for part, tmp, view in permuted:  # transposed in memory after the read: one piece's buffer at a time
-        view[...] = arrange(part, tmp)
+    for piece, view in permuted:  # transposed in memory after the read: one piece's buffer at a time
+        tmp = aligned_empty(piece.src_box.shape, view.dtype)
+        _fill(plan, [(ShardPlan(piece.part.src_param, piece.src_box, piece.reads), tmp)], handles)
+        view[...] = arrange(piece.part, tmp)
 
 
 def _expand_pieces(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]]) -> tuple[
-        list[tuple[ShardPlan, np.ndarray]], list[tuple[Part, np.ndarray, np.ndarray]]]:  # fmt: skip
-    """A composed box's pieces as plain reads: each straight into its region of the buffer (a view in source
-    order), or, when the piece permutes axes, into a buffer of its own to be transposed into place."""
+        list[tuple[ShardPlan, np.ndarray]], list[tuple[Piece, np.ndarray]]]:  # fmt: skip
+    """A composed box's pieces as plain reads straight into their region of the buffer (a view in source
+    order); pieces that permute axes are returned apart, with their destination view, to be read one by one."""
     plain, permuted = [], []
     for shard, buf in targets:
         if not shard.pieces:
@@ -43,12 +45,11 @@ def _expand_pieces(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]]) 
             continue
         for piece in shard.pieces:
             view = buf[piece.region.relative_to(shard.dst_box).to_slices()]
-            read = ShardPlan(piece.part.src_param, piece.src_box, piece.reads)
             into = src_view(piece.part, view)
             if into is None:
-                into = aligned_empty(piece.src_box.shape, buf.dtype)
-                permuted.append((piece.part, into, view))
-            plain.append((read, into))
+                permuted.append((piece, view))
+            else:
+                plain.append((ShardPlan(piece.part.src_param, piece.src_box, piece.reads), into))
     return plain, permuted
 
 

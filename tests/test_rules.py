@@ -287,3 +287,17 @@ def test_job_file_keys_transform_and_reverse(tmp_path):
     assert stacked["model.layers.0.block_sparse_moe.experts.w2"].shape == (E, H, F)
     back = load_file(str(complete(tmp_path / "back")))
     assert set(back) == set(src) and all(back[n].tobytes() == t.tobytes() for n, t in src.items())
+
+
+def test_transform_with_dtype_cast_and_some_ranks(tmp_path):
+    src = moe_tensors()
+    path = write(tmp_path / "src" / "model.safetensors", src)
+    (tmp_path / "ep.yaml").write_text(EP_LAYOUT)
+    jr.convert(path, tmp_path / "ep", dst_layout=tmp_path / "ep.yaml", transform=STACK_T, dtype="fp16", ranks="5")
+    assert [p.name for p in (tmp_path / "ep").glob("rank_*")] == ["rank_5"]
+    got = load_file(str(tmp_path / "ep" / "rank_5" / "checkpoint_5.safetensors"))
+    want = expected_stacked(src, transpose=True)
+    name = "model.layers.1.block_sparse_moe.experts.w2.kernel"  # [E, F, H], spec [ep, mp, null]; rank 5: ep 2, mp 1
+    np.testing.assert_array_equal(got[name], want[name][2:3, F // 2 :].astype(np.float16))
+    np.testing.assert_array_equal(got["model.layers.0.input_layernorm.weight"],
+                                  src["model.layers.0.input_layernorm.weight"].astype(np.float16))
