@@ -19,6 +19,8 @@ from .composed import Part, inverse
 from .errors import PlanError
 from .rules import Rule, Rules, fill
 
+MAX_PARTS = 1 << 16  # tensors one stacked tensor unstacks into, or pieces one fused tensor is cut into
+
 Shape = tuple[int, ...]
 
 
@@ -124,6 +126,9 @@ def unstack(rule: Rule, name: str, binding: dict[str, str], shape: Shape, dtype:
     if rule.axis >= len(shape):
         raise PlanError(f"{rule}: {name!r} has {len(shape)} dims {list(shape)}; it cannot be unstacked along axis "
                         f"{rule.axis}")
+    if shape[rule.axis] > MAX_PARTS:
+        raise PlanError(f"{rule}: {name!r} would unstack into {shape[rule.axis]} tensors along axis {rule.axis}; "
+                        f"more than {MAX_PARTS} is refused (is this the stacked tensor and axis?)")
     one = shape[: rule.axis] + shape[rule.axis + 1 :]
     perm = check_perm(rule, name, one, True) if rule.transpose else None
     out = []
@@ -175,6 +180,8 @@ def _cuts(rule: Rule, lengths: list[int], name: str) -> list[list[tuple[int, int
     """Per part, its (offset in the part, offset in the joined tensor, length) pieces: with `groups` G each
     part is cut in G equal pieces and the joined tensor is [group 0: every part's piece 0, group 1: ...]."""
     g = rule.groups
+    if g * len(lengths) > MAX_PARTS:
+        raise PlanError(f"{rule}: groups {g} x {len(lengths)} parts is more than {MAX_PARTS} pieces; check groups")
     bad = [(v, n) for v, n in zip(rule.values, lengths) if n % g]
     if bad:
         raise PlanError(f"{rule}: {name!r}: part {bad[0][0]} has length {bad[0][1]} along axis {rule.axis}, not "

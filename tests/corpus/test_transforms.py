@@ -65,6 +65,10 @@ CASES = [
          files({"l.qkv.weight": np.zeros((16, 4), np.float32)}, CONCAT + "}")),
     Case("unstack-axis-out-of-range", CONVERT + ["--reverse"], 2, r"'m\.experts\.w1' has 1 dims \[3\]; it cannot be "
          r"unstacked along axis 1", files({"m.experts.w1": np.zeros(3, np.float32)}, STACK.replace("axis: 0", "axis: 1"))),
+    Case("unstack-too-many", CONVERT + ["--reverse"], 2, r"'m\.experts\.w1' would unstack into 70000 tensors along "
+         r"axis 0; more than 65536 is refused", files({"m.experts.w1": np.zeros((70000, 1), np.uint8)}, STACK)),
+    Case("groups-too-many", CONVERT, 2, r"groups 30000 x 3 parts is more than 65536 pieces",
+         files(QKV, CONCAT + ", groups: 30000}")),
     Case("reverse-matches-nothing", CONVERT + ["--reverse"], 2, r"rule 1 .* matches no tensor of the source "
          r"\(reversed: its to: pattern is matched\)", files(QKV, STACK)),
     Case("reverse-without-transform", ["convert", "--src", "{llama}", "--dst", "{tmp}/out", "--reverse"], 2,
