@@ -54,7 +54,7 @@ def apply_rules(rules: Rules, names: Sequence[str], shapes: Mapping[str, tuple[S
     out: dict[str, Target] = {}
     origin: dict[str, str] = {}
     for rule, dst, members in groups.values():
-        for name, target in build(rule, dst, members, shapes, reverse, rules.source):
+        for name, target in build(rule, dst, members, shapes, reverse):
             if name in out:
                 raise PlanError(f"{rules.source}: {origin[name]!r} and {members[0][0]!r} both map to {name!r}"
                                 f"{'' if rule is None else f' ({rule})'}; two source tensors cannot share a name")
@@ -63,7 +63,7 @@ def apply_rules(rules: Rules, names: Sequence[str], shapes: Mapping[str, tuple[S
 
 
 def build(rule: Rule | None, dst: str, members: list[tuple[str, dict[str, str]]],
-          shapes: Mapping[str, tuple[Shape, np.dtype]], reverse: bool, where: str) -> list[tuple[str, Target]]:  # fmt: skip
+          shapes: Mapping[str, tuple[Shape, np.dtype]], reverse: bool) -> list[tuple[str, Target]]:  # fmt: skip
     """The destination tensor(s) of one group of source names."""
     if rule is None or (rule.joined is None and rule.transpose is None):
         ((name, _),) = members
@@ -78,8 +78,8 @@ def build(rule: Rule | None, dst: str, members: list[tuple[str, dict[str, str]]]
     if reverse:
         ((name, binding),) = members
         shape, dtype = shapes[name]
-        return (unstack if rule.stack else split)(rule, name, binding, shape, dtype, where)
-    return [(dst, (stack if rule.stack else concat)(rule, dst, members, shapes, where))]
+        return (unstack if rule.stack else split)(rule, name, binding, shape, dtype)
+    return [(dst, (stack if rule.stack else concat)(rule, dst, members, shapes))]
 
 
 def check_perm(rule: Rule, name: str, shape: Shape, reverse: bool) -> tuple[int, ...]:
@@ -101,7 +101,7 @@ def same(rule: Rule, members: list[tuple[str, Shape, np.dtype]], dim: int | None
 
 
 def stack(rule: Rule, dst: str, members: list[tuple[str, dict[str, str]]],
-          shapes: Mapping[str, tuple[Shape, np.dtype]], where: str) -> Target:  # fmt: skip
+          shapes: Mapping[str, tuple[Shape, np.dtype]]) -> Target:  # fmt: skip
     key = rule.stack
     index = {int(b[key]): name for name, b in members}  # type: ignore[index]
     missing = [e for e in range(max(index) + 1) if e not in index]
@@ -121,8 +121,7 @@ def stack(rule: Rule, dst: str, members: list[tuple[str, dict[str, str]]],
     return Target(full, dtype, parts, rule)
 
 
-def unstack(rule: Rule, name: str, binding: dict[str, str], shape: Shape, dtype: np.dtype,
-            where: str) -> list[tuple[str, Target]]:  # fmt: skip
+def unstack(rule: Rule, name: str, binding: dict[str, str], shape: Shape, dtype: np.dtype) -> list[tuple[str, Target]]:  # fmt: skip
     if rule.axis >= len(shape):
         raise PlanError(f"{rule}: {name!r} has {len(shape)} dims {list(shape)}; it cannot be unstacked along axis "
                         f"{rule.axis}")
@@ -146,7 +145,7 @@ def _slab(shape: Shape, axis: int, a: int, b: int) -> Box:
 
 
 def concat(rule: Rule, dst: str, members: list[tuple[str, dict[str, str]]],
-           shapes: Mapping[str, tuple[Shape, np.dtype]], where: str) -> Target:  # fmt: skip
+           shapes: Mapping[str, tuple[Shape, np.dtype]]) -> Target:  # fmt: skip
     by_value = {b[rule.concat]: name for name, b in members}  # type: ignore[index]
     missing = [v for v in rule.values if v not in by_value]
     if missing:
@@ -195,8 +194,7 @@ def _cuts(rule: Rule, lengths: list[int], name: str) -> list[list[tuple[int, int
     return cuts
 
 
-def split(rule: Rule, name: str, binding: dict[str, str], shape: Shape, dtype: np.dtype,
-          where: str) -> list[tuple[str, Target]]:  # fmt: skip
+def split(rule: Rule, name: str, binding: dict[str, str], shape: Shape, dtype: np.dtype) -> list[tuple[str, Target]]:  # fmt: skip
     if rule.axis >= len(shape):
         raise PlanError(f"{rule}: {name!r} has {len(shape)} dims; it cannot be split along axis {rule.axis}")
     total, count = shape[rule.axis], len(rule.values)
