@@ -218,7 +218,9 @@ class ParamSources:
                     self._store(stored, p.src_param, p.src_param)
                     self.layouts[p.src_param] = (shapes[p.src_param][0], layouts[p.src_param])
                 self.params[param] = (target.shape, target.dtype, COMPLETE, Composed(target.parts, str(target.rule)))
-        self.entries = {r: {k: e[src] for k, src in stored.items() if src in e} for r, e in src_entries.items()}
+        renamed = any(k != src for k, src in stored.items()) or len(stored) < len(names)
+        self.entries = {r: {k: e[src] for k, src in stored.items() if src in e} for r, e in src_entries.items()} \
+            if renamed else src_entries  # fmt: skip
         self.strict = strict
         self._grids: dict[str, SourceGrid] = {}
         for name in self.layouts:  # checked up front: a file lacking a tensor is an error whatever ranks are asked
