@@ -31,6 +31,11 @@ class Part:
     unstack: int | None = None
     stack: int | None = None
 
+    def is_whole(self, src_shape: tuple[int, ...]) -> bool:
+        """The whole source tensor as it is (a rename): read like any stored tensor, under the new name."""
+        return self.perm is None and self.stack is None and self.unstack is None and \
+            self.src_region == Box.full(src_shape)  # fmt: skip
+
     def to_src(self, dst_box: Box) -> Box:
         """The source region that lands in `dst_box` (a sub-box of `dst_region`), in source coordinates."""
         start = [a - o for a, o in zip(dst_box.start, self.dst_region.start)]

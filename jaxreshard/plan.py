@@ -206,9 +206,7 @@ class ParamSources:
             targets = {p: Target(*shapes[p], (), None) for p in names}
         for param, target in targets.items():
             part = target.parts[0] if len(target.parts) == 1 else None
-            plain = target.rule is None or (part is not None and part.perm is None and part.stack is None and
-                                            part.unstack is None and part.src_region == Box.full(shapes[part.src_param][0]))
-            if plain:
+            if target.rule is None or (part is not None and part.is_whole(shapes[part.src_param][0])):
                 src = part.src_param if part is not None else param
                 self._store(stored, param, src)
                 self.params[param] = (target.shape, target.dtype, layouts[src], READS)

@@ -64,7 +64,8 @@ CASES = [
          r"'l\.qkv\.weight' has 16 along axis 0, not divisible into 3 equal parts; give sizes",
          files({"l.qkv.weight": np.zeros((16, 4), np.float32)}, CONCAT + "}")),
     Case("unstack-axis-out-of-range", CONVERT + ["--reverse"], 2, r"'m\.experts\.w1' has 1 dims \[3\]; it cannot be "
-         r"unstacked along axis 1", files({"m.experts.w1": np.zeros(3, np.float32)}, STACK.replace("axis: 0", "axis: 1"))),
+         r"unstacked along axis 1",
+         files({"m.experts.w1": np.zeros(3, np.float32)}, STACK.replace("axis: 0", "axis: 1"))),
     Case("unstack-too-many", CONVERT + ["--reverse"], 2, r"'m\.experts\.w1' would unstack into 70000 tensors along "
          r"axis 0; more than 65536 is refused", files({"m.experts.w1": np.zeros((70000, 1), np.uint8)}, STACK)),
     Case("groups-too-many", CONVERT, 2, r"groups 30000 x 3 parts is more than 65536 pieces",
@@ -75,12 +76,14 @@ CASES = [
          r"--reverse runs a --transform backwards; give the transform file too"),
     Case("transpose-not-a-permutation", CONVERT, 2, r"t\.yaml: rule 1: transpose \[0, 0\] is not a permutation",
          files(QKV, "{from: '{p}.weight', to: '{p}.kernel', transpose: [0, 0]}")),
-    Case("transpose-wrong-rank", CONVERT, 2, r"rule 1 .*transpose \[2, 0, 1\] does not fit 'l\.[qkv]_proj\.weight' with 2 "
-         r"dims", files(QKV, "{from: '{p}.weight', to: '{p}.kernel', transpose: [2, 0, 1]}")),
+    Case("transpose-wrong-rank", CONVERT, 2,
+         r"rule 1 .*transpose \[2, 0, 1\] does not fit 'l\.[qkv]_proj\.weight' with 2 dims", files(QKV, "{from: '{p}.weight', to: '{p}.kernel', transpose: [2, 0, 1]}")),
     Case("two-sources-one-name", CONVERT, 2, r"'l\.[kq]_proj\.weight' and 'l\.[kq]_proj\.weight' both map to 'l\.w'",
          files(QKV, "{from: 'l.q_proj.weight', to: 'l.w'}", "{from: 'l.k_proj.weight', to: 'l.w'}")),
     Case("renamed-onto-unchanged-name", CONVERT, 2, r"both map to 'l\.k_proj\.weight'",
          files(QKV, "{from: 'l.q_proj.weight', to: 'l.k_proj.weight'}")),
+    Case("renamed-onto-a-stacked-source", CONVERT, 2, r"'m\.experts\.0\.w1\.weight' is both a destination name",
+         files({**EXPERTS, "x": np.zeros((4, 2), np.float32)}, STACK, "{from: 'x', to: 'm.experts.0.w1.weight'}")),
     Case("placeholders-differ", CONVERT, 2, r"rule 1: from and to must use the same placeholders",
          files(QKV, "{from: '{p}.weight', to: '{q}.kernel'}")),
     Case("stack-placeholder-in-to", CONVERT, 2, r"rule 1: the stack placeholder \{e\} must appear in from and not in "
@@ -95,7 +98,8 @@ CASES = [
          raw(QKV, "rules: [\n")),
     Case("rules-file-missing", ["convert", "--src", "{llama}", "--dst", "{tmp}/out", "--transform", "{tmp}/no.yaml"],
          2, r"no\.yaml"),
-    Case("stacked-axis-not-divisible", CONVERT + ["--dst-layout", "{tmp}/l.yaml"], 2, r"'m\.experts\.w1' dim 0 of size 3 cannot be split 2 ways",
+    Case("stacked-axis-not-divisible", CONVERT + ["--dst-layout", "{tmp}/l.yaml"], 2,
+         r"'m\.experts\.w1' dim 0 of size 3 cannot be split 2 ways",
          lambda tmp: (files(EXPERTS, STACK)(tmp), (tmp / "l.yaml").write_text(
              "mesh: {ep: 2}\nparams:\n  - {match: 'm\\.experts\\.w1', spec: [ep, null, null]}\n"))[0]),
     Case("verify-with-transform", CONVERT + ["--verify"], 2, r"--verify .* does not apply with --transform",
