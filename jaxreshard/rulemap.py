@@ -121,7 +121,8 @@ def stack(rule: Rule, dst: str, members: list[tuple[str, dict[str, str]]],
     return Target(full, dtype, parts, rule)
 
 
-def unstack(rule: Rule, name: str, binding: dict[str, str], shape: Shape, dtype: np.dtype) -> list[tuple[str, Target]]:  # fmt: skip
+def unstack(rule: Rule, name: str, binding: dict[str, str], shape: Shape,
+            dtype: np.dtype) -> list[tuple[str, Target]]:  # fmt: skip
     if rule.axis >= len(shape):
         raise PlanError(f"{rule}: {name!r} has {len(shape)} dims {list(shape)}; it cannot be unstacked along axis "
                         f"{rule.axis}")
@@ -194,7 +195,8 @@ def _cuts(rule: Rule, lengths: list[int], name: str) -> list[list[tuple[int, int
     return cuts
 
 
-def split(rule: Rule, name: str, binding: dict[str, str], shape: Shape, dtype: np.dtype) -> list[tuple[str, Target]]:  # fmt: skip
+def split(rule: Rule, name: str, binding: dict[str, str], shape: Shape,
+          dtype: np.dtype) -> list[tuple[str, Target]]:  # fmt: skip
     if rule.axis >= len(shape):
         raise PlanError(f"{rule}: {name!r} has {len(shape)} dims; it cannot be split along axis {rule.axis}")
     total, count = shape[rule.axis], len(rule.values)
@@ -217,7 +219,8 @@ def split(rule: Rule, name: str, binding: dict[str, str], shape: Shape, dtype: n
         part_shape[rule.axis] = n
         dshape = tuple(part_shape[p] for p in perm) if perm else tuple(part_shape)
         dst_axis = inverse(perm)[rule.axis] if perm else rule.axis
-        parts = tuple(Part(name, _slab(shape, rule.axis, dst_at, dst_at + k), _slab(dshape, dst_axis, src_at, src_at + k),
-                           perm) for src_at, dst_at, k in cut)  # fmt: skip
+        # a cut is (offset in the part, offset in the joined tensor, length); backwards the joined one is read
+        parts = tuple(Part(name, _slab(shape, rule.axis, joined_at, joined_at + k),
+                           _slab(dshape, dst_axis, part_at, part_at + k), perm) for part_at, joined_at, k in cut)
         out.append((fill(rule.src, {**binding, rule.concat: value}), Target(dshape, dtype, parts, rule)))  # type: ignore[dict-item]
     return out
