@@ -31,10 +31,12 @@ from .mindspore import strategies_by_stage, uses_by_stage_path
 from .plan import LayoutLike, with_dtype
 from .planners import FileRequest, MindSporePlanner, NativePlanner, RestorePlanner, Side, one_side, read_side
 from .planners.sides import as_layout as side_layout
+from .rules import Rules
 from .run import parse_ranks
 
 log = logging.getLogger(__name__)
 
+TransformArg = str | Path | Rules | Mapping[str, Any] | None
 LayoutArg = LayoutLike | Strategy | str | Path | tuple[Any, Mapping[str, Any]] | None
 
 DTYPE_NAMES = {
@@ -43,6 +45,15 @@ DTYPE_NAMES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
     "float64": "float64", "fp64": "float64", "f64": "float64",
 }  # fmt: skip
+
+
+def transform_rules(transform: TransformArg, reverse: bool = False) -> Rules | None:
+    """The transform rules of `transform` (a YAML path, a parsed mapping, `Rules`; None: no transform)."""
+    if transform is None:
+        if reverse:
+            raise ConfigError("--reverse runs a --transform backwards; give the transform file too")
+        return None
+    return Rules.load(transform)
 
 
 def as_layout(arg: LayoutArg) -> LayoutLike | None:
@@ -108,20 +119,28 @@ def plan_conversion(
     ranks: Iterable[int] | None = None,
     exact_replicas: bool = False,
     verify_crc: bool = False,
+    transform: TransformArg = None,
+    reverse: bool = False,
 ) -> Job:
     """Index the source and plan the conversion; reads headers only and writes nothing.
 
     `src_layout` / `dst_layout`: a layout YAML path, a MindSpore strategy file or folder, a `Layout`, or
     `(mesh, specs)`; `src_strategy` / `dst_strategy` are aliases. With strategies and no native layout the plan
     follows `mindspore.transform_checkpoints` exactly; a strategy beside a native layout mixes them with native
-    semantics. Returns a `Job`: `job.plan` is the plan, `job.source` the indexed source.
+    semantics. `transform` (a rules YAML path, a parsed mapping or `Rules`; `reverse` to run it backwards)
+    renames and composes tensors while converting; `dst_layout` speaks of the transformed names and shapes.
+    Returns a `Job`: `job.plan` is the plan, `job.source` the indexed source.
     """
     src_arg, dst_arg = one_side(src_layout, src_strategy, "src"), one_side(dst_layout, dst_strategy, "dst")
     check_file_prefix(prefix)
+    rules = transform_rules(transform, reverse)
     if is_orbax(Path(src)):
+        if rules is not None:
+            raise ConfigError(f"{src}: --transform reads safetensors or .ckpt sources box by box; not orbax")
         job = _restore_job(Path(src), src_arg, dst_arg, prefix, output_format, ranks)
     else:
-        job = _files_job(src, src_arg, dst_arg, prefix, output_format, ranks, exact_replicas, verify_crc)
+        job = _files_job(src, src_arg, dst_arg, prefix, output_format, ranks, exact_replicas, verify_crc, rules,
+                         reverse)  # fmt: skip
     return Job(with_dtype(job.plan, parse_dtype(dtype)), job.source, job.kind, job.src_path)
 
 
@@ -141,7 +160,8 @@ def _restore_job(src: Path, src_arg: Any, dst_arg: Any, prefix: str, output_form
 
 
 def _files_job(src: str | Path, src_arg: Any, dst_arg: Any, prefix: str, output_format: str | None,
-               ranks: Iterable[int] | None, exact_replicas: bool, verify_crc: bool) -> Job:  # fmt: skip
+               ranks: Iterable[int] | None, exact_replicas: bool, verify_crc: bool, rules: Rules | None = None,
+               reverse: bool = False) -> Job:  # fmt: skip
     """Rank files of any format: the MindSpore planner or the native one, chosen by what the sides are."""
     source = open_source(src)
     if verify_crc:
@@ -153,11 +173,11 @@ def _files_job(src: str | Path, src_arg: Any, dst_arg: Any, prefix: str, output_
     sides = (src_side, dst_side)
     strategies_only = any(isinstance(s, Strategy) for s in sides) and \
         all(s is None or isinstance(s, Strategy) for s in sides)  # fmt: skip
-    if strategies_only and fmt != "orbax":  # orbax output holds complete arrays: native semantics
+    if strategies_only and fmt != "orbax" and rules is None:  # orbax output holds complete arrays: native semantics
         planner: MindSporePlanner | NativePlanner = MindSporePlanner(source, src_side, dst_side,  # type: ignore[arg-type]
                                                                     exact_replicas=exact_replicas)
     else:
-        planner = NativePlanner(source, src_side, dst_side)
+        planner = NativePlanner(source, src_side, dst_side, rules=rules, reverse=reverse)
     plan = planner.plan(FileRequest(prefix, "." + fmt if fmt != "orbax" else "", ranks))
     return Job(plan, source, OutputKind(fmt, planner.flavour))
 
@@ -186,6 +206,8 @@ def convert(
     process_id: int | None = None,
     verify: bool = False,
     resume: bool = False,
+    transform: TransformArg = None,
+    reverse: bool = False,
 ) -> ConvertReport:
     """Convert `src` (complete or per-rank) into `dst` laid out by `dst_layout` / `dst_strategy` (none = complete).
 
@@ -196,12 +218,15 @@ def convert(
     `verify` compares the output with the source (`jaxreshard.verify`) before committing it: on a difference
     nothing is committed and `VerifyError` is raised.
     `resume` keeps the verified rank files of an interrupted run of the same conversion and writes the rest.
+    `transform` / `reverse`: transform rules applied while converting (see `plan_conversion`).
     """
     wanted = parse_ranks(ranks) if isinstance(ranks, str) or ranks is None else sorted(set(ranks))
     src_arg, dst_arg = one_side(src_layout, src_strategy, "src"), one_side(dst_layout, dst_strategy, "dst")
     job = plan_conversion(src, src_layout=src_arg, dst_layout=dst_arg, prefix=prefix, dtype=dtype,
                           output_format=output_format, exact_replicas=exact_replicas, ranks=wanted,
-                          verify_crc=verify_crc)  # fmt: skip
+                          verify_crc=verify_crc, transform=transform, reverse=reverse)  # fmt: skip
+    if verify and transform is not None:
+        raise ConfigError("--verify compares tensors by name and shape; it does not apply with --transform")
     if verify and coordinator_address is not None:
         raise ConfigError("--verify runs in one process; verify a multi-host output afterwards with jaxreshard verify")
     check = _output_check(job, src, Path(dst), src_arg, dst_arg, dtype=dtype, ranks=wanted) if verify else None

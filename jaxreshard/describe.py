@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from .composed import Composed
 from .formats import SourceCheckpoint
 from .formats.orbax_io import read_orbax_metadata
 from .layout import format_spec
@@ -32,6 +33,11 @@ def describe_plan(plan: Plan) -> Iterator[str]:
         for src in rank.src_files:
             yield f"    from {src}"
     yield f"total: read {human_bytes(stats.read_bytes)} once, write {human_bytes(stats.write_bytes)}"
+    composed = [i.source for i in plan.params.values() if isinstance(i.source, Composed)]
+    if composed:
+        sources = {part.src_param for c in composed for part in c.parts}
+        yield (f"transform: {len(composed)} parameter(s) composed of {len(sources)} source tensor(s), each box "
+               "reading only its pieces")
     yield (
         f"predicted peak tensor memory: {human_bytes(stats.peak_buffer_bytes)} "
         f"(largest parameter in flight: {stats.peak_param or '-'})"

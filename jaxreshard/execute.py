@@ -27,6 +27,7 @@ from .fill import fill_boxes, prefetch
 from .formats.base import FileHandles, RankWriter, aligned_empty
 from .formats.manifest import FileRecord
 from .fsutil import fault, write_failure
+from .composed import Composed
 from .plan import BoxReads, PerRankCopy, Plan, RankPlan, Restore, ShardPlan
 from .transforms import cast_box
 
@@ -215,6 +216,7 @@ def _write_array(run: _Run, param: str, by_box: dict[Box, ShardPlan], make: Call
 
 WRITE: dict[type, Callable[[_Run, str, FileHandles], None]] = {
     BoxReads: _write_box_reads, PerRankCopy: _write_per_rank, Restore: _write_restored,
+    Composed: _write_box_reads,  # a box of a composed parameter is read piece by piece (fill.py)
 }
 
 

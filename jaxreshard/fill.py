@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .box import Box, byte_runs, is_contiguous
+from .composed import Piece, arrange, src_view
 from .formats.base import FileHandles, TensorEntry, aligned_empty, read_box
 from .plan import Plan, ShardPlan
 
@@ -25,6 +26,34 @@ SLAB_BYTES = 64 << 20  # reads this big run at full disk speed cold; small next 
 
 def fill_boxes(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]], handles: FileHandles) -> None:
     """Read every source region of each `(shard, buffer)` into its place in the buffer."""
+    targets, permuted = _expand_pieces(plan, targets)
+    _fill(plan, targets, handles)
+    for piece, view in permuted:  # transposed in memory after the read: one piece's buffer at a time
+        tmp = aligned_empty(piece.src_box.shape, view.dtype)
+        _fill(plan, [(ShardPlan(piece.part.src_param, piece.src_box, piece.reads), tmp)], handles)
+        view[...] = arrange(piece.part, tmp)
+
+
+def _expand_pieces(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]]) -> tuple[
+        list[tuple[ShardPlan, np.ndarray]], list[tuple[Piece, np.ndarray]]]:  # fmt: skip
+    """A composed box's pieces as plain reads straight into their region of the buffer (a view in source
+    order); pieces that permute axes are returned apart, with their destination view, to be read one by one."""
+    plain, permuted = [], []
+    for shard, buf in targets:
+        if not shard.pieces:
+            plain.append((shard, buf))
+            continue
+        for piece in shard.pieces:
+            view = buf[piece.region.relative_to(shard.dst_box).to_slices()]
+            into = src_view(piece.part, view)
+            if into is None:
+                permuted.append((piece, view))
+            else:
+                plain.append((ShardPlan(piece.part.src_param, piece.src_box, piece.reads), into))
+    return plain, permuted
+
+
+def _fill(plan: Plan, targets: Sequence[tuple[ShardPlan, np.ndarray]], handles: FileHandles) -> None:
     strided: dict[tuple[int, str], list[tuple[Box, np.ndarray]]] = defaultdict(list)
     for shard, buf in targets:
         for item in shard.reads:
@@ -71,8 +100,8 @@ def prefetch(plan: Plan, shards: Sequence[ShardPlan], handles: FileHandles) -> N
     """Ask the kernel to start reading the source bytes of `shards` now (`POSIX_FADV_WILLNEED`), so the disk
     works on the next parameter while this one is copied and written. Only a hint: errors are ignored."""
     for shard in shards:
-        for item in shard.reads:
-            entry = plan.src_entries[item.src_rank][shard.param]
+        for param, item in shard.source_reads():
+            entry = plan.src_entries[item.src_rank][param]
             region = item.region.relative_to(item.src_box)
             runs = list(byte_runs(region, entry.shape, entry.dtype.itemsize)) if region.size else []
             if not runs:

@@ -29,6 +29,7 @@ from .mindspore import StrategyLayout
 from .plan import is_floating
 from .planners import ArrayRequest, NativePlanner, RestorePlanner, one_side, read_side
 from .planners.native import boxes_of
+from .rules import Rules
 
 Rename = Callable[[str], str | None] | Sequence[tuple[str, str]]
 
@@ -73,6 +74,7 @@ def load(
     dtype: Any = None,
     rename: Rename | None = None,
     strict: bool = True,
+    transform: Any = None,
 ) -> Any:
     """Load `src` into `target`'s shardings; returns the same structure with `jax.Array` leaves.
 
@@ -81,13 +83,16 @@ def load(
     strategy file or folder, a `Layout`, `(mesh, specs)`); `src_strategy` is its alias. `rename` maps
     checkpoint names to target names (a callable returning None to skip a name, or (regex, replacement) pairs
     applied in order). `dtype` casts floating parameters. Missing, unexpected (with `strict`) and wrong-shaped
-    or wrong-typed parameters are reported together in one error.
+    or wrong-typed parameters are reported together in one error. `transform` (a rules YAML path, a parsed
+    mapping or `Rules`, see `convert`) renames, transposes, stacks and concatenates tensors while loading, each
+    box read from only the source regions it needs; `target` then names the transformed tensors.
     """
     import jax
 
     leaves, treedef, order = _target_leaves(target)
     cast = parse_dtype(dtype) if isinstance(dtype, str) else (np.dtype(dtype) if dtype is not None else None)
-    planner = array_planner(src, one_side(src_layout, src_strategy, "src"))
+    rules = Rules.load(transform) if transform is not None else None
+    planner = array_planner(src, one_side(src_layout, src_strategy, "src"), rules)
     mapping = _target_names(planner.params(), _renamer(rename))
     wanted = _requests(src, planner.full_shape, mapping, leaves, order, cast, strict)
     plan = planner.plan_arrays(wanted)
@@ -101,13 +106,16 @@ def load(
     return jax.tree_util.tree_unflatten(treedef, [out[param] for param in order])
 
 
-def array_planner(src: str | Path, src_arg: Any) -> NativePlanner | RestorePlanner:
-    """The planner of a load: orbax restores arrays itself; anything else is read box by box."""
+def array_planner(src: str | Path, src_arg: Any, rules: Rules | None = None) -> NativePlanner | RestorePlanner:
+    """The planner of a load: orbax restores arrays itself; anything else is read box by box (through the
+    transform `rules` if given: the planner then names the transformed tensors)."""
     if is_orbax(Path(src)):
         if src_arg is not None:
             raise ConfigError(f"{src}: an orbax checkpoint holds whole arrays; it takes no source layout")
+        if rules is not None:
+            raise ConfigError(f"{src}: transform= reads safetensors or .ckpt sources box by box; not orbax")
         return RestorePlanner(OrbaxSource(Path(src)))
-    return NativePlanner(open_source(src), read_side(src_arg))
+    return NativePlanner(open_source(src), read_side(src_arg), rules=rules)
 
 
 def _target_names(params: list[str], to_target: Callable[[str], str | None]) -> dict[str, str]:

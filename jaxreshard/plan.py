@@ -12,7 +12,7 @@ into rank files are `TextRecord`s. The executor dispatches once per type (execut
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,13 +21,16 @@ import ml_dtypes
 import numpy as np
 
 from .box import Box
-from .coverage import ReadItem, cover, source_grid
+from .composed import Composed, Piece, pieces
+from .coverage import ReadItem, SourceGrid, cover, source_grid
 from .errors import FormatError, LayoutError, PlanError
 from .formats.base import TensorEntry
 from .layout import COMPLETE, ParamLayout
 from .planstats import PlanStats as PlanStats  # re-exported: `jaxreshard.plan` is where users look
 from .planstats import RankStats as RankStats
 from .planstats import plan_stats as plan_stats
+from .rulemap import Target, apply_rules
+from .rules import Rules
 from .transforms import Cast, Transform
 
 
@@ -65,7 +68,7 @@ class Restore:
     reader: Restorer = field(compare=False)
 
 
-Source = BoxReads | PerRankCopy | Restore
+Source = BoxReads | PerRankCopy | Restore | Composed
 READS, COPY = BoxReads(), PerRankCopy()
 
 
@@ -94,7 +97,14 @@ class ParamInfo:
 class ShardPlan:
     param: str
     dst_box: Box
-    reads: tuple[ReadItem, ...]
+    reads: tuple[ReadItem, ...]  # from `param`'s own source tensor
+    pieces: tuple[Piece, ...] = ()  # a `Composed` parameter: regions of other source tensors
+
+    def source_reads(self) -> Iterator[tuple[str, ReadItem]]:
+        """Every read of this box with the source tensor it reads from."""
+        yield from ((self.param, item) for item in self.reads)
+        for piece in self.pieces:
+            yield from ((piece.part.src_param, item) for item in piece.reads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,16 +143,19 @@ def make_plan(
     suffix: str = ".safetensors",
     dst_ranks: Iterable[int] | None = None,
     strict: bool = True,
+    rules: Rules | None = None,
+    reverse: bool = False,
 ) -> Plan:
     """Plan a conversion; raises `PlanError`/`LayoutError`/`FormatError` before anything is written.
 
     `src_entries` maps each global source rank to its tensors (one rank, 0, for a complete source);
     `None` layouts mean complete. `dst_ranks` restricts the plan to some destination ranks. `strict=False`
     accepts rank files that lack parameters a replica holds (checkpoints saved with redundancy removed).
+    `rules` (transforms, applied `reverse`d if asked) rename and compose source tensors: the destination layout
+    speaks of the transformed names and shapes.
     """
     names = merge_orders([list(src_entries[rank]) for rank in sorted(src_entries)])
     src_params = src_layout.resolve(names) if src_layout is not None else {p: COMPLETE for p in names}
-    dst_params = dst_layout.resolve(names) if dst_layout is not None else {p: COMPLETE for p in names}
     src_total = src_layout.num_ranks if src_layout is not None else 1
     extra = sorted(r for r in src_entries if r >= src_total)
     if extra:
@@ -156,24 +169,79 @@ def make_plan(
             f"the source layout has {src_total} ranks but rank folders {format_ranks(missing)} are missing; "
             "copy them in (or convert only some destination ranks)"
         )
+    shapes = {p: full_shape(p, src_params[p], src_entries) for p in names}
+    targets = apply_rules(rules, names, shapes, reverse) if rules is not None else None
+    sources = ParamSources(names, shapes, src_params, src_entries, targets, strict)
+    dst_params = dst_layout.resolve(list(sources.params)) if dst_layout is not None else \
+        {p: COMPLETE for p in sources.params}  # fmt: skip
     infos = {}
-    for param in names:
-        shape, src_dtype = full_shape(param, src_params[param], src_entries)
+    for param, (shape, dtype, layout, source) in sources.params.items():
         dst_params[param].check_shape(param, shape)
-        infos[param] = ParamInfo(param, shape, src_dtype, src_params[param], dst_params[param])
+        infos[param] = ParamInfo(param, shape, dtype, layout, dst_params[param], source=source)
 
     dst_total = dst_layout.num_ranks if dst_layout is not None else 1
     wanted = dst_rank_list(dst_ranks, dst_total)
-    grids = {p: source_grid(p, info.shape, info.src_layout, src_entries, strict=strict) for p, info in infos.items()}
     covers: dict[tuple[str, Box], ShardPlan] = {}
 
     def shard(param: str, box: Box) -> ShardPlan:  # replicas of a box share one ShardPlan (read once)
         if (param, box) not in covers:
-            covers[(param, box)] = ShardPlan(param, box, cover(grids[param], box))
+            covers[(param, box)] = sources.shard(param, box)
         return covers[(param, box)]
 
     ranks = rank_plans(infos, wanted, prefix, suffix, shard)
-    return Plan(infos, ranks, src_entries)
+    return Plan(infos, ranks, sources.entries)
+
+
+class ParamSources:
+    """The parameters a plan writes and where their bytes come from: each source tensor as it is (or renamed
+    by a rule), or `Composed` of other source tensors (transform rules); boxes are covered from that."""
+
+    def __init__(self, names: Sequence[str], shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                 layouts: Mapping[str, ParamLayout], src_entries: Mapping[int, Mapping[str, TensorEntry]],
+                 targets: Mapping[str, Target] | None, strict: bool = True) -> None:  # fmt: skip
+        self.params: dict[str, tuple[tuple[int, ...], np.dtype, ParamLayout, Source]] = {}
+        self.layouts: dict[str, tuple[tuple[int, ...], ParamLayout]] = {}  # by name in `entries`
+        stored: dict[str, str] = {}  # name in `entries` -> source name
+        if targets is None:
+            targets = {p: Target(*shapes[p], (), None) for p in names}
+        for param, target in targets.items():
+            part = target.parts[0] if len(target.parts) == 1 else None
+            if target.rule is None or (part is not None and part.is_whole(shapes[part.src_param][0])):
+                src = part.src_param if part is not None else param
+                self._store(stored, param, src)
+                self.params[param] = (target.shape, target.dtype, layouts[src], READS)
+                self.layouts[param] = (target.shape, layouts[src])
+            else:
+                for p in target.parts:
+                    self._store(stored, p.src_param, p.src_param)
+                    self.layouts[p.src_param] = (shapes[p.src_param][0], layouts[p.src_param])
+                self.params[param] = (target.shape, target.dtype, COMPLETE, Composed(target.parts, str(target.rule)))
+        renamed = any(k != src for k, src in stored.items()) or len(stored) < len(names)
+        self.entries = {r: {k: e[src] for k, src in stored.items() if src in e} for r, e in src_entries.items()} \
+            if renamed else src_entries  # fmt: skip
+        self.strict = strict
+        self._grids: dict[str, SourceGrid] = {}
+        for name in self.layouts:  # checked up front: a file lacking a tensor is an error whatever ranks are asked
+            self.grid(name)
+
+    @staticmethod
+    def _store(stored: dict[str, str], key: str, src: str) -> None:
+        if stored.get(key, src) != src:
+            raise PlanError(f"transform: {key!r} is both a destination name (from {src!r}) and a source tensor "
+                            f"read under its own name ({stored[key]!r}); rename one of them")
+        stored[key] = src
+
+    def grid(self, name: str) -> SourceGrid:
+        if name not in self._grids:
+            shape, layout = self.layouts[name]
+            self._grids[name] = source_grid(name, shape, layout, self.entries, strict=self.strict)
+        return self._grids[name]
+
+    def shard(self, param: str, box: Box) -> ShardPlan:
+        source = self.params[param][3]
+        if isinstance(source, Composed):
+            return ShardPlan(param, box, (), pieces(source, box, lambda name, b: cover(self.grid(name), b)))
+        return ShardPlan(param, box, cover(self.grid(param), box))
 
 
 def dst_rank_list(dst_ranks: Iterable[int] | None, total: int, what: str = "layout") -> list[int]:

@@ -42,9 +42,9 @@ def plan_stats(plan: Plan) -> PlanStats:
             info = plan.params[shard.param]
             distinct[(shard.param, shard.dst_box)] = shard
             write += shard.dst_box.size * info.dst_dtype.itemsize
-            for item in shard.reads:
+            for param, item in shard.source_reads():
                 read += item.region.size * info.src_dtype.itemsize
-                files[str(plan.src_path(item, shard.param))] = None
+                files[str(plan.src_path(item, param))] = None
         write_total += write
         rank_stats.append(RankStats(rank.dst_rank, rank.dst_file, tuple(files), len(rank.shards), read, write))
     per_param: dict[str, int] = {}
@@ -54,6 +54,6 @@ def plan_stats(plan: Plan) -> PlanStats:
         per_param[param] = per_param.get(param, 0) + box.size * info.src_dtype.itemsize
         if info.dst_dtype != info.src_dtype:
             per_param[param] += box.size * info.dst_dtype.itemsize
-        read_total += sum(item.region.size for item in shard.reads) * info.src_dtype.itemsize
+        read_total += sum(item.region.size for _, item in shard.source_reads()) * info.src_dtype.itemsize
     peak_param = max(per_param, key=per_param.__getitem__, default="")
     return PlanStats(tuple(rank_stats), read_total, write_total, per_param.get(peak_param, 0), peak_param)

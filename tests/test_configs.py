@@ -7,6 +7,7 @@ import pytest
 from jaxreshard.cli import main
 from jaxreshard.config import read_job
 from jaxreshard.formats.manifest import MANIFEST_NAME
+from jaxreshard.rules import Rules
 
 from .helpers import tree
 
@@ -17,10 +18,15 @@ SCENARIOS = sorted((REPO / "configs" / "scenarios").glob("*.yaml"))
 
 def test_every_config_parses():
     configs = sorted((REPO / "configs").rglob("*.yaml"))
-    jobs = [p for p in configs if "layouts" not in p.parts and "auto" not in p.parts]  # auto: load-time keys
+    jobs = [p for p in configs if not {"layouts", "auto", "transforms"} & set(p.relative_to(REPO).parts)]
+    # (auto: load-time keys)
     assert len(SCENARIOS) >= 7
     for path in jobs:
         read_job(path)
+    transforms = sorted((REPO / "configs" / "transforms").glob("*.yaml"))
+    assert len(transforms) >= 2
+    for path in transforms:  # transform templates are rules files (tests/test_rules.py runs each one)
+        assert Rules.load(path).rules
 
 
 def test_seed_scenarios_run_in_order(tmp_path, monkeypatch):

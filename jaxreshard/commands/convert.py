@@ -42,6 +42,9 @@ class PlanOptions:
     exact_replicas: bool = flag("read every block from the replica MindSpore would (only matters when "
                                 "data-parallel copies differ); default: each block read once")
     verify: bool = flag("compare the output with the source (jaxreshard verify) before committing it")
+    transform: str | None = option("transform rules YAML: rename, transpose, stack or concat tensors while "
+                                   "converting (configs/transforms/)", default=None, metavar="T.yaml")
+    reverse: bool = flag("run --transform backwards (unstack, split, transpose back)")
     quiet: bool = common.quiet()
 
 
@@ -55,7 +58,7 @@ class ConvertOptions(PlanOptions):
 def _planning(opts: PlanOptions) -> dict[str, Any]:
     """The keywords planning takes (what `plan` shows is what `convert` writes)."""
     names = ("src_layout", "dst_layout", "src_strategy", "dst_strategy", "prefix", "dtype", "output_format",
-             "exact_replicas", "verify_crc")
+             "exact_replicas", "verify_crc", "transform", "reverse")
     return {name: getattr(opts, name) for name in names}
 
 

@@ -13,11 +13,25 @@ from dataclasses import replace
 import numpy as np
 
 from ..box import Box
+from ..composed import Composed
 from ..coverage import cover, source_grid
 from ..errors import ConfigError
 from ..formats import SourceCheckpoint
 from ..layout import COMPLETE, ParamLayout
-from ..plan import LayoutLike, ParamInfo, Plan, RankPlan, ShardPlan, TextRecord, full_shape, make_plan, merge_orders
+from ..plan import (
+    LayoutLike,
+    ParamInfo,
+    ParamSources,
+    Plan,
+    RankPlan,
+    ShardPlan,
+    TextRecord,
+    full_shape,
+    make_plan,
+    merge_orders,
+)
+from ..rulemap import apply_rules
+from ..rules import Rules
 from ..srccheck import source_layout
 from ..transforms import Cast
 from .base import ArrayRequest, FileRequest
@@ -34,44 +48,67 @@ class NativePlanner:
     flavour = "native"
 
     def __init__(self, source: SourceCheckpoint, src: Side, dst: Side = None, *,
-                 renamed: Mapping[str, str] | None = None):  # fmt: skip
+                 renamed: Mapping[str, str] | None = None, rules: Rules | None = None,
+                 reverse: bool = False):  # fmt: skip
         ndims = {p: len(shape) for p, shape in source.shapes.items()}
         ndims.update({new: ndims[old] for new, old in (renamed or {}).items() if old in ndims})
         self.source = source
+        self.rules, self.reverse = rules, reverse
         self.src_layout: LayoutLike | None = source_layout(source, as_layout(src, ndims))
-        self.dst_layout: LayoutLike | None = as_layout(dst, ndims)
         self._resolved: dict[str, ParamLayout] | None = None
+        self._sources: ParamSources | None = None
         if source.distributed and self.src_layout is None:
             raise ConfigError(
                 f"{source.path}: this is a distributed checkpoint ({len(source.entries)} rank folders); pass the "
                 "layout it was saved with (--src-layout / src_layout=, or --src-strategy / src_strategy=)"
             )
+        if rules is not None:  # the destination layout speaks of the transformed names and shapes
+            ndims = {p: len(shape) for p, (shape, *_) in self.transformed().params.items()}
+        self.dst_layout: LayoutLike | None = as_layout(dst, ndims)
+
+    def transformed(self) -> ParamSources:
+        """Every destination tensor of the transform rules and where its bytes come from (once)."""
+        if self._sources is None:
+            names, layouts = self._src_names(), self._src_params()
+            shapes = {p: full_shape(p, layouts[p], self.source.entries) for p in names}
+            targets = apply_rules(self.rules, names, shapes, self.reverse) if self.rules is not None else None
+            self._sources = ParamSources(names, shapes, layouts, self.source.entries, targets)
+        return self._sources
 
     def plan(self, request: FileRequest) -> Plan:
         source = self.source
         plan = make_plan(source.entries, self.src_layout, self.dst_layout, prefix=request.prefix,
-                         suffix=request.suffix, dst_ranks=request.dst_ranks)
+                         suffix=request.suffix, dst_ranks=request.dst_ranks, rules=self.rules, reverse=self.reverse)
         texts = tuple(TextRecord(k, v) for k, v in source.extras.get(min(source.entries), {}).items())
         if texts:
             plan = replace(plan, ranks=tuple(replace(r, texts=texts) for r in plan.ranks))
         return plan
 
     def params(self) -> list[str]:
+        """The parameters a load can ask for: the transformed names under transform rules."""
+        return list(self.transformed().params) if self.rules is not None else self._src_names()
+
+    def _src_names(self) -> list[str]:
         return merge_orders([list(self.source.entries[r]) for r in sorted(self.source.entries)])
 
     def _src_params(self) -> dict[str, ParamLayout]:
         """Every source parameter's layout, resolved over all names at once (a layout's stages may depend on
         the whole set, e.g. layer indices), once."""
         if self._resolved is None:
-            names = self.params()
+            names = self._src_names()
             self._resolved = self.src_layout.resolve(names) if self.src_layout is not None else \
                 {n: COMPLETE for n in names}  # fmt: skip
         return self._resolved
 
     def full_shape(self, param: str) -> tuple[tuple[int, ...], np.dtype]:
+        if self.rules is not None:
+            shape, dtype, *_ = self.transformed().params[param]
+            return shape, dtype
         return full_shape(param, self._src_params()[param], self.source.entries)
 
     def plan_arrays(self, wanted: Mapping[str, ArrayRequest]) -> Plan:
+        if self.rules is not None:
+            return self._plan_transformed(wanted)
         layouts = self._src_params()
         view = {r: {p: e[w.src_param] for p, w in wanted.items() if w.src_param in e}
                 for r, e in self.source.entries.items()}
@@ -82,6 +119,25 @@ class NativePlanner:
             infos[param] = ParamInfo(want.src_param, shape, dtype, layouts[want.src_param], COMPLETE, transforms=casts)
             grid = source_grid(param, shape, infos[param].src_layout, view)
             shards += [ShardPlan(param, box, cover(grid, box)) for box in dict.fromkeys(want.boxes)]
+        return Plan(infos, (RankPlan(0, "", tuple(shards)),), view)
+
+    def _plan_transformed(self, wanted: Mapping[str, ArrayRequest]) -> Plan:
+        """`plan_arrays` under transform rules: plain tensors read as they are stored (relabelled to the
+        target's names), composed ones piece by piece from their source tensors."""
+        sources = self.transformed()
+        view = {r: dict(e) for r, e in sources.entries.items()}
+        infos, shards = {}, []
+        for param, want in wanted.items():
+            shape, dtype, layout, source = sources.params[want.src_param]
+            casts = (Cast(want.dtype),) if want.dtype is not None and want.dtype != dtype else ()
+            infos[param] = ParamInfo(want.src_param, shape, dtype, layout, COMPLETE, source=source, transforms=casts)
+            for box in dict.fromkeys(want.boxes):
+                shard = sources.shard(want.src_param, box)
+                shards.append(replace(shard, param=param))
+            if not isinstance(source, Composed) and param != want.src_param:
+                for r, e in sources.entries.items():
+                    if want.src_param in e:
+                        view[r][param] = e[want.src_param]
         return Plan(infos, (RankPlan(0, "", tuple(shards)),), view)
 
 

@@ -145,16 +145,21 @@ def main() -> int:
     ap.add_argument("--mindspore-python", help="a python with mindspore installed (else env JAXRESHARD_MINDSPORE_PYTHON)")
     ap.add_argument("--no-mindspore", action="store_true")
     ap.add_argument("--flatness", action="store_true", help="also compare peak RSS on 1 GiB vs 4 GiB checkpoints")
+    ap.add_argument("--transforms", action="store_true",
+                    help="also compare a transform (stack + transpose of MoE experts) with a plain conversion of the "
+                         "same bytes (--formats '' for only that)")
     args = ap.parse_args()
     global DATA
     DATA = args.data
     ms_py = None if args.no_mindspore else find_mindspore(args.mindspore_python)
     py = sys.executable
     rows = []
-    for fmt in args.formats.split(","):
+    for fmt in filter(None, args.formats.split(",")):
         rows += bench_format(args.data, fmt, args.size_gib, ms_py, py)
     if args.flatness:
         rows += flatness(args.data, py)
+    if args.transforms:
+        rows += transforms(args.data, args.size_gib, py)
     print_table(rows, args, ms_py)
     return 0
 
@@ -255,6 +260,57 @@ def flatness(data: Path, py: str) -> list[dict]:
                                        "--dst-layout", str(LAYOUT), "-q"], "warm", [src], out)
         rows.append(dict(step=f"flatness: {size:g} GiB safetensors -> 8 ranks", cache="warm", wall=wall, rss=rss,
                          bytes=written + src.stat().st_size, floor=None, ms=None))
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+EXPERTS, MOE_H, MOE_F = 8, 2048, 1408
+EP_LAYOUT = """mesh: {ep: 4, mp: 2}
+params:
+  - {match: '.*experts\\.w[13]\\.kernel', spec: [ep, null, mp]}
+  - {match: '.*experts\\.w2\\.kernel', spec: [ep, mp, null]}
+  - {match: '.*', spec: []}
+"""
+STACK_RULES = """rules:
+  - {from: '{p}.experts.{e}.{w}.weight', to: '{p}.experts.{w}.kernel', stack: e, axis: 0, transpose: [1, 0]}
+"""
+
+
+def moe_params(size_gib: float, stacked: bool) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """Mixtral-like expert weights (bf16): per expert `[F, H]` / `[H, F]` PyTorch weights, or already stacked
+    and transposed `[E, H, F]` / `[E, F, H]` kernels (the same bytes)."""
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    layers = max(1, round(size_gib * 1024 * MIB / (3 * EXPERTS * MOE_H * MOE_F * 2)))
+    out = []
+    for i in range(layers):
+        p = f"model.layers.{i}.block_sparse_moe.experts"
+        for w, shape in (("w1", (MOE_F, MOE_H)), ("w2", (MOE_H, MOE_F)), ("w3", (MOE_F, MOE_H))):
+            if stacked:
+                out.append((f"{p}.{w}.kernel", bf16, (EXPERTS, shape[1], shape[0])))
+            else:
+                out += [(f"{p}.{e}.{w}.weight", bf16, shape) for e in range(EXPERTS)]
+    return out
+
+
+def transforms(data: Path, size_gib: float, py: str) -> list[dict]:
+    """Peak RSS of stacking + transposing per-expert tensors into an expert-parallel layout, next to a plain
+    conversion of an already stacked checkpoint of the same bytes into the same layout."""
+    root = data / f"{size_gib:g}gib_moe"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "ep.yaml").write_text(EP_LAYOUT)
+    (root / "stack.yaml").write_text(STACK_RULES)
+    rows = []
+    for name, stacked, extra in (("plain: stacked [E, ...] -> ep4 x mp2", True, []),
+                                 ("transform: per-expert -> stack + transpose -> ep4 x mp2", False,
+                                  ["--transform", str(root / "stack.yaml")])):  # fmt: skip
+        src = root / ("stacked.safetensors" if stacked else "experts.safetensors")
+        if not src.exists():
+            write_checkpoint(src, moe_params(size_gib, stacked), "safetensors")
+        out = root / "out"
+        wall, rss, written = run_step([py, "-m", "jaxreshard", "convert", "--src", str(src), "--dst", str(out),
+                                       "--dst-layout", str(root / "ep.yaml"), "-q", *extra], "warm", [src], out)
+        rows.append(dict(step=f"MoE {name}", cache="warm", wall=wall, rss=rss, bytes=written + src.stat().st_size,
+                         floor=None, ms=None))
         shutil.rmtree(out, ignore_errors=True)
     return rows
 
