@@ -157,7 +157,8 @@ class Layout:
         give {0, 1} to stage 0 and {10, 11} to stage 1, whatever the numbering's gaps).
         """
         params = list(params)
-        compiled = [compile_safe(rule.match, f"{self.source}: rule {i}", LayoutError) for i, rule in enumerate(self.rules)]
+        compiled = [compile_safe(rule.match, f"{self.source}: rule {i}", LayoutError)
+                    for i, rule in enumerate(self.rules)]
         matched: dict[str, tuple[Rule, int | None] | None] = {}
         layers: set[int] = set()
         for param in params:
@@ -277,7 +278,8 @@ def _rule(item: Any, mesh_axes: tuple[tuple[str, int], ...], stages: int, where:
     stage = item.get("stage")
     in_range = isinstance(stage, int) and not isinstance(stage, bool) and -stages <= stage < stages
     if not (stage is None or stage == "by_layer" or in_range):
-        raise LayoutError(f"{where}: stage must be an integer in [{-stages}, {stages - 1}] or by_layer, got {stage!r:.80}")
+        raise LayoutError(f"{where}: stage must be an integer in [{-stages}, {stages - 1}] or by_layer, "
+                          f"got {stage!r:.80}")
     return Rule(item["match"], parse_spec(item.get("spec"), dict(mesh_axes), where), stage)
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .api import LayoutArg, native_layouts, parse_size
 from .errors import ConfigError, FormatError, PlanError
 from .formats import open_source
 from .formats.adapter_config import read_adapter_config
@@ -31,7 +30,10 @@ from .formats.writers import OutputKind
 from .fsutil import check_destination, check_file_prefix
 from .jobs import Job, write_job
 from .plan import Plan, make_plan, merge_orders
+from .planners.native import native_layouts
+from .planners.sides import LayoutArg
 from .transforms import LoraFold as LoraFold  # the plan's typed transform; re-exported
+from .values import parse_size
 
 log = logging.getLogger(__name__)
 

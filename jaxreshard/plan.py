@@ -25,9 +25,6 @@ from .coverage import ReadItem, cover, source_grid
 from .errors import FormatError, LayoutError, PlanError
 from .formats.base import TensorEntry
 from .layout import COMPLETE, ParamLayout
-from .planstats import PlanStats as PlanStats  # re-exported: `jaxreshard.plan` is where users look
-from .planstats import RankStats as RankStats
-from .planstats import plan_stats as plan_stats
 from .transforms import Cast, Transform
 
 

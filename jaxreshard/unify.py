@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from . import manifests
-from .api import LayoutArg, native_layouts, parse_size
 from .errors import ConfigError, OutputError
 from .execute import execute
 from .formats import open_source, rank_dirs, source_from_files
@@ -24,7 +23,10 @@ from .formats.writers import OutputKind, PartsWriter, hf_part_split, ms_part_spl
 from .fsutil import atomic_output, check_destination
 from .jobs import Job, read_paths
 from .plan import make_plan, merge_orders
+from .planners.native import native_layouts
+from .planners.sides import LayoutArg
 from .run import worker_pool
+from .values import parse_size
 
 
 def pick_by_suffix(source_dir: Path, file_suffix: str | None) -> dict[int, Path] | None:
@@ -98,7 +100,8 @@ def write_unified(
     workers = min(process_num, len(groups))
     blocks = [list(range(len(groups)))[i::workers] for i in range(workers)]
     check_destination(dst, read_paths(job.source), overwrite=overwrite)
-    metadata = manifests.hf_metadata(manifests.carried_metadata(manifests.source_metadata(job.source))) if layout == "hf" else None
+    carried = manifests.carried_metadata(manifests.source_metadata(job.source))
+    metadata = manifests.hf_metadata(carried) if layout == "hf" else None
     with atomic_output(dst, overwrite=overwrite) as tmp:
         jobs = [(restrict(plan, {params[j][0] for i in b for j in groups[i]}), tmp, params, parts, set(b), metadata)
                 for b in blocks]

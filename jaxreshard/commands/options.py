@@ -17,11 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..api import parse_size
 from ..caps import MAX_PROCESSES, MAX_RANKS
 from ..errors import ConfigError
-from ..mindformers.compat import parse_bool
 from ..run import parse_ranks
+from ..values import parse_bool, parse_size
 
 T = TypeVar("T")
 _INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take '٣' or '1_0'
@@ -156,7 +155,8 @@ def build_options(options: type[T], values: Mapping[Any, Any], source: str | Non
     aliases = {alias: name for name, f in fields.items() for alias in spec(f).aliases}
     unknown = sorted(str(k) for k in values if k not in fields and k not in aliases)
     if unknown:
-        raise ConfigError(f"{source or 'command line'}: unknown keys {unknown}; valid keys are task, {', '.join(job_keys(options))}")
+        raise ConfigError(f"{source or 'command line'}: unknown keys {unknown}; "
+                          f"valid keys are task, {', '.join(job_keys(options))}")
     given: dict[str, tuple[str, Any]] = {}  # field -> (the spelling used, the value)
     for key, value in values.items():
         name = aliases.get(key, key)

@@ -117,7 +117,8 @@ def _check_tiling(path: Path, entries: Sequence[TensorEntry], data_start: int, d
         offsets = [begin, begin + entry.segments[0][1]]
         if begin != expected:
             after = f"the end of {previous!r}" if previous is not None else "the start of the data"
-            kind = f"a gap of {begin - expected} bytes" if begin > expected else f"an overlap of {expected - begin} bytes"
+            kind = (f"a gap of {begin - expected} bytes" if begin > expected
+                    else f"an overlap of {expected - begin} bytes")
             raise FormatError(f"{path}: parameter {entry.param!r}: data_offsets {offsets} leave {kind} after {after} "
                               f"(byte {expected}); tensors must tile the data exactly, the file is corrupt")
         expected, previous = offsets[1], entry.param
@@ -274,7 +275,8 @@ def header_bytes(params: Sequence[tuple[str, np.dtype, tuple[int, ...]]], metada
     offset = 0
     for param, dtype, shape in params:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        header[param] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[param] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
+                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
@@ -320,7 +322,8 @@ class SafetensorsWriter:
     def write(self, param: str, array: np.ndarray) -> None:
         offset, dtype, shape = self._slots[param]
         if array.dtype != dtype or array.shape != shape:
-            raise ValueError(f"{self.path}: {param!r} expects {dtype}{list(shape)}, got {array.dtype}{list(array.shape)}")
+            raise ValueError(f"{self.path}: {param!r} expects {dtype}{list(shape)}, "
+                             f"got {array.dtype}{list(array.shape)}")
         array = np.ascontiguousarray(array)  # safetensors stores C order; never write a strided view's memory
         data = memoryview(array.reshape(-1).view(np.uint8))
         pwrite_all(self._fd, [data], offset)

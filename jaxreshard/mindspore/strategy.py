@@ -106,7 +106,8 @@ def expanded_layout(p: ParamStrategy, shape: Sequence[int]) -> tuple[list[int], 
     has_layout = any(isinstance(t, list) for t in tmap)
     no_opt = step == 0 or size == 0
     if not no_opt and not shape:
-        raise LayoutError(f"an optimizer shard (step {step}, size {size}) on a 0-dim tensor: there is no dim 0 to split")
+        raise LayoutError(f"an optimizer shard (step {step}, size {size}) on a 0-dim tensor: "
+                          "there is no dim 0 to split")
     ts = tensor_strategy(p.dev_matrix, p.tensor_map)
     if has_layout:
         if no_opt:
@@ -124,7 +125,8 @@ def expanded_layout(p: ParamStrategy, shape: Sequence[int]) -> tuple[list[int], 
     if not repeated:
         raise LayoutError(f"device matrix {dev} and tensor map {tmap} leave no axis for the optimizer shard")
     if len(repeated) == 1 and math.prod(dev[repeated[0] + 1 :]) != step:
-        raise LayoutError(f"optimizer shard step {step} differs from the model-parallel size {math.prod(dev[repeated[0] + 1:])}")
+        raise LayoutError(f"optimizer shard step {step} differs from the model-parallel size "
+                          f"{math.prod(dev[repeated[0] + 1:])}")
     if 1 < len(repeated) < len(dev) or repeated[0] > 0:
         return _opt_helper(dev, tmap, size, shape, ts, repeated)
     full = list(shape)
