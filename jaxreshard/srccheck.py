@@ -156,7 +156,7 @@ def _against_rank(source: SourceCheckpoint, rank: int, resolved: dict[str, Param
                               f"{list(shape)}; " + HINT)
         implied = _implied_shape(layout, entry.shape)
         box = layout.box(shape, rank % layout.devices_per_stage) if implied == shape else None
-        if implied != shape or box.start != start:
+        if box is None or box.start != start:
             got = f"{list(implied)}" + (f" with its block at {list(box.start)}" if box is not None else "")
             raise LayoutError(f"{path}: parameter {name!r} on rank {rank}: the given source layout makes it {got} "
                               f"but the file records {list(shape)} with its block {list(entry.shape)} at "

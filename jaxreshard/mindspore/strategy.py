@@ -15,6 +15,7 @@ import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 from ..errors import LayoutError
 from ..formats.mindspore_strategy import ParamStrategy, Strategy, TensorMapEntry
@@ -118,9 +119,10 @@ def expanded_layout(p: ParamStrategy, shape: Sequence[int]) -> tuple[list[int], 
         if not repeated:
             raise LayoutError(f"device matrix {dev} and tensor map {tmap} leave no axis for the optimizer shard")
         return _expand_multi_axis(*_opt_helper(dev, tmap, size, shape, ts, repeated))
+    one_axis = cast(list[int], tmap)  # no multi-axis (list) entry past the branch above
     if no_opt:
-        return dev, tmap, shape
-    sharded = {len(dev) - d - 1 for d in tmap if d != -1}
+        return dev, one_axis, shape
+    sharded = {len(dev) - d - 1 for d in one_axis if d != -1}
     repeated = [i for i, v in enumerate(dev) if i not in sharded and v > 1]
     if not repeated:
         raise LayoutError(f"device matrix {dev} and tensor map {tmap} leave no axis for the optimizer shard")

@@ -17,6 +17,7 @@ from ..box import Box
 from ..coverage import cover, source_grid
 from ..errors import ConfigError
 from ..formats import SourceCheckpoint
+from ..formats.writers import Flavour
 from ..layout import COMPLETE, ParamLayout
 from ..plan import LayoutLike, ParamInfo, Plan, RankPlan, ShardPlan, TextRecord, full_shape, make_plan, merge_orders
 from ..srccheck import source_layout
@@ -32,7 +33,7 @@ class NativePlanner:
     `X.base_layer.weight` -> `X.weight`).
     """
 
-    flavour = "native"
+    flavour: Flavour = "native"
 
     def __init__(self, source: SourceCheckpoint, src: Side, dst: Side = None, *,
                  renamed: Mapping[str, str] | None = None):  # fmt: skip
