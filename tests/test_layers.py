@@ -138,8 +138,17 @@ def lazy_imports(path: Path) -> list[int]:
     `if TYPE_CHECKING:`)."""
     tree = ast.parse(path.read_text(), str(path))
     top = {id(n) for n in tree.body} | type_only_nodes(tree)
-    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and id(n) not in top
-            and (n.level or (n.module or "").split(".")[0] == "jaxreshard")]
+    ours = [n for n in ast.walk(tree) if id(n) not in top and (
+        (isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").split(".")[0] == "jaxreshard"))
+        or (isinstance(n, ast.Import) and any(a.name.split(".")[0] == "jaxreshard" for a in n.names)))]
+    return [n.lineno for n in ours]
+
+
+def test_lazy_imports_are_found(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("from typing import TYPE_CHECKING\nfrom . import a\nif TYPE_CHECKING:\n    from .b import B\n"
+                   "def f():\n    import jax\n    from .c import C\n    import jaxreshard.d\n")
+    assert lazy_imports(src) == [7, 8]
 
 
 def test_package_imports_at_the_top():
