@@ -8,12 +8,9 @@ output) -> `MindSporePlanner` (`transform_checkpoints` semantics); anything else
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from .devices import ensure_cpu_devices
 from .distributed import cluster_from
@@ -30,21 +27,20 @@ from .layout import Layout
 from .mindspore import strategies_by_stage, uses_by_stage_path
 from .plan import LayoutLike, with_dtype
 from .planners import FileRequest, MindSporePlanner, NativePlanner, RestorePlanner, Side, one_side, read_side
+from .planners.native import native_layouts as native_layouts
+from .planners.sides import LayoutArg as LayoutArg
 from .planners.sides import as_layout as side_layout
 from .rules import Rules
 from .run import parse_ranks
+from .values import DTYPE_NAMES as DTYPE_NAMES
+from .values import parse_dtype as parse_dtype
+from .values import parse_size as parse_size
+from .verify import VerifyError
+from .verify import verify as verify_output  # `convert` has a `verify` flag
 
 log = logging.getLogger(__name__)
 
 TransformArg = str | Path | Rules | Mapping[str, Any] | None
-LayoutArg = LayoutLike | Strategy | str | Path | tuple[Any, Mapping[str, Any]] | None
-
-DTYPE_NAMES = {
-    "float32": "float32", "fp32": "float32", "f32": "float32",
-    "float16": "float16", "fp16": "float16", "f16": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float64": "float64", "fp64": "float64", "f64": "float64",
-}  # fmt: skip
 
 
 def transform_rules(transform: TransformArg, reverse: bool = False) -> Rules | None:
@@ -62,40 +58,6 @@ def as_layout(arg: LayoutArg) -> LayoutLike | None:
     if isinstance(side, Strategy):
         raise ConfigError(f"{arg}: this is a MindSpore strategy; a native layout is needed here")
     return side
-
-
-def parse_dtype(name: str | None) -> np.dtype | None:
-    if name is None:
-        return None
-    import ml_dtypes
-
-    canonical = DTYPE_NAMES.get(str(name).lower())
-    if canonical is None:
-        raise ConfigError(f"--dtype {name!r} is not a floating type; use one of {sorted(set(DTYPE_NAMES.values()))}")
-    return np.dtype(ml_dtypes.bfloat16) if canonical == "bfloat16" else np.dtype(canonical)
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'5GB' / '500MiB' / 1000 -> bytes (decimal units for KB/MB/GB like huggingface_hub, binary for KiB...)."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"size {text!r} is not understood; write e.g. 5GB, 500MiB or 1000000")
-    unit = (m.group(2) or "").upper().rstrip("B")
-    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    return int(float(m.group(1)) * scale[unit])
-
-
-def native_layouts(
-    source: SourceCheckpoint, src_layout: LayoutArg, src_strategy: Any = None, dst_layout: LayoutArg = None,
-    dst_strategy: Any = None, *, renamed: Mapping[str, str] | None = None,
-) -> tuple[LayoutLike | None, LayoutLike | None]:  # fmt: skip
-    """Source and destination layouts with native semantics (strategies read as layouts; the `*_strategy`
-    arguments are aliases of the `*_layout` ones); `renamed` adds output names (new -> stored)."""
-    src, dst = one_side(src_layout, src_strategy, "src"), one_side(dst_layout, dst_strategy, "dst")
-    planner = NativePlanner(source, read_side(src), read_side(dst), renamed=renamed)
-    return planner.src_layout, planner.dst_layout
 
 
 def verify_checksums(source: SourceCheckpoint) -> None:
@@ -240,8 +202,6 @@ def convert(
 def _output_check(job: Job, src: str | Path, dst: Path, src_arg: Any, dst_arg: Any, *, dtype: str | None,
                   ranks: list[int] | None) -> Callable[[Path], None]:  # fmt: skip
     """`convert --verify`: the check run on the complete temporary output before it is committed."""
-    from .verify import VerifyError, verify  # verify imports this module's helpers
-
     if job.output_format == "orbax" or job.source is None:
         raise ConfigError("--verify compares rank files; it does not apply to orbax sources or outputs")
     if job.mindspore:
@@ -252,7 +212,7 @@ def _output_check(job: Job, src: str | Path, dst: Path, src_arg: Any, dst_arg: A
 
     def check(tmp: Path) -> None:
         try:
-            report = verify(src, tmp, ranks=ranks, src_layout=src_arg, dst_layout=dst_arg, dtype=dtype)
+            report = verify_output(src, tmp, ranks=ranks, src_layout=src_arg, dst_layout=dst_arg, dtype=dtype)
         except VerifyError as e:  # name the output as the user knows it, not our temporary folder
             message = str(e).replace(str(tmp), str(dst))
             raise VerifyError(f"--verify: nothing was written to {dst}: {message}") from None

@@ -99,7 +99,7 @@ def build_array(
     dtype = info.dst_dtype
     carried, tail = (dtype, ()) if native else jax_dtype(dtype)
 
-    def callback(index: tuple[slice, ...]) -> np.ndarray:
+    def callback(index: Any) -> np.ndarray:  # a tuple of slices (jax types it `Index | None`)
         box = Box.from_index(index[: len(info.shape)], info.shape)
         buf = bufs.get(box)
         if buf is None:  # a box no planned rank needs (with --ranks): untouched memory, never written out

@@ -10,7 +10,8 @@ from .formats import SourceCheckpoint
 from .formats.orbax_io import read_orbax_metadata
 from .layout import format_spec
 from .mindspore import param_layout
-from .plan import LayoutLike, Plan, format_ranks, make_plan, plan_stats
+from .plan import LayoutLike, Plan, format_ranks, make_plan
+from .planstats import plan_stats
 
 
 def human_bytes(n: float) -> str:
@@ -53,7 +54,8 @@ def describe_source(source: SourceCheckpoint, src_layout: LayoutLike | None) -> 
             files = ", ".join(str(p) for p in source.files[rank])
             yield f"rank {rank}: {files}"
             for entry in source.entries[rank].values():
-                yield f"    {entry.param:<48} {str(entry.dtype):<9} {list(entry.shape)!s:<18} {human_bytes(entry.nbytes)}"
+                shape = f"{list(entry.shape)!s:<18}"
+                yield f"    {entry.param:<48} {str(entry.dtype):<9} {shape} {human_bytes(entry.nbytes)}"
         return
     plan = make_plan(source.entries, src_layout, None)  # validates the layout against the files
     total = 0

@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .errors import LayoutError
-
-if TYPE_CHECKING:
-    from .layout import ParamLayout
+from .layout import ParamLayout
 
 _DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"  # XLA's flag for fake host (CPU) devices
 

@@ -57,7 +57,7 @@ def destination_lock(dst: Path, ranks: Sequence[int] | None = None) -> Iterator[
     (a symlink and its target) must share one lock file. Yields the lock file's path.
     """
     path = lock_path(dst)
-    ranges = [WHOLE] if ranks is None else _byte_ranges(ranks)
+    ranges: list[tuple[int, int]] = [WHOLE] if ranks is None else _byte_ranges(ranks)
     with _GUARD:
         entry = _acquire(path, dst, ranges, ranks)
     try:

@@ -146,7 +146,8 @@ class _Run:
         self.unsynced = 0
         states: dict[str, tuple[int, str]] = {}
         for writer in self.writers.values():
-            state = writer.sync() if hasattr(writer, "sync") else None
+            sync = getattr(writer, "sync", None)  # an optional RankWriter method (safetensors has it)
+            state = sync() if sync is not None else None
             if state is None:
                 return  # written out of file order: nothing a rerun could continue
             states.update({Path(p).relative_to(self.dst_dir).as_posix(): v for p, v in state.items()})

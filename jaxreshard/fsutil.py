@@ -20,13 +20,14 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .dstlock import destination_lock, lock_path
 from .errors import ConfigError, OutputError, OutputExistsError
+from .fsops import FAULT_ENV as FAULT_ENV  # re-exported: tests set it
+from .fsops import fault, fsync_dir, fsync_tree, make_dir, make_parent, write_failure, writes_named
 from .renameat import RENAME_EXCHANGE, RENAME_NOREPLACE
 from .renameat import Unsupported as _Unsupported
 from .renameat import renameat2 as _renameat2
@@ -51,7 +52,6 @@ __all__ = [
 ]  # fmt: skip
 
 PREFIX_MAX = 128  # bytes; a rank file name is prefix + rank + suffix, and names are capped at 255 bytes
-FAULT_ENV = "JAXRESHARD_FAULT"  # tests only: "<point>[@<n>][:<SIGNAL>]" kills this process at a named point
 
 
 def resolve_destination(dst: str | Path) -> Path:
@@ -115,7 +115,7 @@ def atomic_output(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
     (`--resume` takes what it keeps from them before: see resume.py)."""
     target = resolve_destination(dst)
     check_destination(target, [], overwrite=overwrite)
-    _make_parent(target)
+    make_parent(target)
     with destination_lock(target, None):
         fault("locked")
         check_destination(target, [], overwrite=overwrite)  # again, now that no other run can write it
@@ -134,7 +134,7 @@ def atomic_output(dst: Path, *, overwrite: bool = False) -> Iterator[Path]:
 def _filled(target: Path, tmp: Path) -> Iterator[None]:
     """The caller fills `tmp` (write errors name `target`); then it is made durable and the `before-commit` fault
     point runs, so every commit starts from a temporary that is complete on disk."""
-    with _writes_named(target):
+    with writes_named(target):
         yield
     fsync_tree(tmp)
     fault("before-commit")
@@ -146,7 +146,7 @@ def staged_rank_folders(dst: Path, folders: Sequence[str], ranks: Sequence[int],
     """Like `atomic_output` for some ranks only (`--ranks`): lock only those ranks, yield a temporary, then
     commit each of its top-level `folders` into `dst` on its own; other rank folders are never touched."""
     target = resolve_destination(dst)
-    _make_parent(target)
+    make_parent(target)
     with destination_lock(target, ranks):
         fault("locked")
         taken = [f for f in folders if os.path.lexists(target / f)]
@@ -156,7 +156,7 @@ def staged_rank_folders(dst: Path, folders: Sequence[str], ranks: Sequence[int],
         try:
             with _filled(target, tmp):
                 yield tmp
-            _make_dir(target)
+            make_dir(target)
             for folder in folders:  # each rank folder replaces its old self only once complete
                 commit_tree(tmp / folder, target / folder, overwrite=overwrite)
                 fault("folder-committed")
@@ -176,7 +176,7 @@ def commit_tree(tmp: Path, target: Path, *, overwrite: bool, replace_empty_dir: 
                 with contextlib.suppress(FileNotFoundError):
                     os.rmdir(target)  # an empty folder given as destination; fails if anything is in it now
             _rename_noreplace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as e:
         if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
             raise OutputError(f"{target}: appeared while this run was writing (another program?); it was left "
@@ -198,7 +198,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
         fault("commit-swapped")  # tmp now holds the old output
         old = _temp_name(target, "old")
         os.rename(tmp, old)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old.is_dir() and not old.is_symlink():  # replaced only after the new output is in place, as asked
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -294,79 +294,3 @@ def remove_stale_partials(dst: Path) -> list[Path]:
         log.warning("removed %d stale temporary folder(s) of killed runs next to %s: %s", len(stale + olds),
                     dst, ", ".join(p.name for p in stale + olds))
     return stale + olds
-
-
-# ------------------------------------------------------------------------------------------------ small helpers
-
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
-def write_failure(e: OSError, file: str | Path) -> OutputError:
-    """The one-line error for an OS failure while writing `file` under the destination, with what to do."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        hint = "free space (or quota) or choose another destination"
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        hint = "make the destination writable or choose another one"
-    else:
-        hint = "check the destination's file system"
-    return OutputError(f"writing {file} failed: {e.strerror or e}; {hint}")
-
-
-@contextlib.contextmanager
-def _writes_named(dst: Path) -> Iterator[None]:
-    """Destination failures (full, read-only, denied) that escape a writer are named as writes, not tracebacks."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
-            raise
-        raise write_failure(e, e.filename or dst) from None
-
-
-def _make_parent(target: Path) -> None:
-    _make_dir(target.parent)
-
-
-def _make_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
-        raise OutputError(f"cannot create {path}: {blocker} is a file, not a folder; choose another "
-                          "destination") from None
-    except OSError as e:
-        raise OutputError(f"cannot create {path}: {e.strerror}; choose a writable destination") from None
-
-
-def fsync_tree(root: Path) -> None:
-    """Make the folders of a finished tree durable before it is committed (file writers sync their files)."""
-    for dirpath, _, _ in os.walk(root):
-        try:
-            _fsync_dir(Path(dirpath))
-        except OSError as e:
-            raise OutputError(f"syncing {dirpath} to disk failed: {e.strerror}") from None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_FAULT_COUNTS: dict[str, int] = {}
-
-
-def fault(point: str) -> None:
-    """Fault injection for tests: with JAXRESHARD_FAULT=<point>[@<n>][:<SIGNAL>] the process sends itself
-    SIGNAL (default KILL) the n-th time (default first) it reaches `point`. Unset, this does nothing."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    m = re.fullmatch(r"([\w-]+)(?:@(\d+))?(?::(\w+))?", spec)
-    if m is None or m.group(1) != point:
-        return
-    _FAULT_COUNTS[point] = _FAULT_COUNTS.get(point, 0) + 1
-    if _FAULT_COUNTS[point] == int(m.group(2) or 1):
-        os.kill(os.getpid(), getattr(signal, f"SIG{m.group(3) or 'KILL'}"))

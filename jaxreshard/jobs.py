@@ -19,7 +19,8 @@ from .formats import SourceCheckpoint
 from .formats.manifest import MANIFEST_NAME
 from .formats.writers import OutputKind
 from .fsutil import check_destination
-from .plan import Plan, PlanStats, plan_stats
+from .plan import Plan
+from .planstats import PlanStats, plan_stats
 from .progress import Progress
 from .run import Output, run_orbax, run_plan
 

@@ -16,104 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .box import Box
 from .caps import MAX_MESH_AXES, MAX_NAME_CHARS, MAX_RANKS
 from .errors import LayoutError
+from .paramlayout import COMPLETE as COMPLETE  # re-exported: users import these from `layout`
+from .paramlayout import ParamLayout as ParamLayout
+from .paramlayout import Spec as Spec
+from .paramlayout import format_spec as format_spec
+from .paramlayout import unravel as unravel
 from .saferegex import compile_safe
 from .yamlfile import load_yaml
-
-Spec = tuple[tuple[str, ...], ...]  # per tensor dim: mesh axes splitting it, major first; () = whole
-
-
-@dataclass(frozen=True, slots=True)
-class ParamLayout:
-    """How one parameter is laid out: the mesh it lives on, its spec, and the pipeline stages holding it.
-
-    Each parameter carries its own mesh shape because MindSpore strategies give every parameter its own
-    device matrix (same device count per stage, different factorisations).
-    """
-
-    mesh_axes: tuple[tuple[str, int], ...]
-    spec: Spec
-    stages: tuple[int, ...]
-
-    @property
-    def devices_per_stage(self) -> int:
-        return math.prod(size for _, size in self.mesh_axes)
-
-    def blocks_per_dim(self, ndim: int) -> tuple[int, ...]:
-        """How many blocks each tensor dim is cut into."""
-        sizes = dict(self.mesh_axes)
-        return tuple(math.prod(sizes[a] for a in self.spec[i]) if i < len(self.spec) else 1 for i in range(ndim))
-
-    def check_shape(self, param: str, shape: Sequence[int]) -> None:
-        """Raise `LayoutError` unless the spec fits `shape` and divides every split dimension evenly."""
-        if len(self.spec) > len(shape):
-            raise LayoutError(
-                f"parameter {param!r} has shape {list(shape)} ({len(shape)} dims) but its spec "
-                f"{format_spec(self.spec)} has {len(self.spec)} entries; shorten the spec"
-            )
-        for dim, (size, k) in enumerate(zip(shape, self.blocks_per_dim(len(shape)))):
-            if size % k:
-                raise LayoutError(
-                    f"parameter {param!r} dim {dim} of size {size} cannot be split {k} ways by spec "
-                    f"{format_spec(self.spec)} on mesh {dict(self.mesh_axes)}; use a layout whose split divides it"
-                )
-
-    def block_coords(self, local_rank: int, ndim: int) -> tuple[int, ...]:
-        """Block index per tensor dim held by `local_rank` (mixed radix over the dim's axes, major first)."""
-        names = [name for name, _ in self.mesh_axes]
-        sizes = [size for _, size in self.mesh_axes]
-        coord = dict(zip(names, unravel(local_rank, sizes)))
-        out = []
-        for i in range(ndim):
-            c = 0
-            for axis in self.spec[i] if i < len(self.spec) else ():
-                c = c * dict(self.mesh_axes)[axis] + coord[axis]
-            out.append(c)
-        return tuple(out)
-
-    def box(self, shape: Sequence[int], local_rank: int) -> Box:
-        """The box of a parameter of full `shape` held by `local_rank` (shape must be checked first)."""
-        coords = self.block_coords(local_rank, len(shape))
-        blocks = self.blocks_per_dim(len(shape))
-        start = tuple(c * (s // k) for c, s, k in zip(coords, shape, blocks))
-        stop = tuple(a + s // k for a, s, k in zip(start, shape, blocks))
-        return Box(start, stop)
-
-    def global_ranks(self) -> list[int]:
-        n = self.devices_per_stage
-        return [stage * n + local for stage in self.stages for local in range(n)]
-
-    @property
-    def mesh_shape(self) -> tuple[int, ...]:
-        return tuple(size for _, size in self.mesh_axes)
-
-    @property
-    def axis_names(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.mesh_axes)
-
-    def partition_spec(self) -> Any:
-        """The equivalent `jax.sharding.PartitionSpec` (imports JAX)."""
-        from jax.sharding import PartitionSpec
-
-        return PartitionSpec(*[None if not axes else axes[0] if len(axes) == 1 else axes for axes in self.spec])
-
-
-COMPLETE = ParamLayout(mesh_axes=(), spec=(), stages=(0,))  # a whole tensor on a single rank
-
-
-def unravel(index: int, sizes: Sequence[int]) -> list[int]:
-    out = []
-    for size in reversed(sizes):
-        out.append(index % size)
-        index //= size
-    return out[::-1]
-
-
-def format_spec(spec: Spec) -> str:
-    parts = ["null" if not axes else axes[0] if len(axes) == 1 else "[" + ", ".join(axes) + "]" for axes in spec]
-    return "[" + ", ".join(parts) + "]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +68,8 @@ class Layout:
         give {0, 1} to stage 0 and {10, 11} to stage 1, whatever the numbering's gaps).
         """
         params = list(params)
-        compiled = [compile_safe(rule.match, f"{self.source}: rule {i}", LayoutError) for i, rule in enumerate(self.rules)]
+        compiled = [compile_safe(rule.match, f"{self.source}: rule {i}", LayoutError)
+                    for i, rule in enumerate(self.rules)]
         matched: dict[str, tuple[Rule, int | None] | None] = {}
         layers: set[int] = set()
         for param in params:
@@ -277,7 +189,8 @@ def _rule(item: Any, mesh_axes: tuple[tuple[str, int], ...], stages: int, where:
     stage = item.get("stage")
     in_range = isinstance(stage, int) and not isinstance(stage, bool) and -stages <= stage < stages
     if not (stage is None or stage == "by_layer" or in_range):
-        raise LayoutError(f"{where}: stage must be an integer in [{-stages}, {stages - 1}] or by_layer, got {stage!r:.80}")
+        raise LayoutError(f"{where}: stage must be an integer in [{-stages}, {stages - 1}] or by_layer, "
+                          f"got {stage!r:.80}")
     return Rule(item["match"], parse_spec(item.get("spec"), dict(mesh_axes), where), stage)
 
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from .api import parse_dtype
 from .arrays import build_array
 from .devices import make_mesh
 from .errors import ConfigError, PlanError
@@ -30,6 +29,7 @@ from .plan import is_floating
 from .planners import ArrayRequest, NativePlanner, RestorePlanner, one_side, read_side
 from .planners.native import boxes_of
 from .rules import Rules
+from .values import parse_dtype
 
 Rename = Callable[[str], str | None] | Sequence[tuple[str, str]]
 

@@ -15,13 +15,12 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .api import LayoutArg, native_layouts, parse_size
 from .errors import ConfigError, FormatError, PlanError
 from .formats import open_source
 from .formats.adapter_config import read_adapter_config
@@ -30,8 +29,12 @@ from .formats.mindspore_ckpt import OPTIMIZER_STATE_PREFIXES
 from .formats.writers import OutputKind
 from .fsutil import check_destination, check_file_prefix
 from .jobs import Job, write_job
-from .plan import Plan, make_plan, merge_orders
+from .layout import ParamLayout
+from .plan import LayoutLike, Plan, make_plan, merge_orders
+from .planners.native import native_layouts
+from .planners.sides import LayoutArg
 from .transforms import LoraFold as LoraFold  # the plan's typed transform; re-exported
+from .values import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +199,7 @@ def plan_merge_lora(
                             f"{module + '.base_layer.weight'!r}) in {source.path}")
         _check_float_base(base, params[base].src_dtype, pair)
         factors = adapter_factors if pair.a in adapter_entries else src_factors
+        assert factors is not None  # a pair was found, so the plan of its factors exists
         fold = fold_for(module, pair, params[base].shape, factors, scaling.for_module(module), fan_in_fan_out)
         params[base] = replace(params[base], transforms=(fold, *params[base].transforms))
     return Job(replace(plan, params=params), source, OutputKind(fmt))
@@ -212,11 +216,11 @@ def _check_float_base(base: str, dtype: np.dtype, pair) -> None:
 class _StoredNames:
     """A source layout resolved over the names parameters have in the source files."""
 
-    def __init__(self, inner, stored: dict[str, str]):
+    def __init__(self, inner: LayoutLike, stored: dict[str, str]):
         self.inner, self.stored, self.num_ranks = inner, stored, inner.num_ranks
 
-    def resolve(self, names):
-        names = list(names)
+    def resolve(self, params: Iterable[str]) -> dict[str, ParamLayout]:
+        names = list(params)
         resolved = self.inner.resolve([self.stored.get(n, n) for n in names])
         return {n: resolved[self.stored.get(n, n)] for n in names}
 

@@ -99,9 +99,9 @@ class ManifestLayout:
     num_ranks: int
     where: str
 
-    def resolve(self, names: Iterable[str]) -> dict[str, ParamLayout]:
+    def resolve(self, params: Iterable[str]) -> dict[str, ParamLayout]:
         out = {}
-        for name in names:
+        for name in params:
             layout = self.params.get(name)
             if layout is None:
                 raise FormatError(f"{self.where}: parameter {name!r} is in the checkpoint files but not in their "

@@ -26,9 +26,6 @@ from .coverage import ReadItem, SourceGrid, cover, source_grid
 from .errors import FormatError, LayoutError, PlanError
 from .formats.base import TensorEntry
 from .layout import COMPLETE, ParamLayout
-from .planstats import PlanStats as PlanStats  # re-exported: `jaxreshard.plan` is where users look
-from .planstats import RankStats as RankStats
-from .planstats import plan_stats as plan_stats
 from .rulemap import Target, apply_rules
 from .rules import Rules
 from .transforms import Cast, Transform

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .box import Box
-
-if TYPE_CHECKING:
-    from .plan import Plan, ShardPlan
+from .plan import Plan, ShardPlan
 
 
 @dataclass(frozen=True, slots=True)

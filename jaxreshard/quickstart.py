@@ -61,7 +61,8 @@ def _compare(a: Path, b: Path) -> None:
     """Raise unless both checkpoints hold the same parameters with identical bytes."""
     ea, eb = open_source(a).entries[0], open_source(b).entries[0]
     if list(ea) != list(eb):
-        raise JaxreshardError(f"quickstart check failed: {b} has parameters {list(eb)[:5]}..., expected {list(ea)[:5]}...")
+        raise JaxreshardError(f"quickstart check failed: {b} has parameters {list(eb)[:5]}..., "
+                              f"expected {list(ea)[:5]}...")
     with FileHandles() as handles:
         for param, entry in ea.items():
             other = eb[param]

@@ -35,7 +35,7 @@ from .formats.manifest import FileRecord, Manifest, write_manifest
 from .formats.orbax_io import OrbaxWriter, x64
 from .formats.writers import OutputKind, writer_factory
 from .fsutil import atomic_output, staged_rank_folders
-from .plan import PerRankCopy, Plan
+from .plan import PerRankCopy, Plan, RankPlan
 
 PR_SET_PDEATHSIG = 1
 Describe = Callable[[dict[str, FileRecord]], Manifest]  # the output's manifest, given its files
@@ -219,10 +219,10 @@ def _execute_block(plan: Plan, tmp: Path, output: Output) -> dict[str, FileRecor
 
 
 def _factory(output: Output, tmp: Path, plan: Plan, resumed: dict | None = None):
-    describe = None
-    if output.num_ranks > 1:
-        def describe(rank):
-            return manifests.rank_metadata(plan, rank, output.num_ranks)
+    def rank_metadata(rank: RankPlan) -> dict[str, str]:
+        return manifests.rank_metadata(plan, rank, output.num_ranks)
+
+    describe = rank_metadata if output.num_ranks > 1 else None
     return writer_factory(output.kind, tmp, hf=output.hf, max_file_bytes=output.max_file_bytes,
                           metadata=dict(output.metadata), describe=describe,
                           resumed=resumed)

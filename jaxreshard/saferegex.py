@@ -13,16 +13,13 @@ Alternations of single characters (`(q|k|v)`) are compiled to character classes 
 from __future__ import annotations
 
 import re
+
+# re's own parser (private modules since Python 3.11, the oldest this package supports; typeshed omits them)
+from re import _constants as sre_constants  # pyright: ignore[reportAttributeAccessIssue]
+from re import _parser as sre_parse  # pyright: ignore[reportAttributeAccessIssue]
 from typing import Any
 
 from .caps import MAX_BOUNDED_CHOICES, MAX_PATTERN_CHARS, MAX_UNBOUNDED_REPEATS
-
-try:  # Python 3.11+
-    from re import _constants as sre_constants
-    from re import _parser as sre_parse
-except ImportError:  # pragma: no cover - Python < 3.11
-    import sre_constants  # type: ignore[no-redef]
-    import sre_parse  # type: ignore[no-redef]
 
 _REPEATS = {sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT} | (
     {sre_constants.POSSESSIVE_REPEAT} if hasattr(sre_constants, "POSSESSIVE_REPEAT") else set()

@@ -43,7 +43,8 @@ def source_manifest(source: SourceCheckpoint) -> Manifest | None:
             raise FormatError(f"{path}: cannot read: {e.strerror}") from None
         if size != record.size:
             raise FormatError(f"{path}: {size} bytes but {root / MANIFEST_NAME} records {record.size}; the file was "
-                              "truncated or replaced after it was written: copy it again (jaxreshard verify checks all)")
+                              "truncated or replaced after it was written: "
+                              "copy it again (jaxreshard verify checks all)")
     return manifest
 
 
@@ -102,7 +103,8 @@ def _against_manifest(source: SourceCheckpoint, resolved: dict[str, ParamLayout]
         implied = _implied_shape(layout, stored)
         if implied != record.shape:
             raise LayoutError(f"{where}: parameter {name!r} on rank {holders[0]}: the given source layout makes it "
-                              f"{list(implied)} (blocks of {list(stored)}) but the checkpoint records {list(record.shape)}; "
+                              f"{list(implied)} (blocks of {list(stored)}) "
+                              f"but the checkpoint records {list(record.shape)}; "
                               + HINT)
         if len(layout.spec) > len(record.shape):
             continue  # check_shape reports it
@@ -115,7 +117,8 @@ def _against_manifest(source: SourceCheckpoint, resolved: dict[str, ParamLayout]
             b = recorded.box(record.shape, rank % recorded.devices_per_stage) if rank in theirs else None
             if a != b:
                 raise LayoutError(f"{where}: parameter {name!r} on rank {rank}: the given source layout puts "
-                                  f"{_box(a)} of {list(record.shape)} there but the checkpoint holds {_box(b)}; " + HINT)
+                                  f"{_box(a)} of {list(record.shape)} there "
+                                  f"but the checkpoint holds {_box(b)}; " + HINT)
 
 
 def _box(box) -> str:
@@ -145,7 +148,8 @@ def _rank_params(source: SourceCheckpoint, rank: int, raw: str) -> dict[str, tup
     for name, (shape, start) in out.items():
         entry = source.entries[rank].get(name)
         if entry is not None and any(a + s > g for a, s, g in zip(start, entry.shape, shape)):
-            raise FormatError(f"{path}: parameter {name!r}: its block {list(entry.shape)} at {list(start)} does not fit "
+            raise FormatError(f"{path}: parameter {name!r}: its block {list(entry.shape)} at {list(start)} "
+                              "does not fit "
                               f"the recorded global shape {list(shape)}; the file is damaged")
     return out
 
@@ -163,7 +167,7 @@ def _against_rank(source: SourceCheckpoint, rank: int, resolved: dict[str, Param
                               f"{list(shape)}; " + hint)
         implied = _implied_shape(layout, entry.shape)
         box = layout.box(shape, rank % layout.devices_per_stage) if implied == shape else None
-        if implied != shape or box.start != start:
+        if box is None or box.start != start:
             got = f"{list(implied)}" + (f" with its block at {list(box.start)}" if box is not None else "")
             raise LayoutError(f"{path}: parameter {name!r} on rank {rank}: {whose} makes it {got} "
                               f"but the file records {list(shape)} with its block {list(entry.shape)} at "

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from . import manifests
-from .api import LayoutArg, native_layouts, parse_size
 from .errors import ConfigError, OutputError
 from .execute import execute
 from .formats import open_source, rank_dirs, source_from_files
@@ -24,7 +23,10 @@ from .formats.writers import OutputKind, PartsWriter, hf_part_split, ms_part_spl
 from .fsutil import atomic_output, check_destination
 from .jobs import Job, read_paths
 from .plan import make_plan, merge_orders
+from .planners.native import native_layouts
+from .planners.sides import LayoutArg
 from .run import worker_pool
+from .values import parse_size
 
 
 def pick_by_suffix(source_dir: Path, file_suffix: str | None) -> dict[int, Path] | None:
@@ -87,7 +89,9 @@ def write_unified(
     layout "hf": `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`; "ms": MindSpore's
     `part{i}.safetensors` + `param_name_map.json`, with the `hyper` parameters in `hyper_param.safetensors`.
     """
-    plan = job.plan
+    plan, source = job.plan, job.source
+    if source is None:
+        raise ConfigError("unify writes rank files read from a source checkpoint; this job has none")
     (rank,) = plan.ranks
     everything = [(s.param, plan.params[s.param].dst_dtype, s.dst_box.shape) for s in rank.shards]
     params = [p for p in everything if p[0] not in hyper]
@@ -97,8 +101,9 @@ def write_unified(
         raise ConfigError(f"--process-num {process_num} must be at least 1")
     workers = min(process_num, len(groups))
     blocks = [list(range(len(groups)))[i::workers] for i in range(workers)]
-    check_destination(dst, read_paths(job.source), overwrite=overwrite)
-    metadata = manifests.hf_metadata(manifests.carried_metadata(manifests.source_metadata(job.source))) if layout == "hf" else None
+    check_destination(dst, read_paths(source), overwrite=overwrite)
+    carried = manifests.carried_metadata(manifests.source_metadata(source))
+    metadata = manifests.hf_metadata(carried) if layout == "hf" else None
     with atomic_output(dst, overwrite=overwrite) as tmp:
         jobs = [(restrict(plan, {params[j][0] for i in b for j in groups[i]}), tmp, params, parts, set(b), metadata)
                 for b in blocks]
@@ -120,7 +125,7 @@ def write_unified(
         weight_map = {params[j][0]: names[i] for i, g in enumerate(groups) for j in g}
         write_index(tmp / index_name, weight_map, sum(int(np.prod(p[2])) * np.dtype(p[1]).itemsize for p in params))
         files[index_name] = FileRecord((tmp / index_name).stat().st_size, file_sha256(tmp / index_name))
-        write_manifest(tmp, manifests.build_manifest(plan, str(Path(job.source.path).absolute()), layout, files))
+        write_manifest(tmp, manifests.build_manifest(plan, str(Path(source.path).absolute()), layout, files))
     return sorted(dst.iterdir())
 
 

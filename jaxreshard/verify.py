@@ -41,6 +41,8 @@ from .integrity import (
 )  # fmt: skip
 from .integrity import check_replicas as check_replicas_of
 from .plan import LayoutLike, Plan, ShardPlan, is_floating, make_plan, with_dtype
+from .planners.native import native_layouts
+from .values import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,6 @@ def verify(
     a_struct = check_structure(a, a_layout)
     b_struct = check_structure(b, b_layout, ranks=None if ranks is None else list(ranks))
     _same_params(a, b, a_struct, b_struct)
-    from .api import parse_dtype
-
     cast = parse_dtype(dtype)
     _same_shapes(a, b, a_struct, b_struct, cast)
     replicas = 0
@@ -116,15 +116,11 @@ def layout_of(source: SourceCheckpoint, layout: Any, strategy: Any) -> LayoutLik
     """The layout given for `source` (checked against what its files record), else the one its manifest records
     (`srccheck.source_layout`, as `convert` reads it), else complete; a distributed source with neither is a
     ConfigError naming the flags."""
-    from .api import native_layouts
-
     return native_layouts(source, layout, strategy)[0]
 
 
 def verify_one(path: Path, layout: Any, strategy: Any, *, check_replicas: bool) -> VerifyReport:
     """One checkpoint against its manifest (files, layout, shapes) and, given, its layout and its replicas."""
-    from .api import native_layouts
-
     manifest = read_manifest(path) if path.is_dir() else None
     if manifest is None and layout is None and strategy is None:
         raise ConfigError(f"{path}: has no manifest ({MANIFEST_NAME}); give --src to compare with, or its layout "

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.reader import ReaderError
 
 from .caps import MAX_YAML_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES
 from .errors import JaxreshardError
@@ -34,15 +36,15 @@ class _BoundedLoader(yaml.SafeLoader):
             mark = self.peek_event().start_mark
             node = super().compose_node(parent, index)
             if id(node) not in self._weight:  # an alias to an ancestor still being composed
-                raise yaml.composer.ComposerError(None, None, "recursive alias: a node contains itself", mark)
+                raise ComposerError(None, None, "recursive alias: a node contains itself", mark)
             return node
         mark = self.peek_event().start_mark
         self._depth += 1
         self._count += 1
         if self._count > MAX_YAML_NODES:
-            raise yaml.composer.ComposerError(None, None, f"has over {MAX_YAML_NODES} nodes", mark)
+            raise ComposerError(None, None, f"has over {MAX_YAML_NODES} nodes", mark)
         if self._depth > MAX_YAML_DEPTH:
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            raise ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
         try:
             node = super().compose_node(parent, index)
         finally:
@@ -54,7 +56,7 @@ class _BoundedLoader(yaml.SafeLoader):
             weight += sum(self._weight[id(k)] + self._weight[id(v)] for k, v in node.value)
             _refuse_duplicate_keys(node)
         if weight > MAX_YAML_NODES:
-            raise yaml.composer.ComposerError(
+            raise ComposerError(
                 None, None, f"expands (aliases counted in full) to over {MAX_YAML_NODES} nodes", mark
             )
         self._weight[id(node)] = weight
@@ -67,14 +69,14 @@ def _refuse_duplicate_keys(node: yaml.MappingNode) -> None:
     for key, _ in node.value:
         if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
             if (key.tag, key.value) in seen:
-                raise yaml.composer.ComposerError(None, None, f"duplicate key {key.value!r:.80}", key.start_mark)
+                raise ComposerError(None, None, f"duplicate key {key.value!r:.80}", key.start_mark)
             seen.add((key.tag, key.value))
 
 
 def _describe(e: yaml.YAMLError) -> str:
     """'line L, column C: context (started at line l, column c); problem' from PyYAML's multi-line message."""
     if not isinstance(e, yaml.MarkedYAMLError):  # a ReaderError: its text names "<unicode string>"
-        if hasattr(e, "reason"):
+        if isinstance(e, ReaderError):
             return one_line(f"{e.reason} #x{e.character:04x} at character {e.position}")
         return one_line(str(e))
     mark, start = e.problem_mark or e.context_mark, e.context_mark

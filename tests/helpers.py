@@ -11,7 +11,8 @@ from jaxreshard.formats.manifest import MANIFEST_NAME
 
 def tree(root: Path) -> dict[str, bytes]:
     """Every file under `root`, by relative path, with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
+    files = (p for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != MANIFEST_NAME)
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 def nest(flat: dict) -> dict:

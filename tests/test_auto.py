@@ -93,7 +93,8 @@ def test_waiting_times_out(tmp_path):
 
 
 def test_config_keys(tmp_path):
-    cfg = {"load_checkpoint": str(FIX / "ckpt" / "dp2mp2"), "src_strategy_path_or_dir": str(FIX / "strategy" / "dp2mp2.ckpt"),
+    cfg = {"load_checkpoint": str(FIX / "ckpt" / "dp2mp2"),
+           "src_strategy_path_or_dir": str(FIX / "strategy" / "dp2mp2.ckpt"),
            "auto_trans_ckpt": False, "output_dir": str(tmp_path)}
     assert auto_convert_from_config(cfg) == FIX / "ckpt" / "dp2mp2"  # auto_trans_ckpt off: load as is
     got = auto_convert_from_config({**cfg, "auto_trans_ckpt": True, "use_parallel": False})
@@ -138,7 +139,8 @@ def test_default_npu_num_per_node(monkeypatch):
     assert default_npu_num_per_node() == 8  # jax is imported here, but jax.distributed is not initialised
     monkeypatch.setenv("DEVICE_NUM_PER_NODE", "16")
     assert default_npu_num_per_node() == 16
-    code = "import sys, jaxreshard.mindformers.auto as a; n = a.default_npu_num_per_node(); print(n, 'jax' in sys.modules)"
+    code = ("import sys, jaxreshard.mindformers.auto as a; n = a.default_npu_num_per_node(); "
+            "print(n, 'jax' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "DEVICE_NUM_PER_NODE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["8", "False"]  # never imports JAX just to find out

@@ -393,7 +393,8 @@ def test_hf_without_max_file_size_is_one_part(tmp_path, capsys, ckpt):
     src, tensors = ckpt
     dst = tmp_path / "hf1"
     run_ok(capsys, ["convert", "--src", src, "--dst", dst, "--hf", "-q"])
-    assert sorted(p.name for p in dst.iterdir() if p.name != MANIFEST_NAME) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json"]
+    assert sorted(p.name for p in dst.iterdir() if p.name != MANIFEST_NAME) == ["model-00001-of-00001.safetensors",
+                                                                                "model.safetensors.index.json"]
     assert_same_tensors(load_file(dst / "model-00001-of-00001.safetensors"), tensors)
 
 

@@ -40,7 +40,8 @@ def test_seed_scenarios_run_in_order(tmp_path, monkeypatch):
     assert tree(out / "1_dp2mp4") == tree(FIX / "ckpt" / "dp2mp4")
     assert tree(out / "4_complete") == tree(FIX / "ckpt" / "dp1mp2pp2__to__complete")
     assert tree(out / "5_dp2mp4_two_processes") == tree(FIX / "ckpt" / "dp2mp4")
-    assert sorted(p.name for p in (out / "6_dp2mp4pp2").iterdir() if p.name != MANIFEST_NAME) == sorted(f"rank_{r}" for r in range(16))
+    ranks = sorted(p.name for p in (out / "6_dp2mp4pp2").iterdir() if p.name != MANIFEST_NAME)
+    assert ranks == sorted(f"rank_{r}" for r in range(16))
     assert len(tree(out / "2_dp2mp2pp2")) == len(tree(out / "3_dp2mp4")) == 8
 
 

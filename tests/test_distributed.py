@@ -46,7 +46,8 @@ def test_cluster_arguments(monkeypatch):
 
 @pytest.mark.parametrize("args, reference", [
     (["--dst-strategy", str(FIX / "strategy" / "dp2mp4.ckpt")], FIX / "ckpt" / "dp2mp4"),
-    (["--dst-strategy", str(REPO / "configs" / "strategies" / "fixture_dp2mp4pp2" / "merged_ckpt_strategy.ckpt")], None),
+    (["--dst-strategy", str(REPO / "configs" / "strategies" / "fixture_dp2mp4pp2" / "merged_ckpt_strategy.ckpt")],
+     None),
 ])
 def test_two_processes_equal_one(tmp_path, args, reference):
     """Each process writes only the ranks of its own devices; together they equal a single-process run."""

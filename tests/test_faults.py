@@ -86,7 +86,7 @@ def test_kills_during_the_commit_leave_old_or_new(tmp_path, caplog):
         procs[name] = spawn(["-c", SCRIPT, str(dst), "1" if overwrite else "0", mode or "-"], fault)
     for proc in procs.values():  # every pipe closed before anything is asserted
         proc.communicate(timeout=60)
-    for name, fault, overwrite, mode, state, stale in COMMIT_KILLS:
+    for name, _fault, _overwrite, mode, state, stale in COMMIT_KILLS:
         proc = procs[name]
         dst = tmp_path / name / "out"
         assert proc.returncode in (-signal.SIGKILL, -signal.SIGTERM), (name, proc.returncode)
@@ -164,7 +164,7 @@ def test_kills_of_a_real_conversion(llama, reference, tmp_path, caplog):
     assert tree(tmp_path / "term-before-the-swap" / "out") == old["term-before-the-swap"]
     assert temporaries(tmp_path / "term-before-the-swap" / "out") == []
 
-    for name, (fault, overwrite, extra) in cases.items():
+    for name, (_fault, _overwrite, extra) in cases.items():
         dst = tmp_path / name / "out"
         stale = [t for t in temporaries(dst) if ".partial-" in t or ".old-" in t]
         ranks = ["--ranks", "2-3"] if extra else []  # the killed --ranks run committed rank_0 and rank_1

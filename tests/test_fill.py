@@ -37,7 +37,7 @@ def fill_all(plan):
     with FileHandles() as handles:
         targets = [(s, aligned_empty(s.dst_box.shape, np.int32)) for r in plan.ranks for s in r.shards]
         fill.fill_boxes(plan, targets, handles)
-        for (shard, buf), rank in zip(targets, plan.ranks):
+        for (_shard, buf), rank in zip(targets, plan.ranks):
             out[rank.dst_rank] = buf
     return out
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxreshard import fsutil
+from jaxreshard import fsops, fsutil
 from jaxreshard.errors import ConfigError, JaxreshardError, OutputError, OutputExistsError
 from jaxreshard.fsutil import atomic_output, check_destination, check_file_prefix, staged_rank_folders
 
@@ -393,7 +393,7 @@ def test_plain_prefixes_are_accepted(prefix):
 def test_fault_fires_only_at_its_point_and_count(monkeypatch):
     sent = []
     monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
-    monkeypatch.setattr(fsutil, "_FAULT_COUNTS", {})
+    monkeypatch.setattr(fsops, "_FAULT_COUNTS", {})  # fault() lives in fsops; fsutil re-exports it
     monkeypatch.setenv(fsutil.FAULT_ENV, "param-written@2:TERM")
     for point in ("other", "param-written", "param-written", "param-written"):
         fsutil.fault(point)

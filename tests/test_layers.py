@@ -1,8 +1,11 @@
 """The package's import graph, read with `ast` (nothing is imported): no cycle, and the layers import downward.
 
 Layers, top to bottom: commands (cli, MindFormers shims) -> library API -> planners (native, the MindSpore wing)
--> plan -> executor -> storage and formats (the ground floor). Every import of a jaxreshard module counts, also
-one inside a function: a lazy import hides an edge, it does not remove it.
+-> executor -> plan (typed data) -> storage and formats (the ground floor). Every import of a jaxreshard module
+counts, also one inside a function: a lazy import hides an edge, it does not remove it. An import under
+`if TYPE_CHECKING:` (a type named in an annotation only) must go downward too, but is not run, so it may close a
+cycle inside one layer: a recursive type such as the plan holding transforms and `LoraFold` holding the plan
+that reads its factors.
 """
 
 from __future__ import annotations
@@ -15,34 +18,28 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "jaxreshard"
 
-# Leaf modules the ground floor may use: errors, limits, geometry and file reading, none importing anything
-# above formats/ (test_leaves_stay_leaves checks that).
+# Leaf modules the ground floor may use: errors, limits, geometry, file reading and user values, none importing
+# anything above formats/ (test_leaves_stay_leaves checks that).
 FORMATS_MAY_IMPORT = {"jaxreshard.errors", "jaxreshard.caps", "jaxreshard.box", "jaxreshard.readfile",
                       "jaxreshard.saferegex"}  # fmt: skip
-# Who may import the MindFormers shims: the package's public surface and the commands layer.
+# Who may import the MindFormers shims: the package's public surface and the CLI (for its drop-in commands).
 SHIM_USERS = {"jaxreshard", "jaxreshard.cli"}
-# Edges that close a cycle today, in a module another change is rewriting (the planner seam): api.py keeps
-# `native_layouts` / `parse_dtype`, which verify.py needs, while api.py calls verify(). The lead removes this
-# once those helpers live below the API.
-KNOWN_CYCLE_EDGES = {("jaxreshard.verify", "jaxreshard.api")}
-# Modules that still import package modules inside functions, all rewritten by other changes now (planner seam:
-# api, load, merge, lora; command table: cli, config), plus verify's lazy side of the known cycle above.
-KNOWN_LAZY = {"jaxreshard.api", "jaxreshard.load", "jaxreshard.merge", "jaxreshard.lora", "jaxreshard.cli",
-              "jaxreshard.config", "jaxreshard.verify"}  # fmt: skip
 
 # Every module's layer, top (0) to bottom, as the README's "Development" table draws them; a module imports only
-# from its own layer and those below. A package (formats, mindspore, mindformers) is one entry.
+# from its own layer and those below. A package (commands, planners, formats, mindspore, mindformers) is one entry.
+# The plan is typed data: the planners build it and the executor runs it, so both sit above it.
 LAYERS = {
-    0: {"cli", "config", "quickstart", "example", "__main__"},  # commands
-    1: {"mindformers"},  # MindFormers shims
-    2: {"api", "load", "verify", "describe", "merge"},  # library
-    3: {"mindspore", "lora", "orbax_restore"},  # planners
-    4: {"execute", "run", "fill", "resume", "manifests", "integrity", "srccheck"},  # executor
-    5: {"plan", "coverage", "layout"},  # plan
-    6: {"fsutil", "dstlock", "renameat", "distributed", "devices"},  # storage
-    7: {"formats"},  # formats
-    8: {"errors", "caps", "box", "readfile", "saferegex", "yamlfile", "logs", "progress"},  # leaves
-}
+    0: {"cli", "config", "commands", "quickstart", "example", "__main__", "mindformers"},  # commands, shims
+    1: {"api", "load", "verify", "describe", "merge", "lora", "unify", "jobs"},  # library API
+    2: {"planners", "mindspore"},  # planners and the MindSpore wing
+    3: {"execute", "arrays", "run", "fill", "resume", "manifests", "integrity", "srccheck", "devices",
+        "distributed"},  # executor
+    4: {"plan", "transforms", "planstats", "coverage", "layout", "paramlayout"},  # plan
+    5: {"fsutil", "fsops", "dstlock", "renameat"},  # storage
+    6: {"formats"},  # formats
+    7: {"errors", "caps", "box", "readfile", "saferegex", "yamlfile", "logs", "progress", "values"},  # leaves
+}  # fmt: skip
+
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
@@ -53,11 +50,23 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
-    """The jaxreshard modules `name` imports anywhere in its file (a `from pkg import sub` names the submodule)."""
+def type_only_nodes(tree: ast.Module) -> set[int]:
+    """Ids of the import nodes under a module-level `if TYPE_CHECKING:` (annotations only, never run)."""
+    blocks = [n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) in ("TYPE_CHECKING",
+                                                                                        "typing.TYPE_CHECKING")]
+    return {id(n) for b in blocks for n in ast.walk(b) if isinstance(n, (ast.Import, ast.ImportFrom))}
+
+
+def imports_of(name: str, path: Path, known: set[str], *, runtime: bool = False) -> set[str]:
+    """The jaxreshard modules `name` imports anywhere in its file (a `from pkg import sub` names the submodule);
+    `runtime` leaves out the type-only imports."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skip = type_only_nodes(tree) if runtime else set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.split(".")[0] == "jaxreshard")
         elif isinstance(node, ast.ImportFrom):
@@ -75,13 +84,15 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return {m for m in out if m in known and m != name}
 
 
-def graph() -> dict[str, set[str]]:
+def graph(*, runtime: bool = False) -> dict[str, set[str]]:
     found = modules()
-    return {name: imports_of(name, path, set(found)) for name, path in found.items()}
+    return {name: imports_of(name, path, set(found), runtime=runtime) for name, path in found.items()}
 
 
 def test_the_graph_is_read():
     g = graph()
+    assert "jaxreshard.plan" in g["jaxreshard.transforms"]  # a type-only import is an edge of the layers
+    assert "jaxreshard.plan" not in graph(runtime=True)["jaxreshard.transforms"]  # but not of the cycle test
     assert "jaxreshard.mindspore.planner" in g["jaxreshard.mindspore"]  # re-exports resolve to the module
     assert "jaxreshard.api" in g["jaxreshard.mindformers.auto"]  # `from .. import api` names the submodule
     assert {"jaxreshard.formats.base", "jaxreshard.formats.manifest"} <= g["jaxreshard.formats.mindspore_ckpt_write"]
@@ -89,18 +100,12 @@ def test_the_graph_is_read():
 
 
 def test_no_import_cycle():
-    g = {m: deps - {d for s, d in KNOWN_CYCLE_EDGES if s == m} for m, deps in graph().items()}
+    g = graph(runtime=True)
     g.pop("jaxreshard")  # the public surface imports everything and is imported by nothing inside
     try:
         graphlib.TopologicalSorter(g).prepare()
     except graphlib.CycleError as e:
         pytest.fail(f"import cycle: {' -> '.join(e.args[1])}")
-
-
-def test_known_cycle_edges_still_exist():
-    """An exception that no longer exists must leave the list (else it would hide a new cycle)."""
-    g = graph()
-    assert [e for e in KNOWN_CYCLE_EDGES if e[1] not in g[e[0]]] == []
 
 
 def test_formats_are_the_ground_floor():
@@ -129,16 +134,26 @@ def test_the_mindspore_wing_is_above_the_plan():
 
 
 def lazy_imports(path: Path) -> list[int]:
-    """Lines of package imports inside a function or class body (not at module level)."""
+    """Lines of package imports inside a function or class body (not at module level nor under a module-level
+    `if TYPE_CHECKING:`)."""
     tree = ast.parse(path.read_text(), str(path))
-    top = {id(n) for n in tree.body}
-    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and id(n) not in top
-            and (n.level or (n.module or "").split(".")[0] == "jaxreshard")]
+    top = {id(n) for n in tree.body} | type_only_nodes(tree)
+    ours = [n for n in ast.walk(tree) if id(n) not in top and (
+        (isinstance(n, ast.ImportFrom) and (n.level or (n.module or "").split(".")[0] == "jaxreshard"))
+        or (isinstance(n, ast.Import) and any(a.name.split(".")[0] == "jaxreshard" for a in n.names)))]
+    return [n.lineno for n in ours]
+
+
+def test_lazy_imports_are_found(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("from typing import TYPE_CHECKING\nfrom . import a\nif TYPE_CHECKING:\n    from .b import B\n"
+                   "def f():\n    import jax\n    from .c import C\n    import jaxreshard.d\n")
+    assert lazy_imports(src) == [7, 8]
 
 
 def test_package_imports_at_the_top():
     """The graph is visible at the top of each module (jax and orbax may stay lazy: they are not ours)."""
-    found = {m: lazy_imports(p) for m, p in modules().items() if m not in KNOWN_LAZY}
+    found = {m: lazy_imports(p) for m, p in modules().items()}
     assert {m: lines for m, lines in found.items() if lines} == {}
 
 

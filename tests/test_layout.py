@@ -257,7 +257,8 @@ def test_read_layout_refuses_fifo_and_aliases(tmp_path):
     os.mkfifo(tmp_path / "fifo.yaml")
     with pytest.raises(LayoutError, match="not a regular file"):
         read_layout(tmp_path / "fifo.yaml")
-    (tmp_path / "ok.yaml").write_text("mesh: {mp: 2}\nparams:\n  - {match: a, spec: &s [mp]}\n  - {match: b, spec: *s}\n")
+    (tmp_path / "ok.yaml").write_text("mesh: {mp: 2}\nparams:\n"
+                                      "  - {match: a, spec: &s [mp]}\n  - {match: b, spec: *s}\n")
     assert read_layout(tmp_path / "ok.yaml").resolve(["b"])["b"].spec == (("mp",),)
 
 

@@ -369,7 +369,8 @@ def test_nested_dict_target(llama, full):
 def test_shape_dtype_struct_target(llama, full):
     mesh = mesh_of((4, 2), ("a", "b"))
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
-    target = {n: jax.ShapeDtypeStruct(full[n].shape, full[n].dtype, sharding=NamedSharding(mesh, P(*("a", None)[: full[n].ndim])))
+    target = {n: jax.ShapeDtypeStruct(full[n].shape, full[n].dtype,
+                                      sharding=NamedSharding(mesh, P(*("a", None)[: full[n].ndim])))
               for n in names}
     out = jr.load(llama, target, strict=False)
     for n in names:

@@ -161,7 +161,7 @@ def check_distributed(dst: Path, tensors, mesh, rules, fmt: str = "safetensors")
         assert_same(read_all(files[0]), expected_rank(tensors, mesh, rules, rank), f"rank {rank}")
 
 
-# ------------------------------------------------------------------------------------------------ every naming convention
+# ---------------------------------------------------------------------------------------------- every naming convention
 
 R = 4
 S = 2.0
@@ -392,7 +392,7 @@ def test_distributed_input_needs_a_layout(tmp_path, capsys, distributed_sources)
             tmp_path / "out")
 
 
-# ------------------------------------------------------------------------------------------------ PEFT adapters, scaling
+# ---------------------------------------------------------------------------------------------- PEFT adapters, scaling
 
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
 
@@ -474,7 +474,8 @@ def test_transposed_base_non_square_detected(tmp_path, capsys):
         "h.0.attn.c_attn.weight": W, "h.0.attn.c_attn.lora_A.weight": A, "h.0.attn.c_attn.lora_B.weight": B,
         "h.0.mlp.fc.weight": other, "h.0.mlp.fc.lora_A.weight": A2, "h.0.mlp.fc.lora_B.weight": B2,
     })  # fmt: skip
-    expect = {"h.0.attn.c_attn.weight": merged(W, A, B, S, transposed=True), "h.0.mlp.fc.weight": merged(other, A2, B2, S)}
+    expect = {"h.0.attn.c_attn.weight": merged(W, A, B, S, transposed=True),
+              "h.0.mlp.fc.weight": merged(other, A2, B2, S)}
     for flag in ([], ["--fan-in-fan-out"]):
         dst = tmp_path / f"out{len(flag)}"
         run_ok(capsys, ["merge-lora", "--src", src, "--dst", dst, "--lora-scaling", S, *flag, "-q"])

@@ -232,8 +232,10 @@ def test_a_hugging_face_folder_keeps_its_parts_metadata(tmp_path, small):
     hf = tmp_path / "hf_src"
     hf.mkdir()
     names = sorted(tensors)
-    save_file({k: tensors[k] for k in names[:2]}, str(hf / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
-    save_file({k: tensors[k] for k in names[2:]}, str(hf / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file({k: tensors[k] for k in names[:2]}, str(hf / "model-00001-of-00002.safetensors"),
+              metadata={"format": "pt"})
+    save_file({k: tensors[k] for k in names[2:]}, str(hf / "model-00002-of-00002.safetensors"),
+              metadata={"format": "pt"})
     weight_map = {k: f"model-0000{1 + (i >= 2)}-of-00002.safetensors" for i, k in enumerate(names)}
     (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     jr.convert(hf, tmp_path / "one")

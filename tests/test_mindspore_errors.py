@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from jaxreshard.cli import main
-from jaxreshard.formats.manifest import MANIFEST_NAME
 from jaxreshard.formats.mindspore_ckpt import read_ckpt_index
 from jaxreshard.formats.mindspore_strategy import ParallelStrategyMap
+
+from .helpers import tree as outputs  # every file but the manifest, by relative path
 
 FIX = Path(__file__).parent / "fixtures" / "mindspore"
 PARAMS = ("embedding.embedding_table", "layer1.weight", "layer1.bias", "layer2.weight", "layer2.bias",
@@ -89,8 +90,6 @@ def convert(src: Path, dst: Path, *extra) -> list:
     return ["convert", "--src", src, "--dst", dst, *extra, "-q"]
 
 
-def outputs(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 def edit_strategy(path: Path, edit) -> bytes:

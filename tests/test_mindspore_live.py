@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 import jaxreshard
-from jaxreshard.formats.manifest import MANIFEST_NAME
 
+from .helpers import tree as outputs  # every file but the manifest, by relative path
 from .wire import fields
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,8 +95,8 @@ def plain_layout(rng: random.Random, n: int, ndim: int) -> dict:
 
 def opt_layout(rng: random.Random, n: int, ndim: int, two_mp: bool = False) -> dict | None:
     """Optimizer shard, simple case of MindSpore's expansion: dev_matrix[0] is the only repeated axis, every other
-    axis > 1 is a model-parallel axis; step = product of the other axes, size 2 or -1 (whole group). `two_mp` asks for two
-    model-parallel axes of 2 (8 devices, 2-D+ tensor): with a map not in descending order that is the quirk of
+    axis > 1 is a model-parallel axis; step = product of the other axes, size 2 or -1 (whole group). `two_mp` asks for
+    two model-parallel axes of 2 (8 devices, 2-D+ tensor): with a map not in descending order that is the quirk of
     MindSpore's expansion (the expanded layout orders the axes by tensor dim)."""
     if two_mp and n == 8 and ndim >= 2:
         dp, mp_axes = 2, [2, 2]
@@ -262,8 +262,6 @@ def reference(tmp_path_factory) -> dict:
     return json.loads((root / "result.json").read_text())["cases"]
 
 
-def outputs(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 def records(data: bytes) -> list[tuple[str, tuple[int, ...], str, bytes]]:

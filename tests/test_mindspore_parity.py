@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 
 import jaxreshard
-from jaxreshard.formats.manifest import MANIFEST_NAME
+
+from .helpers import tree as outputs  # every file but the manifest, by relative path
 
 FIX = Path(__file__).parent / "fixtures" / "mindspore"
 MANIFEST = json.loads((FIX / "manifest.json").read_text())
 
 
-def outputs(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 def run(tmp_path, src, src_strategy, dst_strategy, **kw) -> Path:
@@ -70,5 +69,7 @@ def test_default_reads_each_block_once(tmp_path):
         dst_strategy=FIX / "inconsistent/dst_dp4.ckpt",
     ).plan  # fmt: skip
     shards = {id(s) for r in plan.ranks for s in r.shards if not plan.params[s.param].direct}
-    sources = {item.src_rank for r in plan.ranks for s in r.shards for item in s.reads if not plan.params[s.param].direct}
-    assert sources == {0, 1} and len(shards) == len({(s.param, s.dst_box) for r in plan.ranks for s in r.shards if not plan.params[s.param].direct})
+    sources = {item.src_rank for r in plan.ranks for s in r.shards for item in s.reads
+               if not plan.params[s.param].direct}
+    copied = {(s.param, s.dst_box) for r in plan.ranks for s in r.shards if not plan.params[s.param].direct}
+    assert sources == {0, 1} and len(shards) == len(copied)

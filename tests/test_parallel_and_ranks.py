@@ -27,6 +27,8 @@ import jaxreshard.api
 from jaxreshard.cli import main
 from jaxreshard.formats.manifest import MANIFEST_NAME
 
+from .helpers import tree as outputs  # every file but the manifest, by relative path
+
 FIX = Path(__file__).parent / "fixtures" / "mindspore"
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -49,8 +51,6 @@ def sha_tree(root: Path) -> dict[str, str]:
     return out
 
 
-def outputs(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 def leftovers(parent: Path) -> list[str]:

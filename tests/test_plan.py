@@ -10,7 +10,8 @@ from jaxreshard.coverage import ReadItem, check_exact_cover
 from jaxreshard.errors import LayoutError, PlanError
 from jaxreshard.formats.base import TensorEntry
 from jaxreshard.layout import layout_from_dict
-from jaxreshard.plan import format_ranks, make_plan, merge_orders, plan_stats, with_dtype
+from jaxreshard.plan import format_ranks, make_plan, merge_orders, with_dtype
+from jaxreshard.planstats import plan_stats
 
 F32 = np.dtype(np.float32)
 
@@ -83,7 +84,8 @@ def test_pipeline_ranks_hold_only_their_stage():
         {"match": "step", "spec": []}]})
     plan = make_plan({0: {"l.0": entry("l.0", (4,)), "l.1": entry("l.1", (4,)), "step": entry("step", ())}},
                      None, layout)
-    assert [[s.param for s in r.shards] for r in plan.ranks] == [["l.0", "step"], ["l.0", "step"], ["l.1"], ["l.1"]]  # no stage = stage 0
+    # no stage = stage 0
+    assert [[s.param for s in r.shards] for r in plan.ranks] == [["l.0", "step"], ["l.0", "step"], ["l.1"], ["l.1"]]
 
 
 def test_dst_ranks_subset_and_bad_rank():

@@ -24,6 +24,8 @@ from safetensors.numpy import load_file, save_file
 from jaxreshard.cli import main
 from jaxreshard.formats.manifest import MANIFEST_NAME
 
+from .helpers import tree as tree_bytes  # every file but the manifest, by relative path
+
 ROOT = Path(__file__).resolve().parents[1]
 MS = ROOT / "tests" / "fixtures" / "mindspore"
 ST_COMPLETE = MS / "st" / "complete" / "rank_0" / "checkpoint_0.safetensors"
@@ -100,7 +102,8 @@ def make_split(tmp: Path, layout: str, seed: int = 0, tag: str = "") -> tuple[Pa
     lay = write_layout(tmp, layout)
     dist = tmp / f"dist_{layout}{tag}_{seed}"
     assert cli("convert", "--src", full, "--dst", dist, "--dst-layout", lay) == 0
-    assert sorted(p.name for p in dist.iterdir() if p.name != MANIFEST_NAME) == sorted(f"rank_{r}" for r in range(len(list(dist.iterdir())) - 1))
+    ranks = sorted(p.name for p in dist.iterdir() if p.name != MANIFEST_NAME)
+    assert ranks == sorted(f"rank_{r}" for r in range(len(list(dist.iterdir())) - 1))
     return dist, lay, tensors
 
 
@@ -160,8 +163,6 @@ def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None
         assert g.tobytes() == w.tobytes(), k
 
 
-def tree_bytes(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != MANIFEST_NAME}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,7 +183,8 @@ def test_unify_default_size_is_one_file(tmp_path):
     dist, lay, tensors = make_split(tmp_path, "dp2mp2")
     out = tmp_path / "out"
     assert cli("unify", "--src", dist, "--src-layout", lay, "--dst", out) == 0
-    assert sorted(p.name for p in out.iterdir() if p.name != MANIFEST_NAME) == ["model-00001-of-00001.safetensors", HF_INDEX]
+    assert sorted(p.name for p in out.iterdir() if p.name != MANIFEST_NAME) == ["model-00001-of-00001.safetensors",
+                                                                                HF_INDEX]
     assert_same(check_hf(out), tensors)
 
 
@@ -523,7 +525,8 @@ def _check_ms_layout(unified: Path) -> tuple[dict[str, np.ndarray], dict[str, np
     assert (unified / "param_name_map.json").is_file()
     parts = sorted(p.name for p in unified.glob("part*.safetensors"))
     assert parts == [f"part{i}.safetensors" for i in range(len(parts))] and parts
-    assert set(p.name for p in unified.iterdir() if p.name != MANIFEST_NAME) <= set(parts) | {"param_name_map.json", "hyper_param.safetensors"}
+    side_files = {"param_name_map.json", "hyper_param.safetensors"}
+    assert set(p.name for p in unified.iterdir() if p.name != MANIFEST_NAME) <= set(parts) | side_files
     tensors = check_parts(unified, "param_name_map.json", parts)
     hyper = load_file(str(unified / "hyper_param.safetensors")) if (unified / "hyper_param.safetensors").exists() \
         else {}  # fmt: skip

@@ -193,7 +193,8 @@ def test_check_replicas_finds_differing_mindspore_replicas():
     src, strategy = MS / "inconsistent" / "src", MS / "inconsistent" / "src_dp2mp2.ckpt"
     assert verify(src, src_strategy=strategy).params == 2  # shapes alone look right
     with pytest.raises(VerifyError, match=r"rank_2/checkpoint_2.ckpt: parameter 'w' on rank 2 should be a replica "
-                                          r"of rank 0 but element 0 of its block \[0:4, 0:2\] \(global index \[0, 0\]\) "
+                                          r"of rank 0 but element 0 of its block \[0:4, 0:2\] "
+                                          r"\(global index \[0, 0\]\) "
                                           r"is 20.0 here but 0.0 on rank 0"):
         verify(src, src_strategy=strategy, check_replicas=True)
 

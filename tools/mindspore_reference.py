@@ -79,7 +79,7 @@ def stage_strategy(params: dict, stage: int) -> bytes:
     """One stage's ParallelStrategyMap, as the C++ StrategyCheckpointInfo::to_protobuf fills it."""
     msg = pb.ParallelStrategyMap()
     msg.current_stage = 1
-    for i, (name, lay) in enumerate(params.items()):  # one operator per parameter, first one carries the stage
+    for i, (_name, lay) in enumerate(params.items()):  # one operator per parameter, first one carries the stage
         item = msg.parallel_strategy_item.add()
         item.node_name = f"Default/network-Net/Op{stage}_{i}-op{i}"
         item.parallel_strategys.stage = stage

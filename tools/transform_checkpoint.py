@@ -9,7 +9,8 @@ from jaxreshard.mindformers.compat import parse_bool, transform_checkpoint
 
 p = argparse.ArgumentParser(description=__doc__)
 p.add_argument("--src_checkpoint", required=True, help="complete .ckpt, folder of .ckpt files, or folder of rank_<n>/")
-p.add_argument("--dst_checkpoint_dir", "--dst_checkpoint", default="", help="output root (default ./transformed_checkpoint)")
+p.add_argument("--dst_checkpoint_dir", "--dst_checkpoint", default="",
+               help="output root (default ./transformed_checkpoint)")
 p.add_argument("--src_strategy", default=None, help="source strategy file or folder (None: complete source)")
 p.add_argument("--dst_strategy", default=None, help="destination strategy file or folder (None: complete output)")
 p.add_argument("--prefix", default="checkpoint_")

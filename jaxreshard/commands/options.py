@@ -17,11 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ..api import parse_size
 from ..caps import MAX_PROCESSES, MAX_RANKS
 from ..errors import ConfigError
-from ..mindformers.compat import parse_bool
 from ..run import parse_ranks
+from ..values import parse_bool, parse_size
 
 T = TypeVar("T")
 _INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take '٣' or '1_0'
@@ -153,13 +152,14 @@ def build_options(options: type[T], values: Mapping[Any, Any], source: str | Non
     its path). Unknown keys, a key given twice under two spellings, missing required options and bad values
     are each refused with one line."""
     fields = option_fields(options)
-    aliases = {alias: name for name, f in fields.items() for alias in spec(f).aliases}
+    aliases: dict[str, str] = {alias: name for name, f in fields.items() for alias in spec(f).aliases}
     unknown = sorted(str(k) for k in values if k not in fields and k not in aliases)
     if unknown:
-        raise ConfigError(f"{source or 'command line'}: unknown keys {unknown}; valid keys are task, {', '.join(job_keys(options))}")
+        raise ConfigError(f"{source or 'command line'}: unknown keys {unknown}; "
+                          f"valid keys are task, {', '.join(job_keys(options))}")
     given: dict[str, tuple[str, Any]] = {}  # field -> (the spelling used, the value)
     for key, value in values.items():
-        name = aliases.get(key, key)
+        name = aliases[key] if key in aliases else key
         if name in given:
             first, second = (given[name][0], key) if source else (flag_name(given[name][0]), flag_name(key))
             raise ConfigError(f"{source + ': ' if source else ''}give {first} or {second}, not both")

@@ -38,7 +38,9 @@ def run_verify(opts: VerifyOptions) -> int:
             raise ConfigError(f"verify: one checkpoint takes one layout or strategy; got {flags}")
         layout = opts.src_layout or opts.dst_layout
         strategy = opts.src_strategy or opts.dst_strategy
-        report = verify(opts.src or opts.dst, src_layout=layout, src_strategy=strategy,
+        checkpoint = opts.src or opts.dst
+        assert checkpoint is not None  # exactly one of the two was given (the branches above)
+        report = verify(checkpoint, src_layout=layout, src_strategy=strategy,
                         check_replicas=opts.check_replicas)
     print(report.summary())
     return 0

@@ -85,7 +85,8 @@ def read_box(handles: FileHandles, entry: TensorEntry, box: Box, out: np.ndarray
     if out.shape != box.shape or not out.flags.c_contiguous:
         raise ValueError(f"read_box: out has shape {out.shape}, box {box} needs {box.shape}")
     fd = handles.fd(entry.path)
-    dst = memoryview(out.reshape(-1).view(np.uint8))
+    # an ndarray exports the buffer protocol; numpy's stubs declare `__buffer__` for Python 3.12+ only
+    dst = memoryview(out.reshape(-1).view(np.uint8))  # pyright: ignore[reportArgumentType]
     pos = 0
     for offset, nbytes in byte_runs(box, entry.shape, entry.dtype.itemsize):
         for file_offset, chunk in _segment_ranges(entry, offset, nbytes):

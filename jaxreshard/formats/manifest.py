@@ -16,7 +16,7 @@ import os
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class Manifest:
     output_format: str  # "safetensors", "ckpt", "hf", ...
     source: str = ""
     tool: str = ""
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    created: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
     extra: dict = field(default_factory=dict)  # anything a writer wants to add (kept on read)
 
     def to_json(self) -> dict:

@@ -20,10 +20,11 @@ import math
 import mmap
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -93,8 +94,9 @@ def _varint(mm: mmap.mmap, pos: int, end: int) -> tuple[int, int]:
     raise _Bad(f"a varint at byte {pos} runs past the end of its message")
 
 
-def _fields(mm: mmap.mmap, pos: int, end: int):
-    """Yield `(field, wire, value)`: value is the varint, or `(start, stop)` of a length-delimited field."""
+def _fields(mm: mmap.mmap, pos: int, end: int) -> Iterator[tuple[int, int, Any]]:
+    """Yield `(field, wire, value)`: value is the varint, or `(start, stop)` of a length-delimited field (the
+    wire type says which, so callers check `wire` before using `value`)."""
     while pos < end:
         key, pos = _varint(mm, pos, end)
         field, wire = key >> 3, key & 7
@@ -181,7 +183,7 @@ def _records(path: Path, mm: mmap.mmap, end: int):
                     tag = mm[value[0] : value[1]].decode("utf-8")
                 elif field in (2, 3) and wire == 2:
                     kind, span = field, value
-            if tag is None or kind is None:
+            if tag is None or kind is None or span is None:  # kind and span are set together
                 raise _Bad("the record has no tag" if tag is None else "the record holds no tensor")
             check_name(tag, f"{path}: record {index} at byte {pos}")
             if kind == 3:

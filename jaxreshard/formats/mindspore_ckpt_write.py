@@ -106,7 +106,8 @@ class CkptRankWriter:
             raise ValueError(f"{self.path}: parameter {param!r} was already written")
         if self._fd is None:
             raise ValueError(f"{self.path}: the writer is closed")
-        data = memoryview(array.reshape(-1).view(np.uint8))
+        # an ndarray exports the buffer protocol; numpy's stubs declare `__buffer__` for Python 3.12+ only
+        data = memoryview(array.reshape(-1).view(np.uint8))  # pyright: ignore[reportArgumentType]
         for offset, header, start, n in self._records[param]:
             pwrite_all(self._fd, [header, data[start : start + n]], offset)
             self._hash.update(offset, header)

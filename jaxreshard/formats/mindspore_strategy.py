@@ -253,7 +253,7 @@ def _raw_layouts(doc: Any, source: Any) -> Iterator[tuple[str, tuple, tuple, int
 
 
 def _build(doc: Any, source: str) -> Strategy:
-    per_name: dict[str, list[tuple[int, tuple]]] = {}
+    per_name: dict[str, list[tuple[int, tuple[Any, Any, int, int]]]] = {}  # (stage, (dev, tmap, step, size))
     for raw, dev, tmap, step, size in _raw_layouts(doc, source):
         stage, name = 0, raw
         if "-" in raw:  # "<stage>-<name>" of a merged file; MindSpore cannot read other names with "-"

@@ -51,7 +51,9 @@ def _message_classes() -> dict[str, type]:
                 f.type = kind
     pool = descriptor_pool.DescriptorPool()  # private: MindSpore's own classes may be loaded beside ours
     pool.Add(proto)
-    get_class = getattr(message_factory, "GetMessageClass", None) or message_factory.MessageFactory(pool).GetPrototype
+    get_class = getattr(message_factory, "GetMessageClass", None)
+    if get_class is None:  # protobuf < 4.22: MessageFactory.GetPrototype, which newer stubs no longer declare
+        get_class = message_factory.MessageFactory(pool).GetPrototype  # pyright: ignore[reportAttributeAccessIssue]
     return {n: get_class(pool.FindMessageTypeByName(f"mindspore.straspb.{n}")) for n in _SCHEMA}
 
 

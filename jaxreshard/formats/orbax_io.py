@@ -110,7 +110,7 @@ def x64(needed: bool):
     works in its own threads, so the global flag is set and restored (only when a 64-bit array needs it)."""
     import jax
 
-    before = jax.config.jax_enable_x64
+    before = bool(jax.config.read("jax_enable_x64"))
     if needed and not before:
         jax.config.update("jax_enable_x64", True)
     try:
@@ -156,8 +156,9 @@ class OrbaxWriter:
         import orbax.checkpoint.experimental.v1 as ocp
 
         if self._batch:
+            metadata: dict[str, Any] = {ORDER_KEY: self._order}
             with self._writing():
-                ocp.partial.save(str(self.path), self._batch, custom_metadata={ORDER_KEY: self._order})
+                ocp.partial.save(str(self.path), self._batch, custom_metadata=metadata)
             self._written += len(self._batch)
             self._batch, self._bytes = {}, 0
 

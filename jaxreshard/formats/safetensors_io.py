@@ -17,7 +17,7 @@ import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import ml_dtypes
 import numpy as np
@@ -117,7 +117,8 @@ def _check_tiling(path: Path, entries: Sequence[TensorEntry], data_start: int, d
         offsets = [begin, begin + entry.segments[0][1]]
         if begin != expected:
             after = f"the end of {previous!r}" if previous is not None else "the start of the data"
-            kind = f"a gap of {begin - expected} bytes" if begin > expected else f"an overlap of {expected - begin} bytes"
+            kind = (f"a gap of {begin - expected} bytes" if begin > expected
+                    else f"an overlap of {expected - begin} bytes")
             raise FormatError(f"{path}: parameter {entry.param!r}: data_offsets {offsets} leave {kind} after {after} "
                               f"(byte {expected}); tensors must tile the data exactly, the file is corrupt")
         expected, previous = offsets[1], entry.param
@@ -141,7 +142,7 @@ def _no_duplicates(path: Path):
     return hook
 
 
-def _int_list(value: object) -> bool:
+def _int_list(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
@@ -274,7 +275,8 @@ def header_bytes(params: Sequence[tuple[str, np.dtype, tuple[int, ...]]], metada
     offset = 0
     for param, dtype, shape in params:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        header[param] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[param] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
+                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
@@ -317,20 +319,27 @@ class SafetensorsWriter:
         pwrite_all(self._fd, [head], 0)
         self._hash.update(0, head)
 
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the writer is closed")
+        return self._fd
+
     def write(self, param: str, array: np.ndarray) -> None:
         offset, dtype, shape = self._slots[param]
         if array.dtype != dtype or array.shape != shape:
-            raise ValueError(f"{self.path}: {param!r} expects {dtype}{list(shape)}, got {array.dtype}{list(array.shape)}")
+            raise ValueError(f"{self.path}: {param!r} expects {dtype}{list(shape)}, "
+                             f"got {array.dtype}{list(array.shape)}")
         array = np.ascontiguousarray(array)  # safetensors stores C order; never write a strided view's memory
-        data = memoryview(array.reshape(-1).view(np.uint8))
-        pwrite_all(self._fd, [data], offset)
+        # an ndarray exports the buffer protocol; numpy's stubs declare `__buffer__` for Python 3.12+ only
+        data = memoryview(array.reshape(-1).view(np.uint8))  # pyright: ignore[reportArgumentType]
+        pwrite_all(self._open_fd(), [data], offset)
         self._hash.update(offset, data)
         self._pending.discard(param)
 
     def sync(self) -> dict[Path, tuple[int, str]] | None:
         """fsync, and (n, SHA-256 of the first n bytes) of what is written so far in file order (for
         `--resume`); None when tensors arrived out of file order."""
-        os.fsync(self._fd)
+        os.fsync(self._open_fd())
         snap = self._hash.snapshot()
         return None if snap is None else {self.path: snap}
 
@@ -345,8 +354,9 @@ class SafetensorsWriter:
         if self._pending:
             self.abort()
             raise RuntimeError(f"{self.path}: closed with unwritten parameters {sorted(self._pending)[:5]}")
-        os.fsync(self._fd)
-        os.close(self._fd)
+        fd = self._open_fd()
+        os.fsync(fd)
+        os.close(fd)
         self._fd = None
         return {self.path: FileRecord(self._size, self._hash.digest(self.path, self._size))}
 

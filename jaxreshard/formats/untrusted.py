@@ -115,7 +115,8 @@ def check_text(text: str, where: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise FormatError(f"{where}: {what} {text!r} is not valid Unicode (a lone surrogate); the file is corrupt") from None
+        raise FormatError(f"{where}: {what} {text!r} is not valid Unicode (a lone surrogate); "
+                          "the file is corrupt") from None
 
 
 def check_name(name: str, where: object) -> None:

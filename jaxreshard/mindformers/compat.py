@@ -23,20 +23,9 @@ from ..errors import ConfigError, JaxreshardError
 from ..formats.mindspore_strategy import read_strategy
 from ..logs import configure_logging
 from ..merge import merge_lora, plan_unify, write_unified
+from ..values import parse_bool as parse_bool  # the shims' spelling of flags; re-exported for auto
 
 log = logging.getLogger(__name__)
-
-
-def parse_bool(text: str | bool) -> bool:
-    """'True'/'false'/'1'/'0'/'yes'/'no' -> bool (argparse's `type=bool` makes 'False' true)."""
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes", "y", "on"):
-        return True
-    if value in ("false", "0", "no", "n", "off", ""):
-        return False
-    raise ValueError(f"not a boolean: {text!r}")
 
 
 def strategy_arg(value: str | None) -> str | None:
@@ -98,7 +87,8 @@ def transform_checkpoint(
                 raise ConfigError(f"--world_size {world_size} differs from the destination strategy's {total} ranks")
             ranks = rank_block(rank_id, total, process_num) if rank_id is not None and process_num > 1 else None
             if rank_id is not None and process_num > 1 and ranks is None:
-                log.info("rank %d converts nothing: converting ranks are multiples of %d", rank_id, total // process_num)
+                log.info("rank %d converts nothing: converting ranks are multiples of %d", rank_id,
+                         total // process_num)
                 continue
             report = api.convert(
                 src, dst, src_strategy=strategy_arg(src_strategy), dst_strategy=strategy_arg(dst_strategy),

@@ -15,6 +15,7 @@ import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 from ..errors import LayoutError
 from ..formats.mindspore_strategy import ParamStrategy, Strategy, TensorMapEntry
@@ -106,7 +107,8 @@ def expanded_layout(p: ParamStrategy, shape: Sequence[int]) -> tuple[list[int], 
     has_layout = any(isinstance(t, list) for t in tmap)
     no_opt = step == 0 or size == 0
     if not no_opt and not shape:
-        raise LayoutError(f"an optimizer shard (step {step}, size {size}) on a 0-dim tensor: there is no dim 0 to split")
+        raise LayoutError(f"an optimizer shard (step {step}, size {size}) on a 0-dim tensor: "
+                          "there is no dim 0 to split")
     ts = tensor_strategy(p.dev_matrix, p.tensor_map)
     if has_layout:
         if no_opt:
@@ -117,14 +119,16 @@ def expanded_layout(p: ParamStrategy, shape: Sequence[int]) -> tuple[list[int], 
         if not repeated:
             raise LayoutError(f"device matrix {dev} and tensor map {tmap} leave no axis for the optimizer shard")
         return _expand_multi_axis(*_opt_helper(dev, tmap, size, shape, ts, repeated))
+    one_axis = cast(list[int], tmap)  # no multi-axis (list) entry past the branch above
     if no_opt:
-        return dev, tmap, shape
-    sharded = {len(dev) - d - 1 for d in tmap if d != -1}
+        return dev, one_axis, shape
+    sharded = {len(dev) - d - 1 for d in one_axis if d != -1}
     repeated = [i for i, v in enumerate(dev) if i not in sharded and v > 1]
     if not repeated:
         raise LayoutError(f"device matrix {dev} and tensor map {tmap} leave no axis for the optimizer shard")
     if len(repeated) == 1 and math.prod(dev[repeated[0] + 1 :]) != step:
-        raise LayoutError(f"optimizer shard step {step} differs from the model-parallel size {math.prod(dev[repeated[0] + 1:])}")
+        raise LayoutError(f"optimizer shard step {step} differs from the model-parallel size "
+                          f"{math.prod(dev[repeated[0] + 1:])}")
     if 1 < len(repeated) < len(dev) or repeated[0] > 0:
         return _opt_helper(dev, tmap, size, shape, ts, repeated)
     full = list(shape)

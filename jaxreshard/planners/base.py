@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from ..box import Box
+from ..formats.writers import Flavour
 from ..plan import Plan
 
 
@@ -57,7 +58,7 @@ class Planner(Protocol):
     """
 
     @property
-    def flavour(self) -> str: ...
+    def flavour(self) -> Flavour: ...
 
     def plan(self, request: FileRequest) -> Plan: ...
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..formats import SourceCheckpoint
 from ..formats.mindspore_strategy import Strategy
+from ..formats.writers import Flavour
 from ..mindspore import StrategyLayout, plan_mindspore
 from ..plan import Plan
 from ..srccheck import check_given_layout, source_manifest
@@ -18,7 +19,7 @@ from .base import FileRequest
 class MindSporePlanner:
     """Plans rank files that equal what `transform_checkpoints` writes (`Planner`)."""
 
-    flavour = "mindspore"
+    flavour: Flavour = "mindspore"
 
     def __init__(self, source: SourceCheckpoint, src: Strategy | None, dst: Strategy | None, *,
                  exact_replicas: bool = False):  # fmt: skip

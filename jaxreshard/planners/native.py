@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from ..composed import Composed
 from ..coverage import cover, source_grid
 from ..errors import ConfigError
 from ..formats import SourceCheckpoint
+from ..formats.writers import Flavour
 from ..layout import COMPLETE, ParamLayout
 from ..plan import (
     LayoutLike,
@@ -35,7 +37,7 @@ from ..rules import Rules
 from ..srccheck import source_layout
 from ..transforms import Cast
 from .base import ArrayRequest, FileRequest
-from .sides import Side, as_layout
+from .sides import LayoutArg, Side, as_layout, one_side, read_side
 
 
 class NativePlanner:
@@ -45,7 +47,7 @@ class NativePlanner:
     `X.base_layer.weight` -> `X.weight`).
     """
 
-    flavour = "native"
+    flavour: Flavour = "native"
 
     def __init__(self, source: SourceCheckpoint, src: Side, dst: Side = None, *,
                  renamed: Mapping[str, str] | None = None, rules: Rules | None = None,
@@ -144,3 +146,14 @@ class NativePlanner:
 def boxes_of(sharding: object, shape: tuple[int, ...]) -> list[Box]:
     """The boxes this process's devices hold under `sharding` (pure metadata, no device memory)."""
     return [Box.from_index(index, shape) for index in sharding.addressable_devices_indices_map(shape).values()]  # type: ignore[attr-defined]
+
+
+def native_layouts(
+    source: SourceCheckpoint, src_layout: LayoutArg, src_strategy: Any = None, dst_layout: LayoutArg = None,
+    dst_strategy: Any = None, *, renamed: Mapping[str, str] | None = None,
+) -> tuple[LayoutLike | None, LayoutLike | None]:  # fmt: skip
+    """Source and destination layouts with native semantics (strategies read as layouts; the `*_strategy`
+    arguments are aliases of the `*_layout` ones); `renamed` adds output names (new -> stored)."""
+    src, dst = one_side(src_layout, src_strategy, "src"), one_side(dst_layout, dst_strategy, "dst")
+    planner = NativePlanner(source, read_side(src), read_side(dst), renamed=renamed)
+    return planner.src_layout, planner.dst_layout

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..formats.writers import Flavour
 from ..layout import COMPLETE
 from ..plan import LayoutLike, ParamInfo, Plan, RankPlan, Restore, ShardPlan, dst_rank_list, rank_plans
 from ..transforms import Cast
@@ -20,7 +21,7 @@ class RestorePlanner:
     """Plans rank files (`Planner`) and in-memory arrays (`ArrayPlanner`) from a restore-capable reader
     (`formats.orbax_io.OrbaxSource`: `params` and `restore(param, sharding, dtype)`)."""
 
-    flavour = "native"
+    flavour: Flavour = "native"
 
     def __init__(self, reader, dst_layout: LayoutLike | None = None):  # noqa: ANN001 - a plan.Restorer with params
         self.reader, self.dst_layout = reader, dst_layout

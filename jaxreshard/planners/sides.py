@@ -8,6 +8,7 @@ same path, marked `StrategyPath` so a path given as a strategy is always read as
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ SNIFF_BYTES = 4096  # enough of a file to tell a binary protobuf strategy from a
 _TEXT_CONTROLS = {9, 10, 13}  # tab, newline, carriage return: the only control bytes a YAML layout has
 
 Side = LayoutLike | Strategy | None
+# What a `src_layout` / `dst_layout` argument may be (see the module docstring).
+LayoutArg = LayoutLike | Strategy | str | Path | tuple[Any, Mapping[str, Any]] | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ def _two_rank_dirs(tmp: Path) -> None:
 
 
 CASES = [
-    Case("src-missing", ["convert", "--src", "{tmp}/nope", "--dst", "{tmp}/out"], 2, r"nope: source checkpoint does not exist"),
+    Case("src-missing", ["convert", "--src", "{tmp}/nope", "--dst", "{tmp}/out"], 2,
+         r"nope: source checkpoint does not exist"),
     Case("empty-rank-folders", ["convert", "--src", "{tmp}/src", "--dst", "{tmp}/out", "--src-layout",
                                 "configs/layouts/llama_dp8.yaml"], 2, r"rank_0: no checkpoint file", _two_rank_dirs),
     Case("ranks-not-a-list", ["convert", "--src", "{llama}", "--dst", "{tmp}/out", "--ranks", "x"], 2,

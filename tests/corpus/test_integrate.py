@@ -68,7 +68,8 @@ def _both(name: str, message: str, setup, code: int = 2) -> list[Case]:
 
 BOMB = [["a", 2**20], ["b", 2**20]]
 CASES = [
-    *_both("manifest-rank-count-and-mesh-bomb", r"records 1099511627776 ranks(, over the cap of 16384| but .*dist has 8 rank file)",
+    *_both("manifest-rank-count-and-mesh-bomb",
+           r"records 1099511627776 ranks(, over the cap of 16384| but .*dist has 8 rank file)",
            _dist(lambda d: (d.update(num_ranks=2**40), d["params"][EMBED].update(mesh=BOMB, spec=[])))),
     *_both("manifest-mesh-bomb", r"parameter 'model.embed_tokens.weight' is laid out on 1099511627776 devices x "
            r"stages \[0\], beyond the manifest's 8 ranks", _dist(_param(EMBED, mesh=BOMB, spec=[["a"]]))),

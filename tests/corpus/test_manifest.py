@@ -140,7 +140,8 @@ CASES = [
     Case("manifest-misses-a-parameter", CONVERT, 2, r"parameter 'model\.norm\.weight' is in the checkpoint files but "
          r"not in their manifest", _edit_manifest(_drop_param("model.norm.weight"))),
     Case("manifest-size-mismatch-grown", CONVERT, 2,
-         r"rank_3/checkpoint_3\.safetensors: (\d+ bytes but .*records \d+; the file was truncated or replaced|\d+ bytes after the last tensor)",
+         r"rank_3/checkpoint_3\.safetensors: "
+         r"(\d+ bytes but .*records \d+; the file was truncated or replaced|\d+ bytes after the last tensor)",
          _grown_rank_file),
     Case("manifest-size-mismatch-replaced", [*CONVERT, "--src-layout", DP2MP4], 2,
          r"rank_5/checkpoint_5\.safetensors: \d+ bytes but .* records", _replaced_rank_file),

@@ -9,7 +9,14 @@ import pytest
 
 from jaxreshard.errors import FormatError
 from jaxreshard.formats.manifest import (
-    MANIFEST_NAME, FileRecord, Manifest, ParamRecord, StreamingHash, file_sha256, read_manifest, write_manifest,
+    MANIFEST_NAME,
+    FileRecord,
+    Manifest,
+    ParamRecord,
+    StreamingHash,
+    file_sha256,
+    read_manifest,
+    write_manifest,
 )  # fmt: skip
 
 

@@ -134,7 +134,7 @@ def test_complete_values_match_protobuf_runtime():
     expected = pb_load(data)
     arrays = read_all(mc.read_ckpt_index(COMPLETE))
     assert list(arrays) == list(expected)
-    for name, (tensor_type, content, dims) in expected.items():
+    for name, (tensor_type, content, _dims) in expected.items():
         assert mc.ckpt_dtype_name(arrays[name].dtype) == tensor_type
         assert arrays[name].tobytes() == content
     assert int(arrays["global_step"][0]) == 1234

@@ -196,7 +196,8 @@ def test_directory_errors(tmp_path):
 
 def test_shared_parameter_layout_choice(tmp_path):
     """`_convert_to_list`: without a rank the lowest stage's layout; with rank r (n devices per stage) stage 0's
-    for r < n, else the last later-stage one. Written stage 1 first to check the choice does not depend on file order."""
+    for r < n, else the last later-stage one. Written stage 1 first to check the choice does not depend on file
+    order."""
     a, b = ParamStrategy((2, 2), (1, -1), 0, 0, ()), ParamStrategy((2, 2), (0, -1), 0, 0, ())
     path = tmp_path / "shared.ckpt"
     path.write_bytes(msw.strategy_bytes({1: {"e": b, "x": b}, 0: {"e": a}}, merged=True))

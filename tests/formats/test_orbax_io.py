@@ -251,7 +251,8 @@ def test_orbax_output_from_mindspore_with_strategy(tmp_path):
             read_box(h, e, Box.full(e.shape), buf)
             complete[n] = np.array(buf)
     mesh = mesh_of((2, 4), ("dp", "mp"))
-    abstract = {n: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, P())) for n, v in complete.items()}
+    abstract = {n: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, P()))
+                for n, v in complete.items()}
     restored = flatten(ocp.load(str(dst), like_checkpoint(dst, abstract)))
     assert set(restored) == set(complete)
     for n, v in complete.items():

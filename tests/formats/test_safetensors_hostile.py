@@ -211,7 +211,8 @@ def test_a_fifo_is_refused_at_once(tmp_path):
 def _hf(tmp_path: Path, weight_map: dict | None = None, index: bytes | None = None) -> Path:
     folder = tmp_path / "hf"
     folder.mkdir(exist_ok=True)
-    save_file({"a": np.arange(2, dtype=np.float32), "b": np.ones(3, np.int8)}, folder / "model-00001-of-00002.safetensors")
+    save_file({"a": np.arange(2, dtype=np.float32), "b": np.ones(3, np.int8)},
+              folder / "model-00001-of-00002.safetensors")
     save_file({"c": np.ones(1, np.float64)}, folder / "model-00002-of-00002.safetensors")
     if weight_map is None:
         weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",

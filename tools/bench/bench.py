@@ -18,8 +18,8 @@ import os
 import platform
 import shutil
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +142,8 @@ def main() -> int:
     ap.add_argument("--size-gib", type=float, default=2.0)
     ap.add_argument("--data", type=Path, default=REPO / "bench_data")
     ap.add_argument("--formats", default="ckpt,safetensors")
-    ap.add_argument("--mindspore-python", help="a python with mindspore installed (else env JAXRESHARD_MINDSPORE_PYTHON)")
+    ap.add_argument("--mindspore-python",
+                    help="a python with mindspore installed (else env JAXRESHARD_MINDSPORE_PYTHON)")
     ap.add_argument("--no-mindspore", action="store_true")
     ap.add_argument("--flatness", action="store_true", help="also compare peak RSS on 1 GiB vs 4 GiB checkpoints")
     ap.add_argument("--transforms", action="store_true",
@@ -187,7 +188,8 @@ def bench_format(data: Path, fmt: str, size_gib: float, ms_py: str | None, py: s
                "--dst-strategy", str(dst_strategy), "-q"]
         split_wall, split_rss, split_bytes = run_step(cmd, cache, [src.parent.parent], split, DATA, REPEAT)
         copies = max(1, round(split_bytes / src_bytes))
-        floor_wall, _, _ = run_step([py, "-c", FLOOR, str(src), *[str(root / "floor" / f"o{i}") for i in range(copies)]],
+        floor_wall, _, _ = run_step([py, "-c", FLOOR, str(src),
+                                     *[str(root / "floor" / f"o{i}") for i in range(copies)]],
                                     cache, [src], root / "floor", DATA, REPEAT)
         ms_split = ms_step(ms_py, src.parent.parent, root / "ms_split", "-", str(dst_strategy), fmt, cache)
         rows.append(dict(step=f"{fmt} complete -> 8 ranks", cache=cache, wall=split_wall, rss=split_rss,
@@ -197,7 +199,8 @@ def bench_format(data: Path, fmt: str, size_gib: float, ms_py: str | None, py: s
         cmd = [py, "-m", "jaxreshard", "convert", "--src", str(split), "--dst", str(merged),
                "--src-strategy", str(dst_strategy), "-q"]
         merge_wall, merge_rss, merge_bytes = run_step(cmd, cache, [split], merged, DATA, REPEAT)
-        floor_wall, _, _ = run_step([py, "-c", FLOOR, str(src), str(root / "floor" / "o")], cache, [src], root / "floor",
+        floor_wall, _, _ = run_step([py, "-c", FLOOR, str(src), str(root / "floor" / "o")], cache, [src],
+                                    root / "floor",
                                     DATA, REPEAT)
         ms_merge = ms_step(ms_py, split, root / "ms_merged", str(dst_strategy), "-", fmt, cache)
         rows.append(dict(step=f"{fmt} 8 ranks -> complete", cache=cache, wall=merge_wall, rss=merge_rss,
@@ -318,11 +321,13 @@ def transforms(data: Path, size_gib: float, py: str) -> list[dict]:
 def print_table(rows, args, ms_py) -> None:
     baseline = measure([sys.executable, "-c", "import jax; jax.devices()"])[1]
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM, "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB RAM, "
         f"Python {platform.python_version()}; checkpoint {args.size_gib:g} GiB (largest tensor 250 MiB); "
         f"MindSpore: {'yes' if ms_py else 'not available'}; idle `import jax` process: {baseline:.0f} MiB RSS.",
         "",
-        "| step | cache | jaxreshard s | GB/s (read+write) | x floor | floor s | MindSpore s | MindSpore / jaxreshard | peak RSS MiB | MindSpore RSS MiB |",
+        "| step | cache | jaxreshard s | GB/s (read+write) | x floor | floor s | MindSpore s | MindSpore / jaxreshard "
+        "| peak RSS MiB | MindSpore RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

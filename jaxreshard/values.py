@@ -1,0 +1,56 @@
+"""User values read from flags, job files and keywords: booleans, dtype names, byte sizes.
+
+A leaf (it imports only `errors`), so the command table, the MindFormers shims, the library API and `verify`
+share one reading of each value without importing each other.
+"""
+
+from __future__ import annotations
+
+import re
+
+import ml_dtypes
+import numpy as np
+
+from .errors import ConfigError
+
+DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "f32": "float32",
+    "float16": "float16", "fp16": "float16", "f16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64", "f64": "float64",
+}  # fmt: skip
+_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+               "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}  # fmt: skip
+
+
+def parse_bool(text: str | bool) -> bool:
+    """'True'/'false'/'1'/'0'/'yes'/'no' -> bool (argparse's `type=bool` makes 'False' true)."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "y", "on"):
+        return True
+    if value in ("false", "0", "no", "n", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def parse_dtype(name: str | None) -> np.dtype | None:
+    """A `--dtype` name (float32, fp16, bf16, ...) -> numpy dtype; None stays None (keep the stored dtype)."""
+    if name is None:
+        return None
+    canonical = DTYPE_NAMES.get(str(name).lower())
+    if canonical is None:
+        raise ConfigError(f"--dtype {name!r} is not a floating type; use one of {sorted(set(DTYPE_NAMES.values()))}")
+    return np.dtype(ml_dtypes.bfloat16) if canonical == "bfloat16" else np.dtype(canonical)
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB' / '500MiB' / 1000 -> bytes (decimal units for KB/MB/GB like huggingface_hub, binary for KiB...)."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"size {text!r} is not understood; write e.g. 5GB, 500MiB or 1000000")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
