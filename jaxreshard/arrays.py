@@ -69,6 +69,8 @@ def jax_dtype(dtype: np.dtype) -> tuple[np.dtype, tuple[int, ...]]:
     bytes are never converted and the user's global `jax_enable_x64` setting is left alone."""
     if dtype.itemsize == 8:
         return np.dtype(np.uint32), (2,)
+    if dtype.itemsize == 1 and dtype.kind == "V":  # FP8 (ml_dtypes): bytes only, as uint8, whatever JAX supports
+        return np.dtype(np.uint8), ()
     return dtype, ()
 
 
@@ -76,6 +78,8 @@ def from_jax(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """A shard's host data as `dtype` (undoing the uint32 pairs of `jax_dtype`)."""
     if dtype.itemsize == 8 and data.dtype != dtype:  # carried as uint32 pairs (restored arrays have the real dtype)
         return data.reshape(-1).view(dtype).reshape(data.shape[:-1])
+    if dtype.itemsize == 1 and data.dtype != dtype:  # FP8 carried as uint8
+        return data.view(dtype)
     return data
 
 
@@ -104,7 +108,9 @@ def build_array(
         buf = bufs.get(box)
         if buf is None:  # a box no planned rank needs (with --ranks): untouched memory, never written out
             buf = bufs[box] = aligned_empty(box.shape, dtype)
-        return buf.reshape(-1).view(carried).reshape(buf.shape + tail) if tail else buf
+        if tail:
+            return buf.reshape(-1).view(carried).reshape(buf.shape + tail)
+        return buf.view(carried) if carried != dtype else buf
 
     return jax.make_array_from_callback(info.shape + tail, sharding, callback, dtype=carried)
 

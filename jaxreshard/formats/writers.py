@@ -34,7 +34,7 @@ Params = list[tuple[str, np.dtype, tuple[int, ...]]]
 
 # safetensors' Dtype enum order; `save_file` stores tensors by descending dtype, then by name
 _SAFETENSORS_DTYPE_RANK = {code: i for i, code in enumerate(
-    ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
 )}  # fmt: skip
 
 
@@ -71,10 +71,21 @@ def writer_factory(kind: OutputKind, dst_dir: Path, *, hf: bool = False, max_fil
     return make
 
 
+HF_MAX_FILE_BYTES = 5 * 10**9  # transformers' `save_pretrained` default max_shard_size, "5GB"
+HF_SINGLE = "model.safetensors"
+
+
 def hf_part_split(params: Params, max_file_bytes: int | None) -> tuple[list[list[int]], list[str], str]:
     """Hugging Face: greedy in order, `model-0000i-of-0000n.safetensors`, `model.safetensors.index.json`."""
     groups = split_into_files([_nbytes(p) for p in params], max_file_bytes)
     return groups, [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))], HF_INDEX
+
+
+def transformers_split(params: Params, max_file_bytes: int | None) -> tuple[list[list[int]], list[str], str]:
+    """As transformers' `save_pretrained` names files: one part is `model.safetensors` (and no index), more
+    are `hf_part_split`'s parts + index."""
+    groups, names, index = hf_part_split(params, max_file_bytes)
+    return groups, [HF_SINGLE] if len(groups) == 1 else names, index
 
 
 MS_PART_BYTES = 3 << 30  # MindSpore's unified_safetensors cuts parts of about 3 GiB
@@ -139,9 +150,11 @@ def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None
 
 def HfWriter(dst_dir: Path, params: Params, max_file_bytes: int | None,
              metadata: dict[str, str] | None = None) -> PartsWriter:
-    """A complete checkpoint as `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`; file
-    boundaries are fixed up front from the sizes (no renames at the end); parts carry the source's metadata."""
-    return PartsWriter(dst_dir, params, hf_part_split(params, max_file_bytes), metadata=metadata)
+    """A complete checkpoint as transformers writes it (`model.safetensors`, or parts + index past
+    `max_file_bytes`, default 5 GB); file boundaries are fixed up front from the sizes (no renames at the end);
+    parts carry the source's metadata."""
+    split = transformers_split(params, HF_MAX_FILE_BYTES if max_file_bytes is None else max_file_bytes)
+    return PartsWriter(dst_dir, params, split, index=len(split[0]) > 1, metadata=metadata)
 
 
 hf_layout = hf_part_split  # the old names (they plan part files, not a layout)
