@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fp8
 from .devices import ensure_cpu_devices
 from .distributed import cluster_from
 from .errors import ConfigError, JaxreshardError
@@ -108,13 +109,15 @@ def plan_conversion(
     ranks: Iterable[int] | None = None,
     exact_replicas: bool = False,
     verify_crc: bool = False,
+    dequantize: bool = False,
 ) -> Job:
     """Index the source and plan the conversion; reads headers only and writes nothing.
 
     `src_layout` / `dst_layout`: a layout YAML path, a MindSpore strategy file or folder, a `Layout`, or
     `(mesh, specs)`; `src_strategy` / `dst_strategy` are aliases. With strategies and no native layout the plan
     follows `mindspore.transform_checkpoints` exactly; a strategy beside a native layout mixes them with native
-    semantics. Returns a `Job`: `job.plan` is the plan, `job.source` the indexed source.
+    semantics. `dequantize` stores block-scaled FP8 weights as `dtype` (default bf16) and drops their scales.
+    Returns a `Job`: `job.plan` is the plan, `job.source` the indexed source.
     """
     src_arg, dst_arg = one_side(src_layout, src_strategy, "src"), one_side(dst_layout, dst_strategy, "dst")
     check_file_prefix(prefix)
@@ -122,7 +125,12 @@ def plan_conversion(
         job = _restore_job(Path(src), src_arg, dst_arg, prefix, output_format, ranks)
     else:
         job = _files_job(src, src_arg, dst_arg, prefix, output_format, ranks, exact_replicas, verify_crc)
-    return Job(with_dtype(job.plan, parse_dtype(dtype)), job.source, job.kind, job.src_path)
+    plan = with_dtype(job.plan, parse_dtype(dtype))
+    if dequantize:
+        if job.source is None:
+            raise ConfigError("--dequantize reads block scales from safetensors or .ckpt files, not an orbax source")
+        plan = fp8.dequantize(plan, parse_dtype(dtype or "bf16"), fp8.block_size(job.source.root))
+    return Job(plan, job.source, job.kind, job.src_path)
 
 
 def _restore_job(src: Path, src_arg: Any, dst_arg: Any, prefix: str, output_format: str | None,
@@ -186,6 +194,7 @@ def convert(
     process_id: int | None = None,
     verify: bool = False,
     resume: bool = False,
+    dequantize: bool = False,
 ) -> ConvertReport:
     """Convert `src` (complete or per-rank) into `dst` laid out by `dst_layout` / `dst_strategy` (none = complete).
 
@@ -201,7 +210,7 @@ def convert(
     src_arg, dst_arg = one_side(src_layout, src_strategy, "src"), one_side(dst_layout, dst_strategy, "dst")
     job = plan_conversion(src, src_layout=src_arg, dst_layout=dst_arg, prefix=prefix, dtype=dtype,
                           output_format=output_format, exact_replicas=exact_replicas, ranks=wanted,
-                          verify_crc=verify_crc)  # fmt: skip
+                          verify_crc=verify_crc, dequantize=dequantize)  # fmt: skip
     if verify and coordinator_address is not None:
         raise ConfigError("--verify runs in one process; verify a multi-host output afterwards with jaxreshard verify")
     check = _output_check(job, src, Path(dst), src_arg, dst_arg, dtype=dtype, ranks=wanted) if verify else None

@@ -20,7 +20,7 @@ from .errors import PlanError
 from .fill import fill_boxes
 from .formats.base import FileHandles, aligned_empty
 from .plan import ParamInfo, Plan, Restore, ShardPlan
-from .transforms import Cast, LoraFold, cast_box, fold_box
+from .transforms import Cast, Dequantize, LoraFold, cast_box, dequantize_box, fold_box
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,14 @@ def _apply_fold(fold: LoraFold, param: str, bufs: Boxes, handles: FileHandles) -
     return bufs
 
 
-APPLY: dict[type, Callable[[Any, str, Boxes, FileHandles], Boxes]] = {Cast: _apply_cast, LoraFold: _apply_fold}
+def _apply_dequantize(deq: Dequantize, param: str, bufs: Boxes, handles: FileHandles) -> Boxes:
+    scale = read_factor(deq.scales, deq.scale, handles)
+    return {box: dequantize_box(deq, box, buf, scale) for box, buf in bufs.items()}
+
+
+APPLY: dict[type, Callable[[Any, str, Boxes, FileHandles], Boxes]] = {
+    Cast: _apply_cast, LoraFold: _apply_fold, Dequantize: _apply_dequantize,
+}
 
 
 def read_factor(factors: Plan, param: str, handles: FileHandles) -> np.ndarray:

@@ -41,7 +41,17 @@ class LoraFold:
     transposed: bool  # the base is stored (in, out) (PEFT fan_in_fan_out, GPT-2 Conv1D)
 
 
-Transform = Cast | LoraFold
+@dataclass(frozen=True)
+class Dequantize:
+    """A block-scaled FP8 weight as float32(W) * scale per block (`fp8.dequantize` plans it, followed by a
+    `Cast` to the stored dtype, so values are rounded once); `scales` reads the scale tensor `scale`."""
+
+    scale: str
+    block: tuple[int, int]
+    scales: Plan  # reads the scale tensor as one complete tensor from the source (1/16384 of the weight)
+
+
+Transform = Cast | LoraFold | Dequantize
 
 
 def cast_box(buf: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -68,3 +78,13 @@ def fold_box(fold: LoraFold, param: str, box: Box, buf: np.ndarray, a: np.ndarra
                           "check the adapter and --lora-scaling")
     buf[...] = merged
     return float(np.abs(delta).max()) if delta.size else 0.0
+
+
+def dequantize_box(deq: Dequantize, box: Box, buf: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32(buf) * scale, where `buf` is box `box` of the weight and `scale` the weight's whole scale tensor:
+    each element takes the scale of the block it lies in (element (i, j): scale[i // rows, j // cols])."""
+    rows = np.arange(box.start[0], box.stop[0]) // deq.block[0]
+    cols = np.arange(box.start[1], box.stop[1]) // deq.block[1]
+    out = aligned_empty(buf.shape, np.dtype(np.float32))
+    np.multiply(buf.astype(np.float32), scale.astype(np.float32)[np.ix_(rows, cols)], out=out)
+    return out

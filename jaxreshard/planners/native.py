@@ -12,6 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from .. import fp8
 from ..box import Box
 from ..coverage import cover, source_grid
 from ..errors import ConfigError
@@ -40,6 +41,8 @@ class NativePlanner:
         self.source = source
         self.src_layout: LayoutLike | None = source_layout(source, as_layout(src, ndims))
         self.dst_layout: LayoutLike | None = as_layout(dst, ndims)
+        if fp8.scale_pairs(ndims):  # block scales are laid out with their weights
+            self.src_layout, self.dst_layout = fp8.following(self.src_layout), fp8.following(self.dst_layout)
         self._resolved: dict[str, ParamLayout] | None = None
         if source.distributed and self.src_layout is None:
             raise ConfigError(
@@ -51,6 +54,8 @@ class NativePlanner:
         source = self.source
         plan = make_plan(source.entries, self.src_layout, self.dst_layout, prefix=request.prefix,
                          suffix=request.suffix, dst_ranks=request.dst_ranks)
+        if fp8.scale_pairs(plan.params):
+            fp8.check_scale_blocks(plan, fp8.block_size(source.root))
         texts = tuple(TextRecord(k, v) for k, v in source.extras.get(min(source.entries), {}).items())
         if texts:
             plan = replace(plan, ranks=tuple(replace(r, texts=texts) for r in plan.ranks))
