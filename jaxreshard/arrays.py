@@ -19,6 +19,7 @@ from .devices import make_mesh
 from .errors import PlanError
 from .fill import fill_boxes
 from .formats.base import FileHandles, aligned_empty
+from .formats.safetensors_io import FP8_DTYPES
 from .plan import ParamInfo, Plan, Restore, ShardPlan
 from .transforms import Cast, Dequantize, LoraFold, cast_box, dequantize_box, fold_box
 
@@ -76,7 +77,7 @@ def jax_dtype(dtype: np.dtype) -> tuple[np.dtype, tuple[int, ...]]:
     bytes are never converted and the user's global `jax_enable_x64` setting is left alone."""
     if dtype.itemsize == 8:
         return np.dtype(np.uint32), (2,)
-    if dtype.itemsize == 1 and dtype.kind == "V":  # FP8 (ml_dtypes): bytes only, as uint8, whatever JAX supports
+    if dtype in FP8_DTYPES:  # bytes only, as uint8, whatever FP8 types this JAX supports
         return np.dtype(np.uint8), ()
     return dtype, ()
 
@@ -85,7 +86,7 @@ def from_jax(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """A shard's host data as `dtype` (undoing the uint32 pairs of `jax_dtype`)."""
     if dtype.itemsize == 8 and data.dtype != dtype:  # carried as uint32 pairs (restored arrays have the real dtype)
         return data.reshape(-1).view(dtype).reshape(data.shape[:-1])
-    if dtype.itemsize == 1 and data.dtype != dtype:  # FP8 carried as uint8
+    if dtype in FP8_DTYPES and data.dtype != dtype:  # FP8 carried as uint8
         return data.view(dtype)
     return data
 

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from .errors import FormatError, LayoutError, PlanError
+from .formats.base import TensorEntry
+from .formats.safetensors_io import FP8_DTYPES
 from .formats.untrusted import load_json, open_regular
 from .layout import ParamLayout, format_spec
 from .plan import LayoutLike, Plan, make_plan
@@ -94,25 +97,29 @@ def following(layout: LayoutLike | None) -> LayoutLike | None:
     return None if layout is None or isinstance(layout, ScaleFollowing) else ScaleFollowing(layout)
 
 
-def check_scale_blocks(plan: Plan, block: tuple[int, int]) -> None:
-    """Each scale's shape is its weight's in blocks, and neither layout cuts the weight inside a block."""
-    for scale, weight in scale_pairs(plan.params).items():
-        w, s = plan.params[weight], plan.params[scale]
-        if len(w.shape) != 2:
-            raise FormatError(f"parameter {scale!r}: block scales are for 2-D weights, but {weight!r} has shape "
-                              f"{list(w.shape)}")
-        want = tuple(math.ceil(n / b) for n, b in zip(w.shape, block))
-        if s.shape != want:
-            raise FormatError(f"parameter {scale!r} has shape {list(s.shape)} but {weight!r} {list(w.shape)} in "
+def check_scale_blocks(scale: str, weight: str, shape: tuple[int, ...], scale_shape: tuple[int, ...],
+                       layouts: Mapping[str, ParamLayout], block: tuple[int, int]) -> None:
+    """The scale's shape is its weight's in blocks, and no layout (`side` -> the weight's layout) cuts the
+    weight inside a block."""
+    check_scale_shapes({scale: (weight, shape, scale_shape)}, block)
+    for side, layout in layouts.items():
+        for dim, (n, k, b) in enumerate(zip(shape, layout.blocks_per_dim(2), block)):
+            if k > 1 and (n % k or (n // k) % b):
+                raise LayoutError(
+                    f"parameter {weight!r}: the {side} spec {format_spec(layout.spec)} cuts dim {dim} ({n}) "
+                    f"{k} ways, not at a multiple of its {b}-wide scale blocks ({scale!r}); split it fewer ways "
+                    "or leave that dim whole")
+
+
+def check_scale_shapes(scales: Mapping[str, tuple[str, tuple[int, ...], tuple[int, ...]]],
+                       block: tuple[int, int]) -> None:
+    """Each scale (name -> its weight, the weight's shape, its own shape) has one entry per weight block."""
+    for scale, (weight, shape, scale_shape) in scales.items():
+        want = tuple(math.ceil(n / b) for n, b in zip(shape, block))
+        if len(shape) != 2 or scale_shape != want:
+            raise FormatError(f"parameter {scale!r} has shape {list(scale_shape)} but {weight!r} {list(shape)} in "
                               f"{block[0]} x {block[1]} blocks needs {list(want)}; check "
                               "quantization_config.weight_block_size in config.json")
-        for side, layout in (("source", w.src_layout), ("destination", w.dst_layout)):
-            for dim, (n, k, b) in enumerate(zip(w.shape, layout.blocks_per_dim(2), block)):
-                if k > 1 and (n // k) % b:
-                    raise LayoutError(
-                        f"parameter {weight!r}: the {side} spec {format_spec(layout.spec)} cuts dim {dim} "
-                        f"({n}) into blocks of {n // k}, not a multiple of its {b}-wide scale blocks "
-                        f"({scale!r}); split it fewer ways or leave that dim whole")
 
 
 def dequantize(plan: Plan, dtype: np.dtype, block: tuple[int, int]) -> Plan:
@@ -126,9 +133,7 @@ def dequantize(plan: Plan, dtype: np.dtype, block: tuple[int, int]) -> Plan:
                         f"({len(bare)} such); it cannot be dequantized")
     if not pairs:
         return plan
-    entries = {r: {s: e[s] for s in pairs if s in e} for r, e in plan.src_entries.items()}
-    layouts = _Resolved({s: plan.params[s].src_layout for s in pairs}, max(plan.src_entries, default=0) + 1)
-    scales = make_plan(entries, layouts, None)
+    scales = scales_plan(plan.src_entries, {s: plan.params[s].src_layout for s in pairs})
     params = {}
     for param, info in plan.params.items():
         if param in pairs:
@@ -143,5 +148,50 @@ def dequantize(plan: Plan, dtype: np.dtype, block: tuple[int, int]) -> Plan:
 
 
 def is_fp8(dtype: np.dtype) -> bool:
-    return dtype.itemsize == 1 and dtype.kind == "V"
+    return dtype in FP8_DTYPES
 
+
+
+def scales_plan(src_entries: Mapping[int, Mapping[str, TensorEntry]], layouts: Mapping[str, ParamLayout]) -> Plan:
+    """A plan reading each scale tensor of `layouts` (name -> its source layout) as one complete tensor."""
+    entries = {r: {s: e[s] for s in layouts if s in e} for r, e in src_entries.items()}
+    return make_plan(entries, _Resolved(dict(layouts), max(src_entries, default=0) + 1), None)
+
+
+def dequantize_arrays(plan: Plan, scales: Plan, scale_of: Mapping[str, str], block: tuple[int, int]) -> Plan:
+    """`jr.load(..., dequantize=True)`: each target parameter in `scale_of` (target name -> its scale's source
+    name) dequantized to the dtype its request asked for (its last `Cast`, planned by the load)."""
+    params = dict(plan.params)
+    for param, scale in scale_of.items():
+        info = params[param]
+        dtype = info.dst_dtype if not is_fp8(info.dst_dtype) else np.dtype(ml_dtypes.bfloat16)
+        rest = tuple(t for t in info.transforms if not isinstance(t, Cast))
+        params[param] = replace(info, transforms=(*rest, Dequantize(scale, block, scales), Cast(dtype)))
+    return replace(plan, params=params)
+
+
+def dequantized_shape(full_shape: Callable[[str], tuple[tuple[int, ...], np.dtype]], weights: set[str],
+                      cast: np.dtype | None) -> Callable[[str], tuple[tuple[int, ...], np.dtype]]:
+    """A load's `full_shape` under which FP8 weights with scales have the dtype they are loaded as."""
+    def shape_of(param: str) -> tuple[tuple[int, ...], np.dtype]:
+        shape, dtype = full_shape(param)
+        return (shape, cast or np.dtype(ml_dtypes.bfloat16)) if param in weights else (shape, dtype)
+
+    return shape_of
+
+
+def load_dequantized(plan: Plan, planner: Any, pairs: Mapping[str, str]) -> Plan:
+    """The load plan with every requested weight that has a scale dequantized (see `dequantize_arrays`)."""
+    weights = {w: s for s, w in pairs.items()}
+    scale_of = {p: weights[i.param] for p, i in plan.params.items() if i.param in weights}
+    if not scale_of:
+        return plan
+    source = getattr(planner, "source", None)
+    if source is None:
+        raise PlanError("dequantize=True reads block scales from safetensors or .ckpt files, not an orbax source")
+    layouts = planner.src_layouts()
+    scales = scales_plan(source.entries, {s: layouts[s] for s in scale_of.values()})
+    shapes = {p: plan.params[p].shape for p in scale_of}
+    check_scale_shapes({scale_of[p]: (p, shapes[p], scales.params[scale_of[p]].shape) for p in scale_of},
+                       block_size(source.root))
+    return dequantize_arrays(plan, scales, scale_of, block_size(source.root))

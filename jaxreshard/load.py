@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fp8
 from .api import parse_dtype
 from .arrays import build_array
 from .devices import make_mesh
@@ -73,6 +74,7 @@ def load(
     dtype: Any = None,
     rename: Rename | None = None,
     strict: bool = True,
+    dequantize: bool = False,
 ) -> Any:
     """Load `src` into `target`'s shardings; returns the same structure with `jax.Array` leaves.
 
@@ -81,16 +83,21 @@ def load(
     strategy file or folder, a `Layout`, `(mesh, specs)`); `src_strategy` is its alias. `rename` maps
     checkpoint names to target names (a callable returning None to skip a name, or (regex, replacement) pairs
     applied in order). `dtype` casts floating parameters. Missing, unexpected (with `strict`) and wrong-shaped
-    or wrong-typed parameters are reported together in one error.
+    or wrong-typed parameters are reported together in one error. `dequantize` loads block-scaled FP8 weights
+    as `dtype(float32(w) * scale)` per block (`dtype` default bf16); their `_scale_inv` tensors are not loaded.
     """
     import jax
 
     leaves, treedef, order = _target_leaves(target)
     cast = parse_dtype(dtype) if isinstance(dtype, str) else (np.dtype(dtype) if dtype is not None else None)
     planner = array_planner(src, one_side(src_layout, src_strategy, "src"))
-    mapping = _target_names(planner.params(), _renamer(rename))
-    wanted = _requests(src, planner.full_shape, mapping, leaves, order, cast, strict)
+    pairs = fp8.scale_pairs(planner.params()) if dequantize else {}
+    mapping = _target_names([p for p in planner.params() if p not in pairs], _renamer(rename))
+    full_shape = fp8.dequantized_shape(planner.full_shape, set(pairs.values()), cast) if pairs else planner.full_shape
+    wanted = _requests(src, full_shape, mapping, leaves, order, cast, strict)
     plan = planner.plan_arrays(wanted)
+    if pairs:
+        plan = fp8.load_dequantized(plan, planner, pairs)
     shards: dict[str, dict] = {param: {} for param in wanted}
     for shard in (s for rank in plan.ranks for s in rank.shards):
         shards[shard.param][shard.dst_box] = shard

@@ -54,6 +54,7 @@ DTYPES: dict[str, np.dtype] = {
 FP8_CODES = ("F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0")
 # packed sub-byte floats: safetensors stores two F4 (or four F6 in three bytes) per byte, ml_dtypes one per byte,
 # so their byte ranges are not element ranges; refused by name rather than misread
+FP8_DTYPES = frozenset(DTYPES[code] for code in FP8_CODES)  # (ml_dtypes gives float8_e5m2 kind "f", the rest "V")
 PACKED_CODES = ("F4", "F6_E2M3", "F6_E3M2")
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 HF_INDEX = "model.safetensors.index.json"

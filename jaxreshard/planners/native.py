@@ -39,10 +39,11 @@ class NativePlanner:
         ndims = {p: len(shape) for p, shape in source.shapes.items()}
         ndims.update({new: ndims[old] for new, old in (renamed or {}).items() if old in ndims})
         self.source = source
-        self.src_layout: LayoutLike | None = source_layout(source, as_layout(src, ndims))
-        self.dst_layout: LayoutLike | None = as_layout(dst, ndims)
-        if fp8.scale_pairs(ndims):  # block scales are laid out with their weights
-            self.src_layout, self.dst_layout = fp8.following(self.src_layout), fp8.following(self.dst_layout)
+        src_layout, dst_layout = as_layout(src, ndims), as_layout(dst, ndims)
+        if fp8.scale_pairs(ndims):  # block scales are laid out with their weights (a manifest records them so)
+            src_layout, dst_layout = fp8.following(src_layout), fp8.following(dst_layout)
+        self.src_layout: LayoutLike | None = source_layout(source, src_layout)
+        self.dst_layout: LayoutLike | None = dst_layout
         self._resolved: dict[str, ParamLayout] | None = None
         if source.distributed and self.src_layout is None:
             raise ConfigError(
@@ -52,14 +53,26 @@ class NativePlanner:
 
     def plan(self, request: FileRequest) -> Plan:
         source = self.source
+        self._check_scales()
         plan = make_plan(source.entries, self.src_layout, self.dst_layout, prefix=request.prefix,
                          suffix=request.suffix, dst_ranks=request.dst_ranks)
-        if fp8.scale_pairs(plan.params):
-            fp8.check_scale_blocks(plan, fp8.block_size(source.root))
         texts = tuple(TextRecord(k, v) for k, v in source.extras.get(min(source.entries), {}).items())
         if texts:
             plan = replace(plan, ranks=tuple(replace(r, texts=texts) for r in plan.ranks))
         return plan
+
+    def _check_scales(self) -> None:
+        """FP8 block scales: each fits its weight, and no layout cuts a scale block (before planning, so the
+        error names the weight rather than its scale's uneven split)."""
+        pairs = fp8.scale_pairs(self.params())
+        if not pairs:
+            return
+        block = fp8.block_size(self.source.root)
+        dst = self.dst_layout.resolve(list(pairs.values())) if self.dst_layout is not None else {}
+        for scale, weight in pairs.items():
+            layouts = {"source": self._src_params()[weight], "destination": dst.get(weight, COMPLETE)}
+            fp8.check_scale_blocks(scale, weight, self.full_shape(weight)[0], self.full_shape(scale)[0], layouts,
+                                   block)
 
     def params(self) -> list[str]:
         return merge_orders([list(self.source.entries[r]) for r in sorted(self.source.entries)])
@@ -72,6 +85,10 @@ class NativePlanner:
             self._resolved = self.src_layout.resolve(names) if self.src_layout is not None else \
                 {n: COMPLETE for n in names}  # fmt: skip
         return self._resolved
+
+    def src_layouts(self) -> dict[str, ParamLayout]:
+        """Every source parameter's layout (resolved once)."""
+        return dict(self._src_params())
 
     def full_shape(self, param: str) -> tuple[tuple[int, ...], np.dtype]:
         return full_shape(param, self._src_params()[param], self.source.entries)
