@@ -96,10 +96,8 @@ def test_fp8_dtypes_split_reshard_merge_byte_for_byte(tmp_path):
     r2, _ = read_st(tmp_path / "b/rank_2/checkpoint_2.safetensors")
     np.testing.assert_array_equal(r2["layers.0.q_proj.weight_scale_inv"], model["layers.0.q_proj.weight_scale_inv"][:, 2:])
     jr.convert(tmp_path / "b", tmp_path / "m", hf=True)
-    assert (tmp_path / "m/model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes() or \
-        read_st(tmp_path / "m/model.safetensors")[0].keys() == model.keys()  # fmt: skip
     merged, meta = read_st(tmp_path / "m/model.safetensors")
-    assert list(merged) == list(model) and meta == {"format": "pt"}
+    assert sorted(merged) == sorted(model) and meta == {"format": "pt"}
     for name, array in model.items():
         assert merged[name].dtype == array.dtype
         assert merged[name].tobytes() == array.tobytes(), name

@@ -115,7 +115,8 @@ class PartsWriter:
     index (`weight_map`, `metadata.total_size`) last, after every part is complete, when `index` is set."""
 
     def __init__(self, dst_dir: Path, params: Params, layout: tuple[list[list[int]], list[str], str],
-                 only: set[int] | None = None, index: bool = True, metadata: dict[str, str] | None = None):
+                 only: set[int] | None = None, index: bool = True, metadata: dict[str, str] | None = None,
+                 file_order=lambda params: params):
         groups, names, self._index_name = layout
         self._dst_dir, self._index = dst_dir, index
         self._total = sum(_nbytes(p) for p in params)
@@ -123,7 +124,8 @@ class PartsWriter:
         self._writers: dict[str, SafetensorsWriter] = {}
         for i, group in enumerate(groups):
             if only is None or i in only:
-                self._writers[names[i]] = SafetensorsWriter(dst_dir / names[i], [params[j] for j in group], metadata)
+                self._writers[names[i]] = SafetensorsWriter(dst_dir / names[i], file_order([params[j] for j in group]),
+                                                            metadata)
 
     def write(self, param: str, array: np.ndarray) -> None:
         self._writers[self._weight_map[param]].write(param, array)
@@ -152,9 +154,11 @@ def HfWriter(dst_dir: Path, params: Params, max_file_bytes: int | None,
              metadata: dict[str, str] | None = None) -> PartsWriter:
     """A complete checkpoint as transformers writes it (`model.safetensors`, or parts + index past
     `max_file_bytes`, default 5 GB); file boundaries are fixed up front from the sizes (no renames at the end);
-    parts carry the source's metadata."""
+    parts carry the source's metadata. Within a file tensors are in `save_file`'s order (what transformers
+    writes through it), so a one-file output is byte for byte what `save_pretrained` writes."""
     split = transformers_split(params, HF_MAX_FILE_BYTES if max_file_bytes is None else max_file_bytes)
-    return PartsWriter(dst_dir, params, split, index=len(split[0]) > 1, metadata=metadata)
+    return PartsWriter(dst_dir, params, split, index=len(split[0]) > 1, metadata=metadata,
+                       file_order=save_file_order)
 
 
 hf_layout = hf_part_split  # the old names (they plan part files, not a layout)
