@@ -19,7 +19,8 @@ from jaxreshard.errors import LayoutError
 CODES = {np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3", np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2",
          np.dtype(ml_dtypes.float8_e8m0fnu): "F8_E8M0", np.dtype(ml_dtypes.float8_e4m3fnuz): "F8_E4M3FNUZ",
          np.dtype(ml_dtypes.float8_e5m2fnuz): "F8_E5M2FNUZ", np.dtype(np.float32): "F32",
-         np.dtype(ml_dtypes.bfloat16): "BF16"}  # fmt: skip
+         np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16", np.dtype(np.float64): "F64",
+         np.dtype(np.int64): "I64"}  # fmt: skip
 
 
 def write_st(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
@@ -156,3 +157,16 @@ def test_load_dequantize_into_shardings(tmp_path):
     np.testing.assert_array_equal(np.asarray(got), want)
     np.testing.assert_array_equal(np.asarray(out["layers.0.norm.weight"]),
                                   model["layers.0.norm.weight"].astype(np.float32))
+
+
+def test_readme_fp8_example_runs(tmp_path):
+    from tests.test_hf_folders import run_readme_example
+
+    out = run_readme_example("FP8", tmp_path)
+    assert out.strip() == "float32 (512, 256) P('mp', None)"
+    merged, meta = read_st(tmp_path / "bf16_hf/model.safetensors")
+    assert meta == {"format": "pt"} and not any(n.endswith("_scale_inv") for n in merged)
+    src, _ = read_st(tmp_path / "fp8/model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    want = reference_dequant(src[name], src[name + "_scale_inv"], (128, 128), ml_dtypes.bfloat16)
+    assert merged[name].tobytes() == want.tobytes()
