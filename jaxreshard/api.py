@@ -211,6 +211,9 @@ def convert(
     job = plan_conversion(src, src_layout=src_arg, dst_layout=dst_arg, prefix=prefix, dtype=dtype,
                           output_format=output_format, exact_replicas=exact_replicas, ranks=wanted,
                           verify_crc=verify_crc, dequantize=dequantize)  # fmt: skip
+    if verify and dequantize:
+        raise ConfigError("--verify compares the output's bytes with the source's, which --dequantize changes; "
+                          "drop one of them")
     if verify and coordinator_address is not None:
         raise ConfigError("--verify runs in one process; verify a multi-host output afterwards with jaxreshard verify")
     check = _output_check(job, src, Path(dst), src_arg, dst_arg, dtype=dtype, ranks=wanted) if verify else None

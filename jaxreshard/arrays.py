@@ -20,8 +20,9 @@ from .errors import PlanError
 from .fill import fill_boxes
 from .formats.base import FileHandles, aligned_empty
 from .formats.safetensors_io import FP8_DTYPES
+from .coverage import cover, source_grid
 from .plan import ParamInfo, Plan, Restore, ShardPlan
-from .transforms import Cast, Dequantize, LoraFold, cast_box, dequantize_box, fold_box
+from .transforms import Cast, Dequantize, LoraFold, cast_box, dequantize_box, fold_box, scale_region
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,16 @@ def _apply_fold(fold: LoraFold, param: str, bufs: Boxes, handles: FileHandles) -
 
 
 def _apply_dequantize(deq: Dequantize, param: str, bufs: Boxes, handles: FileHandles) -> Boxes:
-    scale = read_factor(deq.scales, deq.scale, handles)
-    return {box: dequantize_box(deq, box, buf, scale) for box, buf in bufs.items()}
+    """Each box times its scales: only the scale blocks the box covers are read."""
+    info = deq.scales.params[deq.scale]
+    grid = source_grid(deq.scale, info.shape, info.src_layout, deq.scales.src_entries)
+    out = {}
+    for box, buf in bufs.items():
+        region = scale_region(deq, box)
+        scale = aligned_empty(region.shape, info.src_dtype)
+        fill_boxes(deq.scales, [(ShardPlan(deq.scale, region, cover(grid, region)), scale)], handles)
+        out[box] = dequantize_box(deq, box, buf, scale, region)
+    return out
 
 
 APPLY: dict[type, Callable[[Any, str, Boxes, FileHandles], Boxes]] = {

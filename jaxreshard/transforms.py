@@ -48,7 +48,7 @@ class Dequantize:
 
     scale: str
     block: tuple[int, int]
-    scales: Plan  # reads the scale tensor as one complete tensor from the source (1/16384 of the weight)
+    scales: Plan  # where the scale tensor lies in the source; each box reads only the scale blocks it covers
 
 
 Transform = Cast | LoraFold | Dequantize
@@ -80,11 +80,18 @@ def fold_box(fold: LoraFold, param: str, box: Box, buf: np.ndarray, a: np.ndarra
     return float(np.abs(delta).max()) if delta.size else 0.0
 
 
-def dequantize_box(deq: Dequantize, box: Box, buf: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """float32(buf) * scale, where `buf` is box `box` of the weight and `scale` the weight's whole scale tensor:
-    each element takes the scale of the block it lies in (element (i, j): scale[i // rows, j // cols])."""
-    rows = np.arange(box.start[0], box.stop[0]) // deq.block[0]
-    cols = np.arange(box.start[1], box.stop[1]) // deq.block[1]
+def scale_region(deq: Dequantize, box: Box) -> Box:
+    """The scale blocks a box of the weight lies in."""
+    return Box(tuple(a // b for a, b in zip(box.start, deq.block)),
+               tuple(-(-z // b) for z, b in zip(box.stop, deq.block)))
+
+
+def dequantize_box(deq: Dequantize, box: Box, buf: np.ndarray, scale: np.ndarray, region: Box | None = None) -> np.ndarray:
+    """float32(buf) * scale, where `buf` is box `box` of the weight and `scale` the region `region` of the scale
+    tensor (default: all of it): element (i, j) takes the scale of its block, scale[i // rows, j // cols]."""
+    origin = region.start if region is not None else (0, 0)
+    rows = np.arange(box.start[0], box.stop[0]) // deq.block[0] - origin[0]
+    cols = np.arange(box.start[1], box.stop[1]) // deq.block[1] - origin[1]
     out = aligned_empty(buf.shape, np.dtype(np.float32))
     np.multiply(buf.astype(np.float32), scale.astype(np.float32)[np.ix_(rows, cols)], out=out)
     return out

@@ -13,7 +13,8 @@ from jaxreshard.arrays import APPLY
 from jaxreshard.box import Box
 from jaxreshard.errors import FormatError
 from jaxreshard.plan import Plan
-from jaxreshard.transforms import Cast, Dequantize, LoraFold, Transform, cast_box, dequantize_box, fold_box
+from jaxreshard.transforms import (Cast, Dequantize, LoraFold, Transform, cast_box, dequantize_box, fold_box,
+                                   scale_region)
 
 
 def fold(transposed: bool = False, scaling: float = 0.5) -> LoraFold:
@@ -73,3 +74,14 @@ def test_dequantize_box_takes_each_element_s_block_scale():
                         np.float32)
     assert out.dtype == np.float32 and out.ctypes.data % 64 == 0
     np.testing.assert_array_equal(out, expected)
+
+
+def test_dequantize_box_with_a_scale_region():
+    w = np.ones((6, 6), np.float32).astype(ml_dtypes.float8_e4m3fn)
+    scale = np.array([[2.0, 3.0], [5.0, 7.0]], np.float32)  # 3 x 3 blocks
+    deq = Dequantize("w_scale_inv", (3, 3), Plan({}, (), {}))
+    box = Box((3, 1), (6, 4))  # rows in block row 1, columns in block columns 0 and 1
+    region = scale_region(deq, box)
+    assert region == Box((1, 0), (2, 2))
+    out = dequantize_box(deq, box, w[3:6, 1:4], scale[1:2, 0:2], region)
+    np.testing.assert_array_equal(out, np.array([[5, 5, 7]] * 3, np.float32))

@@ -140,6 +140,8 @@ CASES = [
          _hf_with(_many)),
     Case("hf-with-ranks", [*CONVERT, "--hf", "--ranks", "0"], 2, r"--hf writes one complete safetensors checkpoint",
          _hf_with(lambda f: None)),
+    Case("fp8-dequantize-with-verify", [*CONVERT, "--dequantize", "--verify"], 2,
+         r"--verify compares the output's bytes with the source's, which --dequantize changes", _fp8_model()),
 ]
 
 test_case = corpus_test(CASES)
