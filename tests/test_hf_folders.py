@@ -188,3 +188,14 @@ def test_readme_hugging_face_example_runs(tmp_path):
 
     a, b = open_source(tmp_path / "hf_llama").entries[0], open_source(tmp_path / "llama_hf").entries[0]
     assert sorted(a) == sorted(b) and all(a[n].shape == b[n].shape and a[n].dtype == b[n].dtype for n in a)
+
+
+def test_unify_carries_the_companions(tmp_path, hf_src):
+    from jaxreshard.unify import unify
+
+    src, tensors = hf_src
+    mp2 = layout(tmp_path / "mp2.yaml", {"mp": 2}, [(r".*_proj\.weight", ["mp", None])])
+    jr.convert(src, tmp_path / "r2", dst_layout=mp2)
+    unify(tmp_path / "r2", tmp_path / "u")
+    assert companions_of(tmp_path / "u") == {n: t.encode() for n, t in COMPANIONS.items()}
+    assert all(name in read_manifest(tmp_path / "u").files for name in COMPANIONS)
