@@ -170,3 +170,22 @@ def test_readme_fp8_example_runs(tmp_path):
     name = "model.layers.0.mlp.up_proj.weight"
     want = reference_dequant(src[name], src[name + "_scale_inv"], (128, 128), ml_dtypes.bfloat16)
     assert merged[name].tobytes() == want.tobytes()
+
+
+def test_load_fp8_as_is_keeps_the_bytes(tmp_path):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    model = fp8_model(np.random.default_rng(3))
+    src = tmp_path / "src"
+    src.mkdir()
+    write_st(src / "model.safetensors", model)
+    mesh = Mesh(np.array(jax.devices()[:2]), ("mp",))
+    target = {"layers.0.q_proj.weight": NamedSharding(mesh, PartitionSpec("mp", None)),
+              "layers.0.q_proj.weight_scale_inv": NamedSharding(mesh, PartitionSpec("mp", None)),
+              "e5m2": NamedSharding(mesh, PartitionSpec(None, "mp"))}
+    out = jr.load(src, target, strict=False)
+    for name in target:
+        got = out[name]
+        assert got.dtype == model[name].dtype and got.sharding == target[name], name
+        assert np.asarray(got).tobytes() == model[name].tobytes(), name
