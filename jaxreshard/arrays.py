@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 
 from .box import Box
+from .coverage import cover, source_grid
 from .devices import make_mesh
 from .errors import PlanError
 from .fill import fill_boxes
 from .formats.base import FileHandles, aligned_empty
 from .formats.safetensors_io import FP8_DTYPES
-from .coverage import cover, source_grid
 from .plan import ParamInfo, Plan, Restore, ShardPlan
 from .transforms import Cast, Dequantize, LoraFold, cast_box, dequantize_box, fold_box, scale_region
 

@@ -18,9 +18,9 @@ from .api import LayoutArg, native_layouts, parse_size
 from .errors import ConfigError, OutputError
 from .execute import execute
 from .formats import open_source, rank_dirs, source_from_files
+from .formats.companions import copy_companions, find_companions
 from .formats.manifest import FileRecord, file_sha256, write_manifest
 from .formats.safetensors_io import SafetensorsWriter
-from .formats.companions import copy_companions, find_companions
 from .formats.writers import OutputKind, PartsWriter, hf_part_split, ms_part_split, write_index
 from .fsutil import atomic_output, check_destination
 from .jobs import Job, read_paths

@@ -148,7 +148,7 @@ def test_load_dequantize_into_shardings(tmp_path):
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("dp", "mp"))
     target = {"layers.0.q_proj.weight": NamedSharding(mesh, PartitionSpec("dp", "mp")),
               "layers.0.norm.weight": NamedSharding(mesh, PartitionSpec())}
-    rename = lambda n: n if n in target else None  # noqa: E731
+    rename = lambda n: n if n in target else None
     out = jr.load(src, target, dequantize=True, rename=rename, dtype="float32")
     want = reference_dequant(model["layers.0.q_proj.weight"], model["layers.0.q_proj.weight_scale_inv"], (128, 128),
                              np.float32)
@@ -185,7 +185,7 @@ def test_load_fp8_as_is_keeps_the_bytes(tmp_path):
               "layers.0.q_proj.weight_scale_inv": NamedSharding(mesh, PartitionSpec("mp", None)),
               "e5m2": NamedSharding(mesh, PartitionSpec(None, "mp"))}
     out = jr.load(src, target, strict=False)
-    for name in target:
+    for name, sharding in target.items():
         got = out[name]
-        assert got.dtype == model[name].dtype and got.sharding == target[name], name
+        assert got.dtype == model[name].dtype and got.sharding == sharding, name
         assert np.asarray(got).tobytes() == model[name].tobytes(), name

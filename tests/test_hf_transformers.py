@@ -16,7 +16,7 @@ if not hasattr(transformers, "FlaxLlamaForCausalLM"):
     pytest.skip(f"transformers {transformers.__version__} has no Flax models (use transformers<5)",
                 allow_module_level=True)
 
-import jaxreshard as jr  # noqa: E402
+import jaxreshard as jr
 
 
 def layout(path, mesh: dict, rules: list[tuple[str, list]]):

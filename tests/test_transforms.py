@@ -13,8 +13,16 @@ from jaxreshard.arrays import APPLY
 from jaxreshard.box import Box
 from jaxreshard.errors import FormatError
 from jaxreshard.plan import Plan
-from jaxreshard.transforms import (Cast, Dequantize, LoraFold, Transform, cast_box, dequantize_box, fold_box,
-                                   scale_region)
+from jaxreshard.transforms import (
+    Cast,
+    Dequantize,
+    LoraFold,
+    Transform,
+    cast_box,
+    dequantize_box,
+    fold_box,
+    scale_region,
+)
 
 
 def fold(transposed: bool = False, scaling: float = 0.5) -> LoraFold:
