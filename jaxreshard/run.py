@@ -31,7 +31,7 @@ from .caps import MAX_RANKS
 from .devices import cpu_devices, ensure_cpu_devices
 from .errors import ConfigError, FormatError, OutputError
 from .execute import execute
-from .formats.companions import copy_companions
+from .formats.companions import copy_companions, place_companions
 from .formats.manifest import FileRecord, Manifest, write_manifest
 from .formats.orbax_io import OrbaxWriter, x64
 from .formats.writers import OutputKind, writer_factory
@@ -109,8 +109,12 @@ def run_plan(
     folders = sorted({r.dst_file.split("/")[0] for r in plan.ranks})
     with staged_rank_folders(dst, folders, [r.dst_rank for r in plan.ranks], overwrite=overwrite) as tmp:
         files = fill(tmp, None)
+        placed = {}
+        if describe is not None and output.companions:  # before the rank folders commit: a conflict stops both
+            dst.mkdir(parents=True, exist_ok=True)
+            placed = place_companions(output.companions, dst)
     if describe is not None:
-        manifests.merge_root_manifest(dst, describe(files), folders)
+        manifests.merge_root_manifest(dst, describe({**files, **placed}), folders)
     return files
 
 

@@ -199,3 +199,19 @@ def test_unify_carries_the_companions(tmp_path, hf_src):
     unify(tmp_path / "r2", tmp_path / "u")
     assert companions_of(tmp_path / "u") == {n: t.encode() for n, t in COMPANIONS.items()}
     assert all(name in read_manifest(tmp_path / "u").files for name in COMPANIONS)
+
+
+def test_ranks_runs_place_the_companions_once(tmp_path, hf_src):
+    src, _ = hf_src
+    mp2 = layout(tmp_path / "mp2.yaml", {"mp": 2}, [(r".*_proj\.weight", ["mp", None])])
+    jr.convert(src, tmp_path / "r2", dst_layout=mp2, ranks="0")
+    jr.convert(src, tmp_path / "r2", dst_layout=mp2, ranks="1")  # the second node finds them there, identical
+    out = tmp_path / "r2"
+    assert companions_of(out) == {n: t.encode() for n, t in COMPANIONS.items()}
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    files = read_manifest(out).files
+    assert all(name in files for name in COMPANIONS) and "rank_0/checkpoint_0.safetensors" in files
+    (out / "README.md").write_text("someone else's readme")
+    with pytest.raises(jr.JaxreshardError, match=r"README.md: the destination already has a different README.md"):
+        jr.convert(src, out, dst_layout=mp2, ranks="1", overwrite=True)
+    assert (out / "README.md").read_text() == "someone else's readme"  # never overwritten

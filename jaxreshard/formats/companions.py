@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 from ..errors import FormatError
-from .manifest import MANIFEST_NAME, FileRecord
+from .manifest import MANIFEST_NAME, FileRecord, file_sha256
 from .safetensors_io import HF_INDEX
 from .untrusted import list_dir, open_regular
 
@@ -94,3 +96,25 @@ def copy_companions(files: tuple[Path, ...], dst: Path) -> dict[str, FileRecord]
             os.fsync(out_f.fileno())
         out[path.name] = FileRecord(size, digest.hexdigest())
     return out
+
+
+def place_companions(files: tuple[Path, ...], dst: Path) -> dict[str, FileRecord]:
+    """`--ranks` runs (each node its share of one destination): copy the companions into the destination root
+    beside the rank folders, each appearing whole (copied aside, then renamed into place). A file already
+    there with the same bytes (another node's copy) is kept; different bytes are an error, never overwritten."""
+    if not files:
+        return {}
+    staging = Path(tempfile.mkdtemp(prefix=".companions-", dir=dst))
+    try:
+        records = copy_companions(files, staging)
+        for name, record in records.items():  # every conflict first: nothing is placed unless all can be
+            target = dst / name
+            if os.path.lexists(target) and (not target.is_file() or file_sha256(target) != record.sha256):
+                raise FormatError(f"{target}: the destination already has a different {name}; it is the "
+                                  "source's companion file, remove the other one or write to a fresh folder")
+        for name in records:
+            if not os.path.lexists(dst / name):
+                os.replace(staging / name, dst / name)
+        return records
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
