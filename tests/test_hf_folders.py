@@ -215,3 +215,15 @@ def test_ranks_runs_place_the_companions_once(tmp_path, hf_src):
     with pytest.raises(jr.JaxreshardError, match=r"README.md: the destination already has a different README.md"):
         jr.convert(src, out, dst_layout=mp2, ranks="1", overwrite=True)
     assert (out / "README.md").read_text() == "someone else's readme"  # never overwritten
+
+
+def test_what_counts_as_a_companion():
+    from jaxreshard.formats.companions import is_companion_name
+
+    kept = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "vocab.txt", "merges.txt",
+            "chat_template.jinja", "README.md", "LICENSE", "preprocessor_config.json"]
+    left = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+            "pytorch_model.bin", "pytorch_model.bin.index.json", "flax_model.msgpack", "tf_model.h5", "rank0.ckpt",
+            "param_name_map.json", "jaxreshard.manifest.json", ".gitattributes", ".jaxreshard.lock", "m.gguf"]
+    assert [n for n in kept if is_companion_name(n)] == kept
+    assert [n for n in left if is_companion_name(n)] == []

@@ -27,11 +27,12 @@ MAX_COMPANIONS = 1000
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".npz", ".npy",
                    ".onnx", ".tflite", ".pdparams")  # fmt: skip
 INDEX_SUFFIXES = (".index.json",)
+INDEX_NAMES = (HF_INDEX, "param_name_map.json")  # MindSpore's unified index describes the source's parts only
 
 
 def is_companion_name(name: str) -> bool:
     """Not a weight file, an index, our manifest, a hidden file (locks, journals, .gitattributes) or a part."""
-    return not (name.startswith(".") or name == MANIFEST_NAME or name == HF_INDEX
+    return not (name.startswith(".") or name == MANIFEST_NAME or name in INDEX_NAMES
                 or name.endswith(WEIGHT_SUFFIXES) or name.endswith(INDEX_SUFFIXES))  # fmt: skip
 
 
