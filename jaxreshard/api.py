@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from . import fp8
 from .devices import ensure_cpu_devices
 from .distributed import cluster_from
 from .errors import ConfigError, JaxreshardError
@@ -83,6 +84,7 @@ def plan_conversion(
     verify_crc: bool = False,
     transform: TransformArg = None,
     reverse: bool = False,
+    dequantize: bool = False,
 ) -> Job:
     """Index the source and plan the conversion; reads headers only and writes nothing.
 
@@ -91,6 +93,7 @@ def plan_conversion(
     follows `mindspore.transform_checkpoints` exactly; a strategy beside a native layout mixes them with native
     semantics. `transform` (a rules YAML path, a parsed mapping or `Rules`; `reverse` to run it backwards)
     renames and composes tensors while converting; `dst_layout` speaks of the transformed names and shapes.
+    `dequantize` stores block-scaled FP8 weights as `dtype` (default bf16) and drops their scales.
     Returns a `Job`: `job.plan` is the plan, `job.source` the indexed source.
     """
     src_arg, dst_arg = one_side(src_layout, src_strategy, "src"), one_side(dst_layout, dst_strategy, "dst")
@@ -103,7 +106,12 @@ def plan_conversion(
     else:
         job = _files_job(src, src_arg, dst_arg, prefix, output_format, ranks, exact_replicas, verify_crc, rules,
                          reverse)  # fmt: skip
-    return Job(with_dtype(job.plan, parse_dtype(dtype)), job.source, job.kind, job.src_path)
+    plan = with_dtype(job.plan, parse_dtype(dtype))
+    if dequantize:
+        if job.source is None:
+            raise ConfigError("--dequantize reads block scales from safetensors or .ckpt files, not an orbax source")
+        plan = fp8.dequantize(plan, parse_dtype(dtype or "bf16"), fp8.block_size(job.source.root))
+    return Job(plan, job.source, job.kind, job.src_path)
 
 
 def _restore_job(src: Path, src_arg: Any, dst_arg: Any, prefix: str, output_format: str | None,
@@ -170,6 +178,7 @@ def convert(
     resume: bool = False,
     transform: TransformArg = None,
     reverse: bool = False,
+    dequantize: bool = False,
 ) -> ConvertReport:
     """Convert `src` (complete or per-rank) into `dst` laid out by `dst_layout` / `dst_strategy` (none = complete).
 
@@ -186,9 +195,13 @@ def convert(
     src_arg, dst_arg = one_side(src_layout, src_strategy, "src"), one_side(dst_layout, dst_strategy, "dst")
     job = plan_conversion(src, src_layout=src_arg, dst_layout=dst_arg, prefix=prefix, dtype=dtype,
                           output_format=output_format, exact_replicas=exact_replicas, ranks=wanted,
-                          verify_crc=verify_crc, transform=transform, reverse=reverse)  # fmt: skip
+                          verify_crc=verify_crc, transform=transform, reverse=reverse,
+                          dequantize=dequantize)  # fmt: skip
     if verify and transform is not None:
         raise ConfigError("--verify compares tensors by name and shape; it does not apply with --transform")
+    if verify and dequantize:
+        raise ConfigError("--verify compares the output's bytes with the source's, which --dequantize changes; "
+                          "drop one of them")
     if verify and coordinator_address is not None:
         raise ConfigError("--verify runs in one process; verify a multi-host output afterwards with jaxreshard verify")
     check = _output_check(job, src, Path(dst), src_arg, dst_arg, dtype=dtype, ranks=wanted) if verify else None

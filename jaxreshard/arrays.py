@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 
 from .box import Box
+from .coverage import cover, source_grid
 from .devices import make_mesh
 from .errors import PlanError
 from .fill import fill_boxes
 from .formats.base import FileHandles, aligned_empty
+from .formats.safetensors_io import FP8_DTYPES
 from .plan import ParamInfo, Plan, Restore, ShardPlan
-from .transforms import Cast, LoraFold, cast_box, fold_box
+from .transforms import Cast, Dequantize, LoraFold, cast_box, dequantize_box, fold_box, scale_region
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,22 @@ def _apply_fold(fold: LoraFold, param: str, bufs: Boxes, handles: FileHandles) -
     return bufs
 
 
-APPLY: dict[type, Callable[[Any, str, Boxes, FileHandles], Boxes]] = {Cast: _apply_cast, LoraFold: _apply_fold}
+def _apply_dequantize(deq: Dequantize, param: str, bufs: Boxes, handles: FileHandles) -> Boxes:
+    """Each box times its scales: only the scale blocks the box covers are read."""
+    info = deq.scales.params[deq.scale]
+    grid = source_grid(deq.scale, info.shape, info.src_layout, deq.scales.src_entries)
+    out = {}
+    for box, buf in bufs.items():
+        region = scale_region(deq, box)
+        scale = aligned_empty(region.shape, info.src_dtype)
+        fill_boxes(deq.scales, [(ShardPlan(deq.scale, region, cover(grid, region)), scale)], handles)
+        out[box] = dequantize_box(deq, box, buf, scale, region)
+    return out
+
+
+APPLY: dict[type, Callable[[Any, str, Boxes, FileHandles], Boxes]] = {
+    Cast: _apply_cast, LoraFold: _apply_fold, Dequantize: _apply_dequantize,
+}
 
 
 def read_factor(factors: Plan, param: str, handles: FileHandles) -> np.ndarray:
@@ -69,6 +86,8 @@ def jax_dtype(dtype: np.dtype) -> tuple[np.dtype, tuple[int, ...]]:
     bytes are never converted and the user's global `jax_enable_x64` setting is left alone."""
     if dtype.itemsize == 8:
         return np.dtype(np.uint32), (2,)
+    if dtype in FP8_DTYPES:  # bytes only, as uint8, whatever FP8 types this JAX supports
+        return np.dtype(np.uint8), ()
     return dtype, ()
 
 
@@ -76,6 +95,8 @@ def from_jax(data: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """A shard's host data as `dtype` (undoing the uint32 pairs of `jax_dtype`)."""
     if dtype.itemsize == 8 and data.dtype != dtype:  # carried as uint32 pairs (restored arrays have the real dtype)
         return data.reshape(-1).view(dtype).reshape(data.shape[:-1])
+    if dtype in FP8_DTYPES and data.dtype != dtype:  # FP8 carried as uint8
+        return data.view(dtype)
     return data
 
 
@@ -104,7 +125,9 @@ def build_array(
         buf = bufs.get(box)
         if buf is None:  # a box no planned rank needs (with --ranks): untouched memory, never written out
             buf = bufs[box] = aligned_empty(box.shape, dtype)
-        return buf.reshape(-1).view(carried).reshape(buf.shape + tail) if tail else buf
+        if tail:
+            return buf.reshape(-1).view(carried).reshape(buf.shape + tail)
+        return buf.view(carried) if carried != dtype else buf
 
     return jax.make_array_from_callback(info.shape + tail, sharding, callback, dtype=carried)
 

@@ -79,3 +79,46 @@ def write_llama_checkpoint(path: Path, shape: LlamaShape = LlamaShape(), seed: i
     writer.close()
     os.replace(tmp, path)  # complete or absent, never half written
     return path
+
+
+def quantize_fp8(weight: np.ndarray, block: tuple[int, int] = (128, 128)) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek-style block quantization: F8_E4M3 values and one float32 `scale_inv` per block, so that
+    float32(q) * scale_inv approximates the weight (each block's largest |value| maps to 448, E4M3's max)."""
+    rows, cols = weight.shape
+    w = weight.astype(np.float32)
+    scale = np.ones((-(-rows // block[0]), -(-cols // block[1])), np.float32)
+    q = np.empty(w.shape, ml_dtypes.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            part = (slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1]))
+            scale[i, j] = max(float(np.abs(w[part]).max()), 1e-12) / 448.0
+            q[part] = (w[part] / scale[i, j]).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def write_fp8_checkpoint(path: Path, shape: LlamaShape = LlamaShape(hidden=256, intermediate=512, kv_heads=8),
+                         seed: int = 0) -> Path:
+    """The example with every projection weight stored as F8_E4M3 plus its `<name>_scale_inv` (128 x 128
+    blocks), the way DeepSeek-V3 checkpoints are; other tensors as in `write_llama_checkpoint`."""
+    params = []
+    for name, dtype, dims in llama_params(shape):
+        if name.endswith("_proj.weight"):
+            params += [(name, np.dtype(ml_dtypes.float8_e4m3fn), dims),
+                       (name + "_scale_inv", np.dtype(np.float32), (-(-dims[0] // 128), -(-dims[1] // 128)))]
+        else:
+            params.append((name, dtype, dims))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    writer = SafetensorsWriter(tmp, params, {"format": "pt"})
+    for name, dtype, dims in params:
+        if name.endswith("_scale_inv"):
+            continue
+        value = llama_tensor(name, np.dtype(np.float32) if dtype.itemsize == 1 else dtype, dims, seed)
+        if dtype.itemsize == 1:
+            value, scale = quantize_fp8(value)
+            writer.write(name + "_scale_inv", scale)
+        writer.write(name, value)
+    writer.close()
+    os.replace(tmp, path)
+    return path

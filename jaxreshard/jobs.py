@@ -16,6 +16,7 @@ from .distributed import Cluster, owned_ranks
 from .distributed import start as start_cluster
 from .errors import ConfigError
 from .formats import SourceCheckpoint
+from .formats.companions import find_companions
 from .formats.manifest import MANIFEST_NAME
 from .formats.writers import OutputKind
 from .fsutil import check_destination
@@ -112,7 +113,7 @@ def read_paths(job_or_source: Job | SourceCheckpoint) -> list[Path]:
     source = job_or_source.source if isinstance(job_or_source, Job) else job_or_source
     if source is None:  # a restore-capable source: its folder
         return [job_or_source.path]  # type: ignore[union-attr]
-    paths = {source.path, *(p for files in source.files.values() for p in files)}
+    paths = {source.path, source.root, *(p for files in source.files.values() for p in files)}
     paths.update(e.path for entries in source.entries.values() for e in entries.values())
     return sorted(paths)
 
@@ -122,4 +123,6 @@ def output_of(job: Job, hf: bool = False, max_file_bytes: int | None = None) -> 
     carried = {} if job.mindspore or job.source is None else \
         manifests.carried_metadata(manifests.source_metadata(job.source))  # fmt: skip
     carried = manifests.hf_metadata(carried) if hf else carried
-    return Output(job.kind, hf, max_file_bytes, tuple(carried.items()), manifests.layout_num_ranks(job.plan))
+    companions = find_companions(job.source.root) if job.source is not None else ()
+    return Output(job.kind, hf, max_file_bytes, tuple(carried.items()), manifests.layout_num_ranks(job.plan),
+                  companions)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fp8
 from .arrays import build_array
 from .devices import make_mesh
 from .errors import ConfigError, PlanError
@@ -75,6 +76,7 @@ def load(
     rename: Rename | None = None,
     strict: bool = True,
     transform: Any = None,
+    dequantize: bool = False,
 ) -> Any:
     """Load `src` into `target`'s shardings; returns the same structure with `jax.Array` leaves.
 
@@ -85,7 +87,8 @@ def load(
     applied in order). `dtype` casts floating parameters. Missing, unexpected (with `strict`) and wrong-shaped
     or wrong-typed parameters are reported together in one error. `transform` (a rules YAML path, a parsed
     mapping or `Rules`, see `convert`) renames, transposes, stacks and concatenates tensors while loading, each
-    box read from only the source regions it needs; `target` then names the transformed tensors.
+    box read from only the source regions it needs; `target` then names the transformed tensors. `dequantize` loads block-scaled FP8 weights
+    as `dtype(float32(w) * scale)` per block (`dtype` default bf16); their `_scale_inv` tensors are not loaded.
     """
     import jax
 
@@ -93,9 +96,13 @@ def load(
     cast = parse_dtype(dtype) if isinstance(dtype, str) else (np.dtype(dtype) if dtype is not None else None)
     rules = Rules.load(transform) if transform is not None else None
     planner = array_planner(src, one_side(src_layout, src_strategy, "src"), rules)
-    mapping = _target_names(planner.params(), _renamer(rename))
-    wanted = _requests(src, planner.full_shape, mapping, leaves, order, cast, strict)
+    pairs = fp8.scale_pairs(planner.params()) if dequantize else {}
+    mapping = _target_names([p for p in planner.params() if p not in pairs], _renamer(rename))
+    full_shape = fp8.dequantized_shape(planner.full_shape, set(pairs.values()), cast) if pairs else planner.full_shape
+    wanted = _requests(src, full_shape, mapping, leaves, order, cast, strict)
     plan = planner.plan_arrays(wanted)
+    if pairs:
+        plan = fp8.load_dequantized(plan, planner, pairs)
     shards: dict[str, dict] = {param: {} for param in wanted}
     for shard in (s for rank in plan.ranks for s in rank.shards):
         shards[shard.param][shard.dst_box] = shard

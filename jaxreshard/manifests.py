@@ -86,8 +86,10 @@ def carried_metadata(metadata: Mapping[int, Mapping[str, str]]) -> dict[str, str
 
 def hf_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """Carried metadata fit for Hugging Face part files: a "format" transformers refuses (MindSpore's "ms")
-    is left out."""
-    return {k: v for k, v in metadata.items() if k != "format" or v in HF_FORMATS}
+    is left out, and a missing one is `pt` (what `save_pretrained` writes; `from_pretrained` refuses a file
+    without it)."""
+    kept = {k: v for k, v in metadata.items() if k != "format" or v in HF_FORMATS}
+    return kept if "format" in kept else {"format": "pt", **kept}
 
 
 @dataclass(frozen=True)

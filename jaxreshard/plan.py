@@ -277,8 +277,9 @@ def with_dtype(plan: Plan, dtype: np.dtype | None) -> Plan:
 
 
 def is_floating(dtype: np.dtype) -> bool:
-    """Floating point, bfloat16 included (ml_dtypes types are not np.floating subtypes)."""
-    return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
+    """Floating point, bfloat16 included (ml_dtypes types are not np.floating subtypes); FP8 is not: its bytes
+    are carried, never cast (`--dequantize` turns it into a float)."""
+    return (dtype.kind == "f" and dtype.itemsize > 1) or dtype == np.dtype(ml_dtypes.bfloat16)
 
 
 def merge_orders(orders: Sequence[Sequence[str]]) -> list[str]:

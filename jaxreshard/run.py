@@ -31,6 +31,7 @@ from .caps import MAX_RANKS
 from .devices import cpu_devices, ensure_cpu_devices
 from .errors import ConfigError, FormatError, OutputError
 from .execute import execute
+from .formats.companions import copy_companions, place_companions
 from .formats.manifest import FileRecord, Manifest, write_manifest
 from .formats.orbax_io import OrbaxWriter, x64
 from .formats.writers import OutputKind, writer_factory
@@ -50,6 +51,7 @@ class Output:
     max_file_bytes: int | None = None
     metadata: tuple[tuple[str, str], ...] = ()  # the source's safetensors metadata, carried into every file
     num_ranks: int = 1  # ranks of the destination layout (> 1: rank files record their block, see manifests)
+    companions: tuple[Path, ...] = ()  # the source folder's non-weight files, copied to the output root
 
 
 def parse_ranks(text: str | None) -> list[int] | None:
@@ -107,8 +109,12 @@ def run_plan(
     folders = sorted({r.dst_file.split("/")[0] for r in plan.ranks})
     with staged_rank_folders(dst, folders, [r.dst_rank for r in plan.ranks], overwrite=overwrite) as tmp:
         files = fill(tmp, None)
+        placed = {}
+        if describe is not None and output.companions:  # before the rank folders commit: a conflict stops both
+            dst.mkdir(parents=True, exist_ok=True)
+            placed = place_companions(output.companions, dst)
     if describe is not None:
-        manifests.merge_root_manifest(dst, describe(files), folders)
+        manifests.merge_root_manifest(dst, describe({**files, **placed}), folders)
     return files
 
 
@@ -119,6 +125,8 @@ def _fill(plan: Plan, tmp: Path, describe: Describe | None, *, output: Output, p
     `--resume`), then the manifest (if `describe`), then `before_commit(tmp)`."""
     files = _execute(plan, tmp, output, process_num, on_bytes, key, held, continuable)
     resume.finish(tmp)
+    if describe is not None:  # a whole output (not one --ranks share): it gets the source's companion files
+        files.update(copy_companions(output.companions, tmp))
     if describe is not None:
         write_manifest(tmp, describe(files))
     if before_commit is not None:

@@ -41,7 +41,17 @@ class LoraFold:
     transposed: bool  # the base is stored (in, out) (PEFT fan_in_fan_out, GPT-2 Conv1D)
 
 
-Transform = Cast | LoraFold
+@dataclass(frozen=True)
+class Dequantize:
+    """A block-scaled FP8 weight as float32(W) * scale per block (`fp8.dequantize` plans it, followed by a
+    `Cast` to the stored dtype, so values are rounded once); `scales` reads the scale tensor `scale`."""
+
+    scale: str
+    block: tuple[int, int]
+    scales: Plan  # where the scale tensor lies in the source; each box reads only the scale blocks it covers
+
+
+Transform = Cast | LoraFold | Dequantize
 
 
 def cast_box(buf: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -68,3 +78,20 @@ def fold_box(fold: LoraFold, param: str, box: Box, buf: np.ndarray, a: np.ndarra
                           "check the adapter and --lora-scaling")
     buf[...] = merged
     return float(np.abs(delta).max()) if delta.size else 0.0
+
+
+def scale_region(deq: Dequantize, box: Box) -> Box:
+    """The scale blocks a box of the weight lies in."""
+    return Box(tuple(a // b for a, b in zip(box.start, deq.block)),
+               tuple(-(-z // b) for z, b in zip(box.stop, deq.block)))
+
+
+def dequantize_box(deq: Dequantize, box: Box, buf: np.ndarray, scale: np.ndarray, region: Box | None = None) -> np.ndarray:
+    """float32(buf) * scale, where `buf` is box `box` of the weight and `scale` the region `region` of the scale
+    tensor (default: all of it): element (i, j) takes the scale of its block, scale[i // rows, j // cols]."""
+    origin = region.start if region is not None else (0, 0)
+    rows = np.arange(box.start[0], box.stop[0]) // deq.block[0] - origin[0]
+    cols = np.arange(box.start[1], box.stop[1]) // deq.block[1] - origin[1]
+    out = aligned_empty(buf.shape, np.dtype(np.float32))
+    np.multiply(buf.astype(np.float32), scale.astype(np.float32)[np.ix_(rows, cols)], out=out)
+    return out

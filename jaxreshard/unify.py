@@ -17,6 +17,7 @@ from . import manifests
 from .errors import ConfigError, OutputError
 from .execute import execute
 from .formats import open_source, rank_dirs, source_from_files
+from .formats.companions import copy_companions, find_companions
 from .formats.manifest import FileRecord, file_sha256, write_manifest
 from .formats.safetensors_io import SafetensorsWriter
 from .formats.writers import OutputKind, PartsWriter, hf_part_split, ms_part_split, write_index
@@ -125,6 +126,7 @@ def write_unified(
         weight_map = {params[j][0]: names[i] for i, g in enumerate(groups) for j in g}
         write_index(tmp / index_name, weight_map, sum(int(np.prod(p[2])) * np.dtype(p[1]).itemsize for p in params))
         files[index_name] = FileRecord((tmp / index_name).stat().st_size, file_sha256(tmp / index_name))
+        files.update(copy_companions(find_companions(source.root), tmp))  # config.json, tokenizer files
         write_manifest(tmp, manifests.build_manifest(plan, str(Path(source.path).absolute()), layout, files))
     return sorted(dst.iterdir())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import ml_dtypes
 import numpy as np
@@ -12,7 +13,16 @@ from jaxreshard.arrays import APPLY
 from jaxreshard.box import Box
 from jaxreshard.errors import FormatError
 from jaxreshard.plan import Plan
-from jaxreshard.transforms import Cast, LoraFold, cast_box, fold_box
+from jaxreshard.transforms import (
+    Cast,
+    Dequantize,
+    LoraFold,
+    Transform,
+    cast_box,
+    dequantize_box,
+    fold_box,
+    scale_region,
+)
 
 
 def fold(transposed: bool = False, scaling: float = 0.5) -> LoraFold:
@@ -23,7 +33,8 @@ def test_transforms_are_frozen_values():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Cast(np.dtype("f2")).dtype = np.dtype("f4")  # type: ignore[misc]
     assert Cast(np.dtype("f2")) == Cast(np.dtype("f2"))
-    assert set(APPLY) == {Cast, LoraFold}  # every transform type has its one executor function
+    # every transform type has its one executor function (issue 10 adds Dequantize: checked against the union)
+    assert set(APPLY) == set(typing.get_args(Transform)) and {Cast, LoraFold, Dequantize} <= set(APPLY)
 
 
 def test_cast_box_rounds_like_astype_into_an_aligned_buffer():
@@ -60,3 +71,25 @@ def test_fold_box_overflow_names_the_module():
     piece = np.zeros((2, 2), np.float16)
     with pytest.raises(FormatError, match=r"merging LoRA 'm' into 'm.weight' gives NaN or Inf in float16"):
         fold_box(fold(scaling=1.0), "m.weight", Box((0, 0), (2, 2)), piece, a, b)
+
+
+def test_dequantize_box_takes_each_element_s_block_scale():
+    w = np.arange(5 * 7, dtype=np.float32).reshape(5, 7).astype(ml_dtypes.float8_e4m3fn)
+    scale = np.array([[2.0, 3.0, 5.0], [7.0, 11.0, 13.0]], np.float32)  # blocks of 3 x 3 over a 5 x 7 weight
+    box = Box((2, 1), (5, 6))
+    out = dequantize_box(Dequantize("w_scale_inv", (3, 3), Plan({}, (), {})), box, w[2:5, 1:6], scale)
+    expected = np.array([[float(w[i, j]) * float(scale[i // 3, j // 3]) for j in range(1, 6)] for i in range(2, 5)],
+                        np.float32)
+    assert out.dtype == np.float32 and out.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_dequantize_box_with_a_scale_region():
+    w = np.ones((6, 6), np.float32).astype(ml_dtypes.float8_e4m3fn)
+    scale = np.array([[2.0, 3.0], [5.0, 7.0]], np.float32)  # 3 x 3 blocks
+    deq = Dequantize("w_scale_inv", (3, 3), Plan({}, (), {}))
+    box = Box((3, 1), (6, 4))  # rows in block row 1, columns in block columns 0 and 1
+    region = scale_region(deq, box)
+    assert region == Box((1, 0), (2, 2))
+    out = dequantize_box(deq, box, w[3:6, 1:4], scale[1:2, 0:2], region)
+    np.testing.assert_array_equal(out, np.array([[5, 5, 7]] * 3, np.float32))

@@ -27,6 +27,8 @@ class PlanOptions:
     prefix: str = common.prefix()
     dtype: str | None = option("cast floating-point tensors to this dtype (bf16, fp16, fp32, fp64); default: copy "
                                "bytes", default=None)
+    dequantize: bool = flag("store block-scaled FP8 weights as --dtype (default bf16), float32(w) * scale per "
+                            "block, and drop their <name>_scale_inv tensors")
     hf: bool = common.hf()
     max_file_size: int | None = common.max_file_size()
     ranks: tuple[int, ...] | None = option("write only these destination ranks, e.g. 0-3,8 (each node its own "
@@ -58,7 +60,7 @@ class ConvertOptions(PlanOptions):
 def _planning(opts: PlanOptions) -> dict[str, Any]:
     """The keywords planning takes (what `plan` shows is what `convert` writes)."""
     names = ("src_layout", "dst_layout", "src_strategy", "dst_strategy", "prefix", "dtype", "output_format",
-             "exact_replicas", "verify_crc", "transform", "reverse")
+             "exact_replicas", "verify_crc", "transform", "reverse", "dequantize")
     return {name: getattr(opts, name) for name in names}
 
 

@@ -19,7 +19,7 @@ import os
 import re
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import FormatError
@@ -66,6 +66,12 @@ class SourceCheckpoint:
     extras: dict[int, dict[str, str]] = field(default_factory=dict, repr=False)  # per rank, MindSpore str entries
     orders: dict[int, tuple[str, ...]] = field(default_factory=dict, repr=False)  # per rank, names incl. extras
     metadata: dict[int, dict[str, str]] = field(default_factory=dict, repr=False)
+    folder: Path | None = None  # the folder named as the source when `path` is its one checkpoint file
+
+    @property
+    def root(self) -> Path:
+        """The folder whose non-weight files (config.json, tokenizer) belong to this checkpoint."""
+        return self.folder if self.folder is not None else Path(self.path)
 
     @property
     def ranks(self) -> list[int]:
@@ -181,7 +187,8 @@ def open_source(path: str | Path) -> SourceCheckpoint:
                 f"{path}: expected rank_<n>/ folders, a {HF_INDEX}, or exactly one checkpoint file; found "
                 f"{[p.name for p in files] or 'nothing'}"
             )
-        return open_source(files[0])
+        # the folder is remembered: its companion files travel with it, an output inside it is refused
+        return replace(open_source(files[0]), folder=path)
     picked = {rank: _pick_file(d) for rank, d in sorted(ranks.items())}
     suffixes = {p.suffix for p in picked.values()}
     if len(suffixes) > 1:

@@ -43,7 +43,19 @@ DTYPES: dict[str, np.dtype] = {
     "U16": np.dtype(np.uint16),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
+    # 1-byte floats (FP8 checkpoints: DeepSeek-V3, Kimi), the codes the safetensors library writes; only ever
+    # carried as bytes, never converted (`arrays.jax_dtype` moves them through JAX as uint8)
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
 }
+FP8_CODES = ("F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0")
+# packed sub-byte floats: safetensors stores two F4 (or four F6 in three bytes) per byte, ml_dtypes one per byte,
+# so their byte ranges are not element ranges; refused by name rather than misread
+FP8_DTYPES = frozenset(DTYPES[code] for code in FP8_CODES)  # (ml_dtypes gives float8_e5m2 kind "f", the rest "V")
+PACKED_CODES = ("F4", "F6_E2M3", "F6_E3M2")
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 HF_INDEX = "model.safetensors.index.json"
 
@@ -153,6 +165,9 @@ def _parse_entry(path: Path, param: str, info: object, data_start: int, data_byt
         raise FormatError(f"{where}: header entry is not an object")
     code = info.get("dtype")
     dtype = DTYPES.get(code) if isinstance(code, str) else None
+    if dtype is None and code in PACKED_CODES:
+        raise FormatError(f"{where}: dtype {code} packs several values per byte, which jaxreshard cannot cut into "
+                          "blocks; convert it with the safetensors library or store it unpacked (U8)")
     if dtype is None:
         raise FormatError(f"{where}: unsupported dtype {_short(code)}; supported: {sorted(DTYPES)}")
     shape = info.get("shape")

@@ -34,7 +34,7 @@ Params = list[tuple[str, np.dtype, tuple[int, ...]]]
 
 # safetensors' Dtype enum order; `save_file` stores tensors by descending dtype, then by name
 _SAFETENSORS_DTYPE_RANK = {code: i for i, code in enumerate(
-    ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
 )}  # fmt: skip
 
 
@@ -71,10 +71,21 @@ def writer_factory(kind: OutputKind, dst_dir: Path, *, hf: bool = False, max_fil
     return make
 
 
+HF_MAX_FILE_BYTES = 5 * 10**9  # transformers' `save_pretrained` default max_shard_size, "5GB"
+HF_SINGLE = "model.safetensors"
+
+
 def hf_part_split(params: Params, max_file_bytes: int | None) -> tuple[list[list[int]], list[str], str]:
     """Hugging Face: greedy in order, `model-0000i-of-0000n.safetensors`, `model.safetensors.index.json`."""
     groups = split_into_files([_nbytes(p) for p in params], max_file_bytes)
     return groups, [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))], HF_INDEX
+
+
+def transformers_split(params: Params, max_file_bytes: int | None) -> tuple[list[list[int]], list[str], str]:
+    """As transformers' `save_pretrained` names files: one part is `model.safetensors` (and no index), more
+    are `hf_part_split`'s parts + index."""
+    groups, names, index = hf_part_split(params, max_file_bytes)
+    return groups, [HF_SINGLE] if len(groups) == 1 else names, index
 
 
 MS_PART_BYTES = 3 << 30  # MindSpore's unified_safetensors cuts parts of about 3 GiB
@@ -104,7 +115,8 @@ class PartsWriter:
     index (`weight_map`, `metadata.total_size`) last, after every part is complete, when `index` is set."""
 
     def __init__(self, dst_dir: Path, params: Params, layout: tuple[list[list[int]], list[str], str],
-                 only: set[int] | None = None, index: bool = True, metadata: dict[str, str] | None = None):
+                 only: set[int] | None = None, index: bool = True, metadata: dict[str, str] | None = None,
+                 file_order=lambda params: params):
         groups, names, self._index_name = layout
         self._dst_dir, self._index = dst_dir, index
         self._total = sum(_nbytes(p) for p in params)
@@ -112,7 +124,8 @@ class PartsWriter:
         self._writers: dict[str, SafetensorsWriter] = {}
         for i, group in enumerate(groups):
             if only is None or i in only:
-                self._writers[names[i]] = SafetensorsWriter(dst_dir / names[i], [params[j] for j in group], metadata)
+                self._writers[names[i]] = SafetensorsWriter(dst_dir / names[i], file_order([params[j] for j in group]),
+                                                            metadata)
 
     def write(self, param: str, array: np.ndarray) -> None:
         self._writers[self._weight_map[param]].write(param, array)
@@ -139,9 +152,13 @@ def write_index(path: Path, weight_map: dict[str, str], total_size: int) -> None
 
 def HfWriter(dst_dir: Path, params: Params, max_file_bytes: int | None,
              metadata: dict[str, str] | None = None) -> PartsWriter:
-    """A complete checkpoint as `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`; file
-    boundaries are fixed up front from the sizes (no renames at the end); parts carry the source's metadata."""
-    return PartsWriter(dst_dir, params, hf_part_split(params, max_file_bytes), metadata=metadata)
+    """A complete checkpoint as transformers writes it (`model.safetensors`, or parts + index past
+    `max_file_bytes`, default 5 GB); file boundaries are fixed up front from the sizes (no renames at the end);
+    parts carry the source's metadata. Within a file tensors are in `save_file`'s order (what transformers
+    writes through it), so a one-file output is byte for byte what `save_pretrained` writes."""
+    split = transformers_split(params, HF_MAX_FILE_BYTES if max_file_bytes is None else max_file_bytes)
+    return PartsWriter(dst_dir, params, split, index=len(split[0]) > 1, metadata=metadata,
+                       file_order=save_file_order)
 
 
 hf_layout = hf_part_split  # the old names (they plan part files, not a layout)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import fp8
 from ..box import Box
 from ..composed import Composed
 from ..coverage import cover, source_grid
@@ -56,7 +57,9 @@ class NativePlanner:
         ndims.update({new: ndims[old] for new, old in (renamed or {}).items() if old in ndims})
         self.source = source
         self.rules, self.reverse = rules, reverse
-        self.src_layout: LayoutLike | None = source_layout(source, as_layout(src, ndims))
+        scaled = bool(fp8.scale_pairs(ndims))  # block scales are laid out with their weights (a manifest records them so)
+        src_layout = as_layout(src, ndims)
+        self.src_layout: LayoutLike | None = source_layout(source, fp8.following(src_layout) if scaled else src_layout)
         self._resolved: dict[str, ParamLayout] | None = None
         self._sources: ParamSources | None = None
         if source.distributed and self.src_layout is None:
@@ -66,7 +69,8 @@ class NativePlanner:
             )
         if rules is not None:  # the destination layout speaks of the transformed names and shapes
             ndims = {p: len(shape) for p, (shape, *_) in self.transformed().params.items()}
-        self.dst_layout: LayoutLike | None = as_layout(dst, ndims)
+        dst_layout = as_layout(dst, ndims)
+        self.dst_layout: LayoutLike | None = fp8.following(dst_layout) if fp8.scale_pairs(ndims) else dst_layout
 
     def transformed(self) -> ParamSources:
         """Every destination tensor of the transform rules and where its bytes come from (once)."""
@@ -79,12 +83,26 @@ class NativePlanner:
 
     def plan(self, request: FileRequest) -> Plan:
         source = self.source
+        self._check_scales()
         plan = make_plan(source.entries, self.src_layout, self.dst_layout, prefix=request.prefix,
                          suffix=request.suffix, dst_ranks=request.dst_ranks, rules=self.rules, reverse=self.reverse)
         texts = tuple(TextRecord(k, v) for k, v in source.extras.get(min(source.entries), {}).items())
         if texts:
             plan = replace(plan, ranks=tuple(replace(r, texts=texts) for r in plan.ranks))
         return plan
+
+    def _check_scales(self) -> None:
+        """FP8 block scales: each fits its weight, and no layout cuts a scale block (before planning, so the
+        error names the weight rather than its scale's uneven split)."""
+        pairs = fp8.scale_pairs(self.params())
+        if not pairs:
+            return
+        block = fp8.block_size(self.source.root)
+        dst = self.dst_layout.resolve(list(pairs.values())) if self.dst_layout is not None else {}
+        for scale, weight in pairs.items():
+            layouts = {"source": self._src_params()[weight], "destination": dst.get(weight, COMPLETE)}
+            fp8.check_scale_blocks(scale, weight, self.full_shape(weight)[0], self.full_shape(scale)[0], layouts,
+                                   block)
 
     def params(self) -> list[str]:
         """The parameters a load can ask for: the transformed names under transform rules."""
@@ -101,6 +119,10 @@ class NativePlanner:
             self._resolved = self.src_layout.resolve(names) if self.src_layout is not None else \
                 {n: COMPLETE for n in names}  # fmt: skip
         return self._resolved
+
+    def src_layouts(self) -> dict[str, ParamLayout]:
+        """Every source parameter's layout (resolved once)."""
+        return dict(self._src_params())
 
     def full_shape(self, param: str) -> tuple[tuple[int, ...], np.dtype]:
         if self.rules is not None:
