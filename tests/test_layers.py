@@ -34,7 +34,7 @@ LAYERS = {
     2: {"planners", "mindspore"},  # planners and the MindSpore wing
     3: {"execute", "arrays", "run", "fill", "resume", "manifests", "integrity", "srccheck", "devices",
         "distributed"},  # executor
-    4: {"plan", "transforms", "planstats", "coverage", "layout", "paramlayout", "rules", "rulemap", "composed",
+    4: {"plan", "paramsources", "transforms", "planstats", "coverage", "layout", "paramlayout", "rules", "rulemap", "composed",
         "fp8"},  # plan
     5: {"fsutil", "fsops", "dstlock", "renameat"},  # storage
     6: {"formats"},  # formats
