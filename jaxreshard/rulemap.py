@@ -167,7 +167,7 @@ def concat(rule: Rule, dst: str, members: list[tuple[str, dict[str, str]]],
     full[rule.axis] = sum(lengths)
     cuts = _cuts(rule, lengths, names[0])
     parts = []
-    for (name, shape, _), cut in zip(shaped, cuts):
+    for (name, _, _), cut in zip(shaped, cuts):
         src_shape = shapes[name][0]
         src_axis = perm[rule.axis] if perm else rule.axis
         for src_at, dst_at, n in cut:
