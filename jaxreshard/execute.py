@@ -20,6 +20,7 @@ import numpy as np
 
 from .arrays import apply_transforms, build_array, from_jax
 from .box import Box
+from .composed import Composed
 from .devices import cpu_devices, ensure_cpu_devices
 from .devices import make_mesh as make_mesh  # re-exported: callers used to find it here
 from .errors import FormatError
@@ -27,7 +28,6 @@ from .fill import fill_boxes, prefetch
 from .formats.base import FileHandles, RankWriter, aligned_empty
 from .formats.manifest import FileRecord
 from .fsutil import fault, write_failure
-from .composed import Composed
 from .plan import BoxReads, PerRankCopy, Plan, RankPlan, Restore, ShardPlan
 from .transforms import cast_box
 

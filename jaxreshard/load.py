@@ -87,8 +87,9 @@ def load(
     applied in order). `dtype` casts floating parameters. Missing, unexpected (with `strict`) and wrong-shaped
     or wrong-typed parameters are reported together in one error. `transform` (a rules YAML path, a parsed
     mapping or `Rules`, see `convert`) renames, transposes, stacks and concatenates tensors while loading, each
-    box read from only the source regions it needs; `target` then names the transformed tensors. `dequantize` loads block-scaled FP8 weights
-    as `dtype(float32(w) * scale)` per block (`dtype` default bf16); their `_scale_inv` tensors are not loaded.
+    box read from only the source regions it needs; `target` then names the transformed tensors. `dequantize`
+    loads block-scaled FP8 weights as `dtype(float32(w) * scale)` per block (`dtype` default bf16); their
+    `_scale_inv` tensors are not loaded.
     """
     import jax
 

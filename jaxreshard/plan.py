@@ -7,11 +7,12 @@ and the executor only follows it (mergekit's planner/executor split, DCP's `Read
 Everything special is a type, not a flag: each parameter has a typed source (`BoxReads`, `PerRankCopy`,
 `Restore`) and a tuple of typed per-box transforms (transforms.py: `Cast`, `LoraFold`); text entries copied
 into rank files are `TextRecord`s. The executor dispatches once per type (execute.WRITE, arrays.APPLY).
+What the source holds (its parameters' order and shapes, what transform rules make of them, how a box is
+covered) is read in paramsources.py.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,12 +22,13 @@ import ml_dtypes
 import numpy as np
 
 from .box import Box
-from .composed import Composed, Piece, pieces
-from .coverage import ReadItem, SourceGrid, cover, source_grid
-from .errors import FormatError, LayoutError, PlanError
+from .composed import Composed, Piece
+from .coverage import ReadItem
+from .errors import PlanError
 from .formats.base import TensorEntry
 from .layout import COMPLETE, ParamLayout
-from .rulemap import Target, apply_rules
+from .paramsources import ParamSources, full_shape, merge_orders
+from .rulemap import apply_rules
 from .rules import Rules
 from .transforms import Cast, Transform
 
@@ -172,8 +174,9 @@ def make_plan(
     dst_params = dst_layout.resolve(list(sources.params)) if dst_layout is not None else \
         {p: COMPLETE for p in sources.params}  # fmt: skip
     infos = {}
-    for param, (shape, dtype, layout, source) in sources.params.items():
+    for param, (shape, dtype, layout, composed) in sources.params.items():
         dst_params[param].check_shape(param, shape)
+        source = READS if composed is None else composed
         infos[param] = ParamInfo(param, shape, dtype, layout, dst_params[param], source=source)
 
     dst_total = dst_layout.num_ranks if dst_layout is not None else 1
@@ -182,63 +185,11 @@ def make_plan(
 
     def shard(param: str, box: Box) -> ShardPlan:  # replicas of a box share one ShardPlan (read once)
         if (param, box) not in covers:
-            covers[(param, box)] = sources.shard(param, box)
+            covers[(param, box)] = ShardPlan(param, box, *sources.shard(param, box))
         return covers[(param, box)]
 
     ranks = rank_plans(infos, wanted, prefix, suffix, shard)
     return Plan(infos, ranks, sources.entries)
-
-
-class ParamSources:
-    """The parameters a plan writes and where their bytes come from: each source tensor as it is (or renamed
-    by a rule), or `Composed` of other source tensors (transform rules); boxes are covered from that."""
-
-    def __init__(self, names: Sequence[str], shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]],
-                 layouts: Mapping[str, ParamLayout], src_entries: Mapping[int, Mapping[str, TensorEntry]],
-                 targets: Mapping[str, Target] | None, strict: bool = True) -> None:  # fmt: skip
-        self.params: dict[str, tuple[tuple[int, ...], np.dtype, ParamLayout, Source]] = {}
-        self.layouts: dict[str, tuple[tuple[int, ...], ParamLayout]] = {}  # by name in `entries`
-        stored: dict[str, str] = {}  # name in `entries` -> source name
-        if targets is None:
-            targets = {p: Target(*shapes[p], (), None) for p in names}
-        for param, target in targets.items():
-            part = target.parts[0] if len(target.parts) == 1 else None
-            if target.rule is None or (part is not None and part.is_whole(shapes[part.src_param][0])):
-                src = part.src_param if part is not None else param
-                self._store(stored, param, src)
-                self.params[param] = (target.shape, target.dtype, layouts[src], READS)
-                self.layouts[param] = (target.shape, layouts[src])
-            else:
-                for p in target.parts:
-                    self._store(stored, p.src_param, p.src_param)
-                    self.layouts[p.src_param] = (shapes[p.src_param][0], layouts[p.src_param])
-                self.params[param] = (target.shape, target.dtype, COMPLETE, Composed(target.parts, str(target.rule)))
-        renamed = any(k != src for k, src in stored.items()) or len(stored) < len(names)
-        self.entries = {r: {k: e[src] for k, src in stored.items() if src in e} for r, e in src_entries.items()} \
-            if renamed else src_entries  # fmt: skip
-        self.strict = strict
-        self._grids: dict[str, SourceGrid] = {}
-        for name in self.layouts:  # checked up front: a file lacking a tensor is an error whatever ranks are asked
-            self.grid(name)
-
-    @staticmethod
-    def _store(stored: dict[str, str], key: str, src: str) -> None:
-        if stored.get(key, src) != src:
-            raise PlanError(f"transform: {key!r} is both a destination name (from {src!r}) and a source tensor "
-                            f"read under its own name ({stored[key]!r}); rename one of them")
-        stored[key] = src
-
-    def grid(self, name: str) -> SourceGrid:
-        if name not in self._grids:
-            shape, layout = self.layouts[name]
-            self._grids[name] = source_grid(name, shape, layout, self.entries, strict=self.strict)
-        return self._grids[name]
-
-    def shard(self, param: str, box: Box) -> ShardPlan:
-        source = self.params[param][3]
-        if isinstance(source, Composed):
-            return ShardPlan(param, box, (), pieces(source, box, lambda name, b: cover(self.grid(name), b)))
-        return ShardPlan(param, box, cover(self.grid(param), box))
 
 
 def dst_rank_list(dst_ranks: Iterable[int] | None, total: int, what: str = "layout") -> list[int]:
@@ -280,67 +231,6 @@ def is_floating(dtype: np.dtype) -> bool:
     """Floating point, bfloat16 included (ml_dtypes types are not np.floating subtypes); FP8 is not: its bytes
     are carried, never cast (`--dequantize` turns it into a float)."""
     return (dtype.kind == "f" and dtype.itemsize > 1) or dtype == np.dtype(ml_dtypes.bfloat16)
-
-
-def merge_orders(orders: Sequence[Sequence[str]]) -> list[str]:
-    """One order consistent with every rank file's order, so split-then-merge restores the original order.
-
-    Each rank file keeps a subsequence of the original order (pipeline stages hold disjoint slices of it),
-    so a topological merge of the per-file orders recovers it; ties go to the name seen first. If the files
-    disagree (a cycle), the remaining names follow first appearance.
-    """
-    first_seen: dict[str, int] = {}
-    successors: dict[str, set[str]] = {}
-    indegree: dict[str, int] = {}
-    for order in orders:
-        for name in order:
-            first_seen.setdefault(name, len(first_seen))
-            successors.setdefault(name, set())
-            indegree.setdefault(name, 0)
-        for a, b in zip(order, order[1:]):
-            if b not in successors[a]:
-                successors[a].add(b)
-                indegree[b] += 1
-    ready = [(first_seen[n], n) for n, d in indegree.items() if d == 0]
-    heapq.heapify(ready)
-    out: list[str] = []
-    while ready:
-        _, name = heapq.heappop(ready)
-        out.append(name)
-        for nxt in successors[name]:
-            indegree[nxt] -= 1
-            if indegree[nxt] == 0:
-                heapq.heappush(ready, (first_seen[nxt], nxt))
-    if len(out) < len(first_seen):
-        done = set(out)
-        out += sorted((n for n in first_seen if n not in done), key=first_seen.__getitem__)
-    return out
-
-
-def full_shape(
-    param: str, layout: ParamLayout, src_entries: Mapping[int, Mapping[str, TensorEntry]]
-) -> tuple[tuple[int, ...], np.dtype]:
-    """Infer the full shape from the first source rank holding `param` and check every other holder."""
-    holders = [r for r in layout.global_ranks() if param in src_entries.get(r, {})]
-    if not holders:
-        found = [r for r in sorted(src_entries) if param in src_entries[r]]
-        raise PlanError(
-            f"parameter {param!r} is in source ranks {found} but its source layout puts it on ranks "
-            f"{layout.global_ranks()[:8]}; check the source layout's stages"
-        )
-    first = src_entries[holders[0]][param]
-    blocks = layout.blocks_per_dim(len(first.shape))
-    if len(layout.spec) > len(first.shape):
-        raise LayoutError(f"{first.path}: parameter {param!r} has {len(first.shape)} dims but its source spec has more")
-    shape = tuple(s * k for s, k in zip(first.shape, blocks))
-    for rank in holders[1:]:
-        entry = src_entries[rank][param]
-        if entry.shape != first.shape or entry.dtype != first.dtype:
-            raise FormatError(
-                f"{entry.path}: parameter {param!r} on source rank {rank} is {entry.dtype}{list(entry.shape)} but "
-                f"rank {holders[0]} has {first.dtype}{list(first.shape)}; the source layout does not match the files"
-            )
-    return shape, first.dtype
 
 
 def format_ranks(ranks: Sequence[int]) -> str:

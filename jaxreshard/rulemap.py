@@ -45,7 +45,8 @@ def apply_rules(rules: Rules, names: Sequence[str], shapes: Mapping[str, tuple[S
             used.add(rule.number)
         joins = rule is not None and rule.joined is not None
         dst = name if rule is None or (joins and reverse) else fill(rule.src if reverse else rule.dst, binding)
-        key = (rule.number, dst) if joins and not reverse else (-1, name)  # a forward join collects its members
+        # a forward join collects its members under one key (`rule is not None` again for the type checker)
+        key = (rule.number, dst) if rule is not None and joins and not reverse else (-1, name)
         groups.setdefault(key, (rule, dst, []))[2].append((name, binding))
     unused = [r for r in rules.rules if r.number not in used]
     if unused:
@@ -167,7 +168,7 @@ def concat(rule: Rule, dst: str, members: list[tuple[str, dict[str, str]]],
     full[rule.axis] = sum(lengths)
     cuts = _cuts(rule, lengths, names[0])
     parts = []
-    for (name, shape, _), cut in zip(shaped, cuts):
+    for (name, _, _), cut in zip(shaped, cuts):
         src_shape = shapes[name][0]
         src_axis = perm[rule.axis] if perm else rule.axis
         for src_at, dst_at, n in cut:

@@ -86,7 +86,9 @@ def scale_region(deq: Dequantize, box: Box) -> Box:
                tuple(-(-z // b) for z, b in zip(box.stop, deq.block)))
 
 
-def dequantize_box(deq: Dequantize, box: Box, buf: np.ndarray, scale: np.ndarray, region: Box | None = None) -> np.ndarray:
+def dequantize_box(
+    deq: Dequantize, box: Box, buf: np.ndarray, scale: np.ndarray, region: Box | None = None
+) -> np.ndarray:
     """float32(buf) * scale, where `buf` is box `box` of the weight and `scale` the region `region` of the scale
     tensor (default: all of it): element (i, j) takes the scale of its block, scale[i // rows, j // cols]."""
     origin = region.start if region is not None else (0, 0)

@@ -7,6 +7,7 @@ share one reading of each value without importing each other.
 from __future__ import annotations
 
 import re
+from typing import overload
 
 import ml_dtypes
 import numpy as np
@@ -33,6 +34,12 @@ def parse_bool(text: str | bool) -> bool:
     if value in ("false", "0", "no", "n", "off", ""):
         return False
     raise ValueError(f"not a boolean: {text!r}")
+
+
+@overload
+def parse_dtype(name: str) -> np.dtype: ...
+@overload
+def parse_dtype(name: str | None) -> np.dtype | None: ...
 
 
 def parse_dtype(name: str | None) -> np.dtype | None:

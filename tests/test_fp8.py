@@ -29,7 +29,8 @@ def write_st(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None =
     offset, blobs = 0, []
     for name, array in tensors.items():
         data = np.ascontiguousarray(array).tobytes()
-        header[name] = {"dtype": CODES[array.dtype], "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {"dtype": CODES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
         blobs.append(data)
     raw = json.dumps(header).encode()
@@ -95,7 +96,8 @@ def test_fp8_dtypes_split_reshard_merge_byte_for_byte(tmp_path):
     col3 = layout(tmp_path / "c3.yaml", {"mp": 3}, [(r".*q_proj\.weight", [None, "mp"])])
     jr.convert(tmp_path / "a", tmp_path / "b", dst_layout=col3)
     r2, _ = read_st(tmp_path / "b/rank_2/checkpoint_2.safetensors")
-    np.testing.assert_array_equal(r2["layers.0.q_proj.weight_scale_inv"], model["layers.0.q_proj.weight_scale_inv"][:, 2:])
+    scale = "layers.0.q_proj.weight_scale_inv"
+    np.testing.assert_array_equal(r2[scale], model[scale][:, 2:])
     jr.convert(tmp_path / "b", tmp_path / "m", hf=True)
     merged, meta = read_st(tmp_path / "m/model.safetensors")
     assert sorted(merged) == sorted(model) and meta == {"format": "pt"}
@@ -129,7 +131,8 @@ def test_dequantize_matches_numpy_reference(tmp_path, capsys):
     jr.convert(src, tmp_path / "f32", hf=True, dequantize=True, dtype="fp32")
     got, meta = read_st(tmp_path / "f32/model.safetensors")
     np.testing.assert_array_equal(got["layers.0.q_proj.weight"], reference_dequant(w, s, (64, 32), np.float32))
-    assert meta == {"format": "pt"} and (tmp_path / "f32/config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert meta == {"format": "pt"}
+    assert (tmp_path / "f32/config.json").read_bytes() == (src / "config.json").read_bytes()
     # an FP8 tensor without a scale cannot be dequantized: refused, naming it
     write_st(src / "model.safetensors", {**model, **bare})
     assert main(["convert", "--src", str(src), "--dst", str(tmp_path / "x"), "--dequantize", "-q"]) == 2
@@ -148,7 +151,10 @@ def test_load_dequantize_into_shardings(tmp_path):
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("dp", "mp"))
     target = {"layers.0.q_proj.weight": NamedSharding(mesh, PartitionSpec("dp", "mp")),
               "layers.0.norm.weight": NamedSharding(mesh, PartitionSpec())}
-    rename = lambda n: n if n in target else None
+
+    def rename(n: str) -> str | None:
+        return n if n in target else None
+
     out = jr.load(src, target, dequantize=True, rename=rename, dtype="float32")
     want = reference_dequant(model["layers.0.q_proj.weight"], model["layers.0.q_proj.weight_scale_inv"], (128, 128),
                              np.float32)

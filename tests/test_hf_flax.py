@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import jaxreshard as jr
+
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("flax")
 if not hasattr(transformers, "FlaxLlamaForCausalLM"):
     pytest.skip("this transformers has no Flax models (they were removed in 5.x)", allow_module_level=True)
 
-import jaxreshard as jr
 
 TEMPLATE = Path(__file__).parents[1] / "configs" / "transforms" / "hf_llama_to_flax.yaml"
 

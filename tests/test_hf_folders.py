@@ -34,8 +34,9 @@ def llama_tensors(seed: int = 0) -> dict[str, np.ndarray]:
     t = {"model.embed_tokens.weight": rng.normal(size=(96, 64)).astype(np.float32)}
     for i in range(2):
         p = f"model.layers.{i}."
-        for name, shape in [("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (32, 64)), ("self_attn.v_proj", (32, 64)),
-                            ("self_attn.o_proj", (64, 64)), ("mlp.gate_proj", (128, 64)), ("mlp.up_proj", (128, 64)),
+        for name, shape in [("self_attn.q_proj", (64, 64)), ("self_attn.k_proj", (32, 64)),
+                            ("self_attn.v_proj", (32, 64)), ("self_attn.o_proj", (64, 64)),
+                            ("mlp.gate_proj", (128, 64)), ("mlp.up_proj", (128, 64)),
                             ("mlp.down_proj", (64, 128))]:  # fmt: skip
             t[p + name + ".weight"] = rng.normal(size=shape).astype(ml_dtypes.bfloat16)
         t[p + "input_layernorm.weight"] = rng.normal(size=(64,)).astype(np.float32)

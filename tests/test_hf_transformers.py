@@ -10,13 +10,14 @@ import json
 import numpy as np
 import pytest
 
+import jaxreshard as jr
+
 transformers = pytest.importorskip("transformers", reason="the transformers tier needs transformers<5 and flax")
 pytest.importorskip("flax", reason="the transformers tier needs flax")
 if not hasattr(transformers, "FlaxLlamaForCausalLM"):
     pytest.skip(f"transformers {transformers.__version__} has no Flax models (use transformers<5)",
                 allow_module_level=True)
 
-import jaxreshard as jr
 
 
 def layout(path, mesh: dict, rules: list[tuple[str, list]]):

@@ -34,7 +34,8 @@ LAYERS = {
     2: {"planners", "mindspore"},  # planners and the MindSpore wing
     3: {"execute", "arrays", "run", "fill", "resume", "manifests", "integrity", "srccheck", "devices",
         "distributed"},  # executor
-    4: {"plan", "transforms", "planstats", "coverage", "layout", "paramlayout"},  # plan
+    4: {"plan", "paramsources", "transforms", "planstats", "coverage", "layout", "paramlayout", "rules", "rulemap",
+        "composed", "fp8"},  # plan
     5: {"fsutil", "fsops", "dstlock", "renameat"},  # storage
     6: {"formats"},  # formats
     7: {"errors", "caps", "box", "readfile", "saferegex", "yamlfile", "logs", "progress", "values"},  # leaves

@@ -199,7 +199,7 @@ def test_load_into_shardings_with_a_transform(tmp_path):
     want = expected_stacked(src, transpose=True)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("ep", "mp"))
     target = {}
-    for name, t in want.items():
+    for name in want:
         spec = P("ep", None, "mp") if ".experts.w" in name else P()
         target[name] = NamedSharding(mesh, spec)
     out = jr.load(path, target, transform=STACK_T)

@@ -1,65 +1,36 @@
-"""safetensors: size-checked header parsing, and a header-first writer that streams tensors to offsets.
+"""safetensors: size-checked header parsing (one file, or a Hugging Face index folder), and the format's public
+names: the writer lives in safetensors_write.py and the dtype codes in safetensors_dtypes.py, both re-exported
+here.
 
 Reading parses only the 8-byte length and the JSON header (what `safe_open` does), validated against the
 file size before anything is allocated; tensor bytes are then read by `base.read_box` with `preadv`, which
 was 2x faster than `safe_open(...).get_slice` for row blocks and reads only the requested columns' rows
-instead of the whole tensor. Files we write are ordinary safetensors files that
-`safetensors.safe_open` reads; they are written header first and filled at computed offsets, so no rank
-file is ever held in memory.
+instead of the whole tensor.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeGuard
-
-import ml_dtypes
-import numpy as np
+from typing import TypeGuard
 
 from ..errors import FormatError
-from .base import TensorEntry, pwrite_all
-from .manifest import FileRecord, StreamingHash
+from .base import TensorEntry
+from .safetensors_dtypes import DTYPE_CODES as DTYPE_CODES
+from .safetensors_dtypes import DTYPES as DTYPES
+from .safetensors_dtypes import FP8_CODES as FP8_CODES
+from .safetensors_dtypes import FP8_DTYPES as FP8_DTYPES
+from .safetensors_dtypes import PACKED_CODES
+from .safetensors_write import SafetensorsWriter as SafetensorsWriter
+from .safetensors_write import header_bytes as header_bytes
+from .safetensors_write import split_into_files as split_into_files
 from .untrusted import MAX_DIMS, check_name, check_text, list_dir, load_json, open_regular
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit; bigger is corrupt, not a checkpoint
-
-DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U64": np.dtype(np.uint64),
-    "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-    # 1-byte floats (FP8 checkpoints: DeepSeek-V3, Kimi), the codes the safetensors library writes; only ever
-    # carried as bytes, never converted (`arrays.jax_dtype` moves them through JAX as uint8)
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
-    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
-}
-FP8_CODES = ("F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0")
-# packed sub-byte floats: safetensors stores two F4 (or four F6 in three bytes) per byte, ml_dtypes one per byte,
-# so their byte ranges are not element ranges; refused by name rather than misread
-FP8_DTYPES = frozenset(DTYPES[code] for code in FP8_CODES)  # (ml_dtypes gives float8_e5m2 kind "f", the rest "V")
-PACKED_CODES = ("F4", "F6_E2M3", "F6_E3M2")
-DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 HF_INDEX = "model.safetensors.index.json"
-
-
 MAX_INDEX_BYTES = 100_000_000  # a Hugging Face index lists names and file names: megabytes, never more
 MAX_ELEMENTS = 1 << 63  # more elements than any file (or int64 offset) can hold: the shape is corrupt
 
@@ -280,113 +251,3 @@ def _part_path(folder: Path, index_path: Path, name: str) -> Path:
         raise FormatError(f"{index_path}: weight_map file {name!r} is a link to {target}, outside {folder}; paths "
                           "stay inside the source")
     return path
-
-
-def header_bytes(params: Sequence[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
-    """The 8-byte length + JSON header for tensors stored back to back in the given order."""
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    offset = 0
-    for param, dtype, shape in params:
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        header[param] = {"dtype": DTYPE_CODES[np.dtype(dtype)], "shape": list(shape),
-                         "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes with spaces
-    return struct.pack("<Q", len(raw)) + raw
-
-
-class SafetensorsWriter:
-    """Writes one safetensors file: the header at open, then each tensor at its offset as it arrives; the
-    bytes are hashed as they go (`close` returns the file's size and SHA-256 for the manifest)."""
-
-    def __init__(
-        self,
-        path: Path,
-        params: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
-        metadata: Mapping[str, str] | None = None,
-        resume: tuple[int, Any] | None = None,
-    ) -> None:
-        """`resume`: (n, hashlib sha256 of the first n bytes) continues a file a killed run wrote that far;
-        the tensors lying wholly in those bytes are taken as written."""
-        self.path = Path(path)
-        head = header_bytes(params, metadata)
-        self._slots: dict[str, tuple[int, np.dtype, tuple[int, ...]]] = {}
-        offset = len(head)
-        for param, dtype, shape in params:
-            self._slots[param] = (offset, np.dtype(dtype), tuple(shape))
-            offset += math.prod(shape) * np.dtype(dtype).itemsize
-        self._size = offset
-        self._hash = StreamingHash(resume)
-        if resume is not None:
-            self._pending = {p for p, (o, d, shp) in self._slots.items() if o + math.prod(shp) * d.itemsize > resume[0]}
-            self._fd: int | None = os.open(self.path, os.O_WRONLY)
-            if os.fstat(self._fd).st_size != offset:
-                os.close(self._fd)
-                raise FormatError(f"{self.path}: cannot be continued: it is not {offset} bytes long")
-            return
-        self._pending = set(self._slots)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.ftruncate(self._fd, offset)
-        pwrite_all(self._fd, [head], 0)
-        self._hash.update(0, head)
-
-    def _open_fd(self) -> int:
-        if self._fd is None:
-            raise ValueError(f"{self.path}: the writer is closed")
-        return self._fd
-
-    def write(self, param: str, array: np.ndarray) -> None:
-        offset, dtype, shape = self._slots[param]
-        if array.dtype != dtype or array.shape != shape:
-            raise ValueError(f"{self.path}: {param!r} expects {dtype}{list(shape)}, "
-                             f"got {array.dtype}{list(array.shape)}")
-        array = np.ascontiguousarray(array)  # safetensors stores C order; never write a strided view's memory
-        # an ndarray exports the buffer protocol; numpy's stubs declare `__buffer__` for Python 3.12+ only
-        data = memoryview(array.reshape(-1).view(np.uint8))  # pyright: ignore[reportArgumentType]
-        pwrite_all(self._open_fd(), [data], offset)
-        self._hash.update(offset, data)
-        self._pending.discard(param)
-
-    def sync(self) -> dict[Path, tuple[int, str]] | None:
-        """fsync, and (n, SHA-256 of the first n bytes) of what is written so far in file order (for
-        `--resume`); None when tensors arrived out of file order."""
-        os.fsync(self._open_fd())
-        snap = self._hash.snapshot()
-        return None if snap is None else {self.path: snap}
-
-    def abort(self) -> None:
-        """Close without completing (the caller discards the file)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def close(self) -> dict[Path, FileRecord]:
-        """fsync and close; the complete file's size and SHA-256."""
-        if self._pending:
-            self.abort()
-            raise RuntimeError(f"{self.path}: closed with unwritten parameters {sorted(self._pending)[:5]}")
-        fd = self._open_fd()
-        os.fsync(fd)
-        os.close(fd)
-        self._fd = None
-        return {self.path: FileRecord(self._size, self._hash.digest(self.path, self._size))}
-
-
-def split_into_files(nbytes: Sequence[int], max_file_bytes: int | None) -> list[list[int]]:
-    """Indices of tensors per output file: greedy in order, a new file when the next tensor would overflow.
-
-    A tensor larger than `max_file_bytes` gets a file of its own (like huggingface_hub's planner).
-    """
-    files: list[list[int]] = [[]]
-    size = 0
-    for i, n in enumerate(nbytes):
-        if max_file_bytes is not None and files[-1] and size + n > max_file_bytes:
-            files.append([])
-            size = 0
-        files[-1].append(i)
-        size += n
-    return files

@@ -34,7 +34,8 @@ Params = list[tuple[str, np.dtype, tuple[int, ...]]]
 
 # safetensors' Dtype enum order; `save_file` stores tensors by descending dtype, then by name
 _SAFETENSORS_DTYPE_RANK = {code: i for i, code in enumerate(
-    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]
+    ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16",
+     "I32", "U32", "F32", "F64", "I64", "U64"]
 )}  # fmt: skip
 
 

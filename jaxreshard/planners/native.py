@@ -15,16 +15,16 @@ import numpy as np
 
 from .. import fp8
 from ..box import Box
-from ..composed import Composed
 from ..coverage import cover, source_grid
 from ..errors import ConfigError
 from ..formats import SourceCheckpoint
 from ..formats.writers import Flavour
 from ..layout import COMPLETE, ParamLayout
+from ..paramsources import ParamSources
 from ..plan import (
+    READS,
     LayoutLike,
     ParamInfo,
-    ParamSources,
     Plan,
     RankPlan,
     ShardPlan,
@@ -57,7 +57,8 @@ class NativePlanner:
         ndims.update({new: ndims[old] for new, old in (renamed or {}).items() if old in ndims})
         self.source = source
         self.rules, self.reverse = rules, reverse
-        scaled = bool(fp8.scale_pairs(ndims))  # block scales are laid out with their weights (a manifest records them so)
+        # block scales are laid out with their weights (a manifest records them so)
+        scaled = bool(fp8.scale_pairs(ndims))
         src_layout = as_layout(src, ndims)
         self.src_layout: LayoutLike | None = source_layout(source, fp8.following(src_layout) if scaled else src_layout)
         self._resolved: dict[str, ParamLayout] | None = None
@@ -152,13 +153,12 @@ class NativePlanner:
         view = {r: dict(e) for r, e in sources.entries.items()}
         infos, shards = {}, []
         for param, want in wanted.items():
-            shape, dtype, layout, source = sources.params[want.src_param]
+            shape, dtype, layout, composed = sources.params[want.src_param]
             casts = (Cast(want.dtype),) if want.dtype is not None and want.dtype != dtype else ()
+            source = READS if composed is None else composed
             infos[param] = ParamInfo(want.src_param, shape, dtype, layout, COMPLETE, source=source, transforms=casts)
-            for box in dict.fromkeys(want.boxes):
-                shard = sources.shard(want.src_param, box)
-                shards.append(replace(shard, param=param))
-            if not isinstance(source, Composed) and param != want.src_param:
+            shards += [ShardPlan(param, box, *sources.shard(want.src_param, box)) for box in dict.fromkeys(want.boxes)]
+            if composed is None and param != want.src_param:
                 for r, e in sources.entries.items():
                     if want.src_param in e:
                         view[r][param] = e[want.src_param]

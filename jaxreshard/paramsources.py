@@ -1,0 +1,139 @@
+"""The source side of a plan: the order and full shapes of the source's parameters, and what each
+destination parameter is made of (a source tensor as it is or renamed by a transform rule, or `Composed` of
+regions of other source tensors), with the source regions that cover any destination box.
+
+Kept apart from plan.py, which holds the plan's typed data and assembles it: this module answers "where do
+the bytes come from", in the vocabulary of coverage.py (`ReadItem`) and composed.py (`Piece`).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .box import Box
+from .composed import Composed, Piece, pieces
+from .coverage import ReadItem, SourceGrid, cover, source_grid
+from .errors import FormatError, LayoutError, PlanError
+from .formats.base import TensorEntry
+from .layout import COMPLETE, ParamLayout
+from .rulemap import Target
+
+
+class ParamSources:
+    """The parameters a plan writes and where their bytes come from: each source tensor as it is (or renamed
+    by a rule), or `Composed` of other source tensors (transform rules); boxes are covered from that."""
+
+    def __init__(self, names: Sequence[str], shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                 layouts: Mapping[str, ParamLayout], src_entries: Mapping[int, Mapping[str, TensorEntry]],
+                 targets: Mapping[str, Target] | None, strict: bool = True) -> None:  # fmt: skip
+        self.params: dict[str, tuple[tuple[int, ...], np.dtype, ParamLayout, Composed | None]] = {}  # None: read
+        self.layouts: dict[str, tuple[tuple[int, ...], ParamLayout]] = {}  # by name in `entries`
+        stored: dict[str, str] = {}  # name in `entries` -> source name
+        if targets is None:
+            targets = {p: Target(*shapes[p], (), None) for p in names}
+        for param, target in targets.items():
+            part = target.parts[0] if len(target.parts) == 1 else None
+            if target.rule is None or (part is not None and part.is_whole(shapes[part.src_param][0])):
+                src = part.src_param if part is not None else param
+                self._store(stored, param, src)
+                self.params[param] = (target.shape, target.dtype, layouts[src], None)
+                self.layouts[param] = (target.shape, layouts[src])
+            else:
+                for p in target.parts:
+                    self._store(stored, p.src_param, p.src_param)
+                    self.layouts[p.src_param] = (shapes[p.src_param][0], layouts[p.src_param])
+                self.params[param] = (target.shape, target.dtype, COMPLETE, Composed(target.parts, str(target.rule)))
+        renamed = any(k != src for k, src in stored.items()) or len(stored) < len(names)
+        self.entries = {r: {k: e[src] for k, src in stored.items() if src in e} for r, e in src_entries.items()} \
+            if renamed else src_entries  # fmt: skip
+        self.strict = strict
+        self._grids: dict[str, SourceGrid] = {}
+        for name in self.layouts:  # checked up front: a file lacking a tensor is an error whatever ranks are asked
+            self.grid(name)
+
+    @staticmethod
+    def _store(stored: dict[str, str], key: str, src: str) -> None:
+        if stored.get(key, src) != src:
+            raise PlanError(f"transform: {key!r} is both a destination name (from {src!r}) and a source tensor "
+                            f"read under its own name ({stored[key]!r}); rename one of them")
+        stored[key] = src
+
+    def grid(self, name: str) -> SourceGrid:
+        if name not in self._grids:
+            shape, layout = self.layouts[name]
+            self._grids[name] = source_grid(name, shape, layout, self.entries, strict=self.strict)
+        return self._grids[name]
+
+    def shard(self, param: str, box: Box) -> tuple[tuple[ReadItem, ...], tuple[Piece, ...]]:
+        """The reads of `box` from `param`'s own source tensor, or the pieces of the tensors it is composed of
+        (a `ShardPlan`'s `reads` and `pieces`)."""
+        source = self.params[param][3]
+        if source is not None:
+            return (), pieces(source, box, lambda name, b: cover(self.grid(name), b))
+        return cover(self.grid(param), box), ()
+
+
+
+
+def merge_orders(orders: Sequence[Sequence[str]]) -> list[str]:
+    """One order consistent with every rank file's order, so split-then-merge restores the original order.
+
+    Each rank file keeps a subsequence of the original order (pipeline stages hold disjoint slices of it),
+    so a topological merge of the per-file orders recovers it; ties go to the name seen first. If the files
+    disagree (a cycle), the remaining names follow first appearance.
+    """
+    first_seen: dict[str, int] = {}
+    successors: dict[str, set[str]] = {}
+    indegree: dict[str, int] = {}
+    for order in orders:
+        for name in order:
+            first_seen.setdefault(name, len(first_seen))
+            successors.setdefault(name, set())
+            indegree.setdefault(name, 0)
+        for a, b in zip(order, order[1:]):
+            if b not in successors[a]:
+                successors[a].add(b)
+                indegree[b] += 1
+    ready = [(first_seen[n], n) for n, d in indegree.items() if d == 0]
+    heapq.heapify(ready)
+    out: list[str] = []
+    while ready:
+        _, name = heapq.heappop(ready)
+        out.append(name)
+        for nxt in successors[name]:
+            indegree[nxt] -= 1
+            if indegree[nxt] == 0:
+                heapq.heappush(ready, (first_seen[nxt], nxt))
+    if len(out) < len(first_seen):
+        done = set(out)
+        out += sorted((n for n in first_seen if n not in done), key=first_seen.__getitem__)
+    return out
+
+
+def full_shape(
+    param: str, layout: ParamLayout, src_entries: Mapping[int, Mapping[str, TensorEntry]]
+) -> tuple[tuple[int, ...], np.dtype]:
+    """Infer the full shape from the first source rank holding `param` and check every other holder."""
+    holders = [r for r in layout.global_ranks() if param in src_entries.get(r, {})]
+    if not holders:
+        found = [r for r in sorted(src_entries) if param in src_entries[r]]
+        raise PlanError(
+            f"parameter {param!r} is in source ranks {found} but its source layout puts it on ranks "
+            f"{layout.global_ranks()[:8]}; check the source layout's stages"
+        )
+    first = src_entries[holders[0]][param]
+    blocks = layout.blocks_per_dim(len(first.shape))
+    if len(layout.spec) > len(first.shape):
+        raise LayoutError(f"{first.path}: parameter {param!r} has {len(first.shape)} dims but its source spec has more")
+    shape = tuple(s * k for s, k in zip(first.shape, blocks))
+    for rank in holders[1:]:
+        entry = src_entries[rank][param]
+        if entry.shape != first.shape or entry.dtype != first.dtype:
+            raise FormatError(
+                f"{entry.path}: parameter {param!r} on source rank {rank} is {entry.dtype}{list(entry.shape)} but "
+                f"rank {holders[0]} has {first.dtype}{list(first.shape)}; the source layout does not match the files"
+            )
+    return shape, first.dtype
