@@ -33,8 +33,8 @@ LAYERS = {
     1: {"api", "load", "verify", "describe", "merge", "lora", "unify", "jobs"},  # library API
     2: {"planners", "mindspore"},  # planners and the MindSpore wing
     3: {"execute", "arrays", "run", "fill", "resume", "manifests", "integrity", "srccheck", "devices",
-        "distributed"},  # executor
-    4: {"plan", "transforms", "planstats", "coverage", "layout", "paramlayout"},  # plan
+        "distributed", "fp8"},  # executor
+    4: {"plan", "transforms", "planstats", "coverage", "layout", "paramlayout", "rules", "rulemap", "composed"},  # plan
     5: {"fsutil", "fsops", "dstlock", "renameat"},  # storage
     6: {"formats"},  # formats
     7: {"errors", "caps", "box", "readfile", "saferegex", "yamlfile", "logs", "progress", "values"},  # leaves
