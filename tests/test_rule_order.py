@@ -65,14 +65,18 @@ def test_readme_moe_round_trip_gives_the_original_file(tmp_path: Path):
     assert (tmp_path / "back/rank_0/checkpoint_0.safetensors").read_bytes() == src.read_bytes()
 
 
-def test_round_trip_through_a_reshard_of_the_stacked_checkpoint(tmp_path: Path):
+@pytest.mark.parametrize("merged", [False, True])
+def test_round_trip_through_a_reshard_of_the_stacked_checkpoint(tmp_path: Path, merged: bool):
+    """ep4 x mp2 -> (ep2 x mp4, or merged to one file) without a transform -> reversed: the original file."""
     src = moe_file(tmp_path / "moe.safetensors", metadata={"format": "pt"})
     (tmp_path / "a.yaml").write_text(EP4_MP2)
     (tmp_path / "b.yaml").write_text(EP2_MP4)
+    layout = None if merged else tmp_path / "b.yaml"
     jr.convert(src, tmp_path / "ep4", dst_layout=tmp_path / "a.yaml", transform=MOE)
-    jr.convert(tmp_path / "ep4", tmp_path / "ep2", src_layout=tmp_path / "a.yaml", dst_layout=tmp_path / "b.yaml")
-    assert ORDER_KEY in header(tmp_path / "ep2/rank_7/checkpoint_7.safetensors")["__metadata__"]
-    jr.convert(tmp_path / "ep2", tmp_path / "back", src_layout=tmp_path / "b.yaml", transform=MOE, reverse=True)
+    jr.convert(tmp_path / "ep4", tmp_path / "ep2", src_layout=tmp_path / "a.yaml", dst_layout=layout)
+    last = "rank_0/checkpoint_0" if merged else "rank_7/checkpoint_7"
+    assert ORDER_KEY in header(tmp_path / f"ep2/{last}.safetensors")["__metadata__"]
+    jr.convert(tmp_path / "ep2", tmp_path / "back", src_layout=layout, transform=MOE, reverse=True)
     back = tmp_path / "back/rank_0/checkpoint_0.safetensors"
     assert header(back)["__metadata__"] == {"format": "pt"}
     assert back.read_bytes() == src.read_bytes()
