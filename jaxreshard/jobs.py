@@ -20,7 +20,7 @@ from .formats.companions import find_companions
 from .formats.manifest import MANIFEST_NAME
 from .formats.writers import OutputKind
 from .fsutil import check_destination
-from .plan import Plan
+from .plan import Plan, merge_orders
 from .planstats import PlanStats, plan_stats
 from .progress import Progress
 from .run import Output, run_orbax, run_plan
@@ -122,6 +122,9 @@ def output_of(job: Job, hf: bool = False, max_file_bytes: int | None = None) -> 
     """How `write_job` writes a job's files: kind, the source metadata they carry, the layout's ranks."""
     carried = {} if job.mindspore or job.source is None else \
         manifests.carried_metadata(manifests.source_metadata(job.source))  # fmt: skip
+    if job.source is not None and not job.mindspore:
+        carried = manifests.with_order(carried, job.plan, merge_orders([list(e) for _, e in sorted(
+            job.source.entries.items())]))  # fmt: skip
     carried = manifests.hf_metadata(carried) if hf else carried
     companions = find_companions(job.source.root) if job.source is not None else ()
     return Output(job.kind, hf, max_file_bytes, tuple(carried.items()), manifests.layout_num_ranks(job.plan),

@@ -14,11 +14,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .caps import MAX_MESH_AXES, MAX_RANKS
+from .composed import Composed
 from .errors import ConfigError, FormatError
 from .formats.manifest import FileRecord, Manifest, ParamRecord, read_manifest, write_manifest
 from .formats.safetensors_io import DTYPE_CODES, HF_INDEX, read_safetensors_index
 from .layout import COMPLETE, ParamLayout
 from .plan import PerRankCopy, Plan, RankPlan
+from .rulemap import ORDER_KEY
 
 META_KEY = "jaxreshard"  # per-rank safetensors metadata: {"rank", "num_ranks", "params": {name: {shape, start}}}
 NOT_CARRIED = (META_KEY, "remove_redundancy")  # source metadata that describes the source's own files only
@@ -82,6 +84,24 @@ def carried_metadata(metadata: Mapping[int, Mapping[str, str]]) -> dict[str, str
         return {}
     common = {k: v for k, v in ranks[0].items() if k not in NOT_CARRIED}
     return {k: v for k, v in common.items() if all(m.get(k) == v for m in ranks[1:])}
+
+
+def with_order(metadata: Mapping[str, str], plan: Plan, source_names: list[str]) -> dict[str, str]:
+    """The metadata a plan's files carry, with the source order (`rulemap.ORDER_KEY`): recorded when the plan
+    joins tensors (stack, concat), so that `--reverse` writes them back in their original places; dropped when
+    it splits them (the reversed files are the original ones); carried as it is otherwise (a reshard)."""
+    users: dict[str, int] = {}
+    joins = False
+    for info in plan.params.values():
+        if isinstance(info.source, Composed):
+            names = {part.src_param for part in info.source.parts}
+            joins = joins or len(names) > 1
+            for name in names:
+                users[name] = users.get(name, 0) + 1
+    rest = {k: v for k, v in metadata.items() if k != ORDER_KEY}
+    if joins:
+        return {**rest, ORDER_KEY: json.dumps(source_names, separators=(",", ":"))}
+    return rest if any(n > 1 for n in users.values()) else dict(metadata)
 
 
 def hf_metadata(metadata: Mapping[str, str]) -> dict[str, str]:

@@ -5,10 +5,19 @@
 collects the tensors it joins; backwards it expands one tensor into several), then builds each group's parts:
 rename (one whole part), transpose (a permuted part), stack (one part per index along the new axis), concat
 (one part per value, or G interleaved pieces of each with `groups`), and their reverses.
+
+Order. Forwards, destination tensors follow their first source name. A forward conversion that joins tensors
+records the source's names in order under the `__metadata__` key `ORDER_KEY` of every safetensors file it writes
+(carried on by later reshards), and backwards `Rules.order` (that record) puts the reversed names back in their
+original places, so a round trip gives the original file. Without a record covering every name, reversed names
+follow a natural order (`family_of`): a joined tensor expands at the place of the first tensor of its family
+(the tensors of one rule whose placeholders before the joined one agree: one layer's w1, w2, w3), index by index,
+the family's tensors interleaved in file order (expert 0's w1, w2, w3, then expert 1's ...; q, k, v).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,10 +25,11 @@ import numpy as np
 
 from .box import Box
 from .composed import Part, inverse
-from .errors import PlanError
-from .rules import Rule, Rules, fill
+from .errors import FormatError, PlanError
+from .rules import PLACEHOLDER, Rule, Rules, fill
 
 MAX_PARTS = 1 << 16  # tensors one stacked tensor unstacks into, or pieces one fused tensor is cut into
+ORDER_KEY = "jaxreshard.order"  # safetensors __metadata__: JSON list, the source names before a joining transform
 
 Shape = tuple[int, ...]
 
@@ -54,13 +64,46 @@ def apply_rules(rules: Rules, names: Sequence[str], shapes: Mapping[str, tuple[S
                         f"{' (reversed: its to: pattern is matched)' if reverse else ''}; fix or remove it")
     out: dict[str, Target] = {}
     origin: dict[str, str] = {}
-    for rule, dst, members in groups.values():
-        for name, target in build(rule, dst, members, shapes, reverse):
+    keys: dict[str, tuple[int, int, int]] = {}
+    families: dict[tuple[int, tuple[str, ...]], int] = {}
+    for at, (rule, dst, members) in enumerate(groups.values()):
+        family = at
+        if reverse and rule is not None and rule.joined is not None:
+            family = families.setdefault(family_of(rule, members[0][1]), at)
+        for index, (name, target) in enumerate(build(rule, dst, members, shapes, reverse)):
             if name in out:
                 raise PlanError(f"{rules.source}: {origin[name]!r} and {members[0][0]!r} both map to {name!r}"
                                 f"{'' if rule is None else f' ({rule})'}; two source tensors cannot share a name")
-            out[name], origin[name] = target, members[0][0]
-    return out
+            out[name], origin[name], keys[name] = target, members[0][0], (family, index, at)
+    if not reverse:
+        return out
+    position = {n: i for i, n in enumerate(rules.order)}
+    recorded = bool(position) and all(n in position for n in out)
+    return {n: out[n] for n in sorted(out, key=position.__getitem__ if recorded else keys.__getitem__)}
+
+
+def family_of(rule: Rule, binding: Mapping[str, str]) -> tuple[int, tuple[str, ...]]:
+    """Reversed joined tensors of one family expand interleaved: the rule and the values of the placeholders
+    its `from` names before the joined one (Mixtral's `{p}.experts.{e}.{w}.weight`: one `{p}`, all `{w}`)."""
+    before = rule.src[: rule.src.index("{" + rule.joined + "}")]  # type: ignore[operator]
+    return rule.number, tuple(binding[p] for p in PLACEHOLDER.findall(before))
+
+
+def recorded_order(metadata: Mapping[int, Mapping[str, str]], where: str) -> tuple[str, ...]:
+    """The source order a joining forward conversion recorded (`ORDER_KEY` of the lowest rank file carrying
+    it; empty without one). A damaged record is a FormatError: reversing by it could not be trusted."""
+    text = next((m[ORDER_KEY] for _, m in sorted(metadata.items()) if ORDER_KEY in m), None)
+    if text is None:
+        return ()
+    try:
+        names = json.loads(text)
+    except ValueError as e:
+        names = e
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise FormatError(f"{where}: metadata {ORDER_KEY!r} is not a JSON list of distinct tensor names; the file "
+                          "was changed after jaxreshard wrote it: remove that metadata key to reverse in natural "
+                          "order")
+    return tuple(names)
 
 
 def build(rule: Rule | None, dst: str, members: list[tuple[str, dict[str, str]]],

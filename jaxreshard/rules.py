@@ -10,8 +10,9 @@ rules:
 
 A placeholder matches one or more characters (a `stack` one: digits; a `concat` one: its listed values); the
 first rule whose `from` matches a name wins; unmatched names pass unchanged. `reverse` matches `to` and
-produces `from` (unstack, split, transpose back), so one file maps both ways. Only names and shapes are
-handled here: the result is, per destination name, its shape and the `Part`s it is made of (composed.py).
+produces `from` (unstack, split, transpose back), so one file maps both ways; `order` (the source order a
+forward conversion recorded, see rulemap.ORDER_KEY) is the order reversed names are written in. Only names and
+shapes are handled here: the result is, per destination name, its shape and the `Part`s it is made of (composed.py).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def compile_pattern(pattern: str, rule: Rule) -> re.Pattern[str]:
 class Rules:
     rules: tuple[Rule, ...]
     source: str = "<rules>"  # the file, for messages
+    order: tuple[str, ...] = ()  # reversed: the original names in their original order (recorded), if known
 
     @staticmethod
     def load(arg: str | Path | Rules | Mapping[str, Any]) -> Rules:

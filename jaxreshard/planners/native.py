@@ -33,7 +33,7 @@ from ..plan import (
     make_plan,
     merge_orders,
 )
-from ..rulemap import apply_rules
+from ..rulemap import apply_rules, recorded_order
 from ..rules import Rules
 from ..srccheck import source_layout
 from ..transforms import Cast
@@ -56,6 +56,8 @@ class NativePlanner:
         ndims = {p: len(shape) for p, shape in source.shapes.items()}
         ndims.update({new: ndims[old] for new, old in (renamed or {}).items() if old in ndims})
         self.source = source
+        if rules is not None and reverse:  # reversed names go back to the places a forward conversion recorded
+            rules = replace(rules, order=recorded_order(source.metadata, str(source.path)))
         self.rules, self.reverse = rules, reverse
         # block scales are laid out with their weights (a manifest records them so)
         scaled = bool(fp8.scale_pairs(ndims))
