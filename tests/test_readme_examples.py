@@ -21,28 +21,25 @@ import inspect
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from safetensors.numpy import save_file
 
 import jaxreshard as jr
 from jaxreshard.commands import COMMANDS, make_parser, read_job
-from jaxreshard.example import write_fp8_checkpoint, write_llama_checkpoint
-from jaxreshard.formats import open_source
+from jaxreshard.example import write_llama_checkpoint
 from jaxreshard.formats.manifest import MANIFEST_NAME, read_manifest
 from jaxreshard.layout import read_layout
 from jaxreshard.rules import Rules
 
+from .readme_sandbox import RUN
+
 REPO = Path(__file__).parents[1]
 README = (REPO / "README.md").read_text()
-MS = REPO / "tests" / "fixtures" / "mindspore"
 FENCE = re.compile(r"^( *)```(\w*)[ \t]*$")
 
 
@@ -289,6 +286,8 @@ def test_setup_blocks_name_what_exists(block, entry):
     assert paths
     for path in paths:
         assert (REPO / path).is_file(), path
+    for path, name in re.findall(r"(tests/\w+\.py)::(\w+)", entry[4]):  # a command of the block run elsewhere
+        assert re.search(rf"^def {name}\(", (REPO / path).read_text(), re.M), (path, name)
     tests = [(REPO / p).read_text() for p in paths if p.startswith("tests/")]
     for variable in re.findall(r"\b([A-Z][A-Z_]+)=", block.text):
         assert any(variable in t for t in tests), variable
@@ -306,126 +305,6 @@ def test_diagram_names_real_modules(block, entry):
 
 
 # ------------------------------------------------------------------------------------------------- "run"
-def llama_folder(folder: Path) -> Path:
-    write_llama_checkpoint(folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
-    return folder
-
-
-def prepare_verify(root: Path) -> None:
-    """llama.safetensors, its dp2mp4 split (ckpt/dp2mp4), the split without its manifest (another tool's)."""
-    src = write_llama_checkpoint(root / "llama.safetensors")
-    jr.convert(src, root / "ckpt" / "dp2mp4", dst_layout=root / "configs" / "layouts" / "llama_dp2mp4.yaml")
-    shutil.copytree(root / "ckpt" / "dp2mp4", root / "ckpt" / "from_elsewhere")
-    (root / "ckpt" / "from_elsewhere" / MANIFEST_NAME).unlink()
-    write_llama_checkpoint(root / "A" / "model.safetensors")
-    shutil.copy(root / "configs" / "layouts" / "llama_dp2mp4.yaml", root / "L.yaml")
-
-
-def prepare_mindspore(root: Path) -> None:
-    """The MindSpore reference fixtures under the names the example uses."""
-    for src, dst in [("ckpt/complete", "ckpt/complete"), ("ckpt/dp1mp2pp2", "ckpt/pp"),
-                     ("ckpt/dp2mp2", "ckpt/dp2mp2"), ("strategy/pp_stages", "strategy_dir")]:
-        shutil.copytree(MS / src, root / dst)
-    for src, dst in [("strategy/dp2mp4.ckpt", "strategy/dp2mp4.ckpt"), ("strategy/dp2mp2.ckpt", "new.ckpt"),
-                     ("strategy/dp2mp2.ckpt", "dp2mp2.ckpt")]:
-        (root / dst).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(MS / src, root / dst)
-
-
-def prepare_strategy(root: Path) -> None:
-    write_llama_checkpoint(root / "model.safetensors")
-
-
-def prepare_hf(root: Path) -> None:
-    llama_folder(root / "models" / "Llama-3-8B")  # ~ is the sandbox folder
-
-
-def prepare_moe(root: Path) -> None:
-    """A tiny Mixtral (8 experts) and an 8-way expert x 2-way tensor parallel layout for it."""
-    rng = np.random.default_rng(0)
-    tensors = {f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight":
-               rng.standard_normal((8, 16) if w == "w2" else (16, 8)).astype(np.float32)
-               for i in range(2) for e in range(8) for w in ("w1", "w2", "w3")}
-    tensors["model.embed_tokens.weight"] = rng.standard_normal((32, 8)).astype(np.float32)
-    (root / "mixtral").mkdir()
-    save_file(tensors, root / "mixtral" / "model.safetensors", metadata={"format": "pt"})
-    (root / "ep8_mp2.yaml").write_text("mesh: {ep: 8, mp: 2}\nparams:\n"
-                                       "  - {match: '.*experts\\.w[13]', spec: [ep, mp, null]}\n"
-                                       "  - {match: '.*experts\\.w2', spec: [ep, null, mp]}\n"
-                                       "  - {match: '.*', spec: []}\n")
-
-
-def prepare_fp8(root: Path) -> None:
-    """An FP8 block-scaled checkpoint (scales follow their weights' specs) and a 2-way tensor parallel layout."""
-    write_fp8_checkpoint(root / "models" / "DeepSeek-V3" / "model.safetensors")
-    (root / "my_layout.yaml").write_text("mesh: {mp: 2}\nparams:\n"
-                                         "  - {match: '.*\\.([qkv]|gate|up)_proj\\.weight', spec: [mp, null]}\n"
-                                         "  - {match: '.*\\.(o|down)_proj\\.weight', spec: [null, mp]}\n"
-                                         "  - {match: '.*', spec: []}\n")
-
-
-def same_tensors(a: Path, b: Path, ordered: bool = True) -> bool:
-    from tests.test_readme import _tensors
-
-    left, right = _tensors(a), _tensors(b)
-    names = (list(left) == list(right)) if ordered else (sorted(left) == sorted(right))
-    return names and all(left[k].tobytes() == right[k].tobytes() for k in left)
-
-
-def check_verify(root: Path, out: str) -> None:
-    assert out.count("verified:") == 4, out
-    assert (root / "B" / MANIFEST_NAME).is_file()
-
-
-def check_mindspore(root: Path, out: str) -> None:
-    outs = [p for p in root.iterdir() if p.is_dir() and (p / MANIFEST_NAME).is_file()]
-    assert len(outs) == 3, outs
-    first = next(p for p in outs if "dp2mp4" in p.name)
-    assert sorted(p.name for p in first.glob("rank_*/*.ckpt")) == [f"checkpoint_{r}.ckpt" for r in range(8)]
-    for rank in range(8):  # what MindSpore's transform_checkpoints wrote for the same conversion
-        assert ((first / f"rank_{rank}" / f"checkpoint_{rank}.ckpt").read_bytes()
-                == (MS / "ckpt" / "dp2mp4" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt").read_bytes())
-    assert any(list(p.glob("rank_0/*.safetensors")) for p in outs)
-
-
-def check_strategy(root: Path, out: str) -> None:
-    names = sorted(p.name for p in (root / "strategy").iterdir())
-    assert names == sorted([f"ckpt_strategy_rank_{r}.ckpt" for r in range(8)] + ["merged_ckpt_strategy.ckpt"])
-
-
-def check_hf(root: Path, out: str) -> None:
-    assert sorted(p.name for p in (root / "llama_hf").iterdir()) == \
-        ["config.json", MANIFEST_NAME, "model.safetensors"]
-    assert same_tensors(root / "llama_hf" / "model.safetensors", root / "models/Llama-3-8B/model.safetensors",
-                        ordered=False)  # --hf writes save_file's order
-
-
-def check_moe(root: Path, out: str) -> None:
-    assert len(list((root / "mixtral_ep").glob("rank_*/*.safetensors"))) == 16
-    assert same_tensors(root / "mixtral_again" / "rank_0" / "checkpoint_0.safetensors",
-                        root / "mixtral" / "model.safetensors", ordered=False)
-
-
-def check_fp8(root: Path, out: str) -> None:
-    kept = open_source(root / "ds_ep" / "rank_0").entries[0]
-    assert any(n.endswith("_scale_inv") for n in kept) and any(e.dtype.itemsize == 1 for e in kept.values())
-    dequantized = open_source(root / "ds_bf16" / "rank_0").entries[0]
-    assert not any(n.endswith("_scale_inv") for n in dequantized)
-    assert {e.dtype.name for e in dequantized.values()} >= {"bfloat16"}
-
-
-RUN = {
-    "Verify": (prepare_verify, check_verify),
-    "MindSpore checkpoints and strategies/--dst-strategy strategy/dp2mp4.ckpt": (prepare_mindspore, check_mindspore),
-    "MindSpore checkpoints and strategies/jaxreshard strategy --src model.safetensors": (prepare_strategy,
-                                                                                          check_strategy),
-    "Hugging Face models": (prepare_hf, check_hf),
-    "MoE": (prepare_moe, check_moe),
-    "FP8": (prepare_fp8, check_fp8),
-}
-
-
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     """A bin folder with `python` and `jaxreshard` (this checkout, this interpreter)."""
@@ -439,10 +318,14 @@ def sandbox(tmp_path_factory):
     return root
 
 
+def test_each_run_block_has_its_sandbox():
+    keys = [k for b, e in of_kind("run") for k in RUN if k in (b.section, f"{b.section}/{e[1]}")]
+    assert sorted(keys) == sorted(RUN), "one RUN entry (prepare, check) for each 'run' block, none left over"
+
+
 @pytest.mark.parametrize("block,entry", of_kind("run"), ids=ids(of_kind("run")))
 def test_bash_example_runs(block, entry, sandbox):
-    key = next(k for k in RUN if k == block.section or k == f"{block.section}/{entry[1]}")
-    prepare, check = RUN[key]
+    prepare, check = next(RUN[k] for k in RUN if k in (block.section, f"{block.section}/{entry[1]}"))
     root = sandbox / f"block_{block.line}"
     root.mkdir()
     (root / "configs").symlink_to(REPO / "configs")
