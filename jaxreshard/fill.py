@@ -10,7 +10,6 @@ requests, and the extra memory is one slab. Otherwise only the wanted runs are r
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -97,7 +96,7 @@ def _read_strided(handles: FileHandles, entry: TensorEntry, pieces: list[tuple[B
 
 
 def prefetch(plan: Plan, shards: Sequence[ShardPlan], handles: FileHandles) -> None:
-    """Ask the kernel to start reading the source bytes of `shards` now (`POSIX_FADV_WILLNEED`), so the disk
+    """Ask the kernel to start reading the source bytes of `shards` now (locally `POSIX_FADV_WILLNEED`), so the disk
     works on the next parameter while this one is copied and written. Only a hint: errors are ignored."""
     for shard in shards:
         for param, item in shard.source_reads():
@@ -108,11 +107,11 @@ def prefetch(plan: Plan, shards: Sequence[ShardPlan], handles: FileHandles) -> N
                 continue
             first, last = runs[0][0], runs[-1][0] + runs[-1][1]
             try:
-                fd = handles.fd(entry.path)
-                for file_offset, length in entry.segments:  # map the tensor byte span through its segments
-                    lo, hi = max(first, 0), min(last, length)
-                    if lo < hi:
-                        os.posix_fadvise(fd, file_offset + lo, hi - lo, os.POSIX_FADV_WILLNEED)
-                    first, last = first - length, last - length
+                reader = handles.reader(entry.path)
             except OSError:
-                pass
+                continue  # only a hint: the read itself will report the file
+            for file_offset, length in entry.segments:  # map the tensor byte span through its segments
+                lo, hi = max(first, 0), min(last, length)
+                if lo < hi:
+                    reader.prefetch(file_offset + lo, hi - lo)
+                first, last = first - length, last - length

@@ -1,15 +1,15 @@
 """What every format shares: a tensor index entry, region reads, aligned buffers, and the writer protocol.
 
 A format's reader only parses headers into `TensorEntry`s (where each tensor's bytes lie in its file);
-reading any box of any tensor is the same code for every format, through `pread` into buffers this module
-allocates 64-byte aligned (JAX on CPU aliases such buffers instead of copying them: 0.23 GB/s and 2x memory
-otherwise, measured with jax 0.10 on CPU).
+reading any box of any tensor is the same code for every format, through the location's `storage.Storage`
+(`preadv` for local files) into buffers this module allocates 64-byte aligned (JAX on CPU aliases such buffers
+instead of copying them: 0.23 GB/s and 2x memory otherwise, measured with jax 0.10 on CPU).
 """
 
 from __future__ import annotations
 
 import math
-import os
+import os  # noqa: F401 -- tests patch `base.os.pwritev` (the module is shared) to inject short writes
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,8 @@ import numpy as np
 from ..box import Box, byte_runs
 from ..errors import FormatError
 from .manifest import FileRecord
+from .storage import ByteReader, storage_for
+from .storage import pwrite_all as pwrite_all  # the old home of the local write loop (tests call it here)
 
 ALIGNMENT = 64  # bytes; XLA's CPU client aliases host buffers only at this alignment
 
@@ -52,22 +54,22 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
 
 
 class FileHandles:
-    """Read-only file descriptors opened on first use and closed together (sources are never written)."""
+    """Readers of source files, opened on first use (through the location's `Storage`) and closed together."""
 
     def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+        self._readers: dict[Path, ByteReader] = {}
 
-    def fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
-        return fd
+    def reader(self, path: Path) -> ByteReader:
+        reader = self._readers.get(path)
+        if reader is None:
+            reader = storage_for(path).open_read(path)
+            self._readers[path] = reader
+        return reader
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
 
     def __enter__(self) -> FileHandles:
         return self
@@ -79,42 +81,23 @@ class FileHandles:
 def read_box(handles: FileHandles, entry: TensorEntry, box: Box, out: np.ndarray) -> None:
     """Read `box` (in the entry's own coordinates) of `entry` into `out`, a C-contiguous array of box shape.
 
-    Each contiguous run of the box is read with one `preadv` straight into its place in `out`, so rows and
-    row blocks cost one system call and no extra copy; column blocks cost one call per row.
+    Each contiguous run of the box is read with one `readinto` (locally one `preadv`) straight into its place in
+    `out`, so rows and row blocks cost one system call and no extra copy; column blocks cost one call per row.
     """
     if out.shape != box.shape or not out.flags.c_contiguous:
         raise ValueError(f"read_box: out has shape {out.shape}, box {box} needs {box.shape}")
-    fd = handles.fd(entry.path)
+    reader = handles.reader(entry.path)
     # an ndarray exports the buffer protocol; numpy's stubs declare `__buffer__` for Python 3.12+ only
     dst = memoryview(out.reshape(-1).view(np.uint8))  # pyright: ignore[reportArgumentType]
     pos = 0
     for offset, nbytes in byte_runs(box, entry.shape, entry.dtype.itemsize):
         for file_offset, chunk in _segment_ranges(entry, offset, nbytes):
-            done = 0
-            while done < chunk:  # Linux returns at most ~2 GiB per call
-                got = os.preadv(fd, [dst[pos + done : pos + chunk]], file_offset + done)
-                if got <= 0:
-                    raise FormatError(
-                        f"{entry.path}: parameter {entry.param!r} is truncated: wanted {chunk} bytes at offset "
-                        f"{file_offset}, the file ends first; it is shorter than its header says"
-                    )
-                done += got
+            if reader.readinto(file_offset, dst[pos : pos + chunk]) < chunk:
+                raise FormatError(
+                    f"{entry.path}: parameter {entry.param!r} is truncated: wanted {chunk} bytes at offset "
+                    f"{file_offset}, the file ends first; it is shorter than its header says"
+                )
             pos += chunk
-
-
-def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> None:
-    """Write `buffers` back to back at `offset`, looping until every byte is written (`pwritev` may write less)."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while views:
-        done = os.pwritev(fd, views, offset)
-        if done <= 0:
-            raise OSError(f"pwritev wrote nothing at offset {offset}")
-        offset += done
-        while done:
-            if done >= len(views[0]):
-                done -= len(views.pop(0))
-            else:
-                views[0], done = views[0][done:], 0
 
 
 def _segment_ranges(entry: TensorEntry, offset: int, nbytes: int):

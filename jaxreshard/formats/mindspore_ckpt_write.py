@@ -6,16 +6,15 @@ in memory."""
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .base import pwrite_all
 from .manifest import FileRecord, StreamingHash
 from .mindspore_ckpt import CRC_MARKER, ckpt_dtype_name
+from .storage import ByteWriter, storage_for
 
 RECORD_CHUNK_BYTES = 536_870_912  # save_checkpoint's byte chunk per record; read at use, so tests can shrink it
 
@@ -86,10 +85,10 @@ class CkptRankWriter:
         self.size = pos  # bytes before any CRC trailer
         self._written: set[str] = set()
         self._hash = StreamingHash()  # in file order unless text entries sit between tensors (then re-read)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        os.ftruncate(self._fd, pos)
+        trailer = len(CRC_MARKER) + 10 if crc else 0  # sized now, filled by `close`
+        self._out: ByteWriter | None = storage_for(self.path).create(self.path, pos + trailer)
         for offset, record in strings:
-            pwrite_all(self._fd, [record], offset)
+            self._out.write_at(offset, [record])
             self._hash.update(offset, record)
 
     def write(self, param: str, array: np.ndarray) -> None:
@@ -104,12 +103,12 @@ class CkptRankWriter:
             raise ValueError(f"{self.path}: parameter {param!r} must be C-contiguous")
         if param in self._written:
             raise ValueError(f"{self.path}: parameter {param!r} was already written")
-        if self._fd is None:
+        if self._out is None:
             raise ValueError(f"{self.path}: the writer is closed")
         # an ndarray exports the buffer protocol; numpy's stubs declare `__buffer__` for Python 3.12+ only
         data = memoryview(array.reshape(-1).view(np.uint8))  # pyright: ignore[reportArgumentType]
         for offset, header, start, n in self._records[param]:
-            pwrite_all(self._fd, [header, data[start : start + n]], offset)
+            self._out.write_at(offset, [header, data[start : start + n]])
             self._hash.update(offset, header)
             self._hash.update(offset + len(header), data[start : start + n])
         self._written.add(param)
@@ -117,33 +116,42 @@ class CkptRankWriter:
     def close(self) -> dict[Path, FileRecord]:
         """Append the CRC trailer if asked, fsync and close; ValueError if a parameter was never written.
         Returns the complete file's size and SHA-256 (for the manifest)."""
-        if self._fd is None:
+        if self._out is None:
             return {}
         missing = [name for name in self._specs if name not in self._written]
         if missing:
             self.abort()
             raise ValueError(f"{self.path}: closed before parameters {missing} were written; the file is incomplete")
-        fd, self._fd = self._fd, None
-        try:
-            if self._crc:
-                crc, buf = 0, bytearray(1 << 24)
-                for offset in range(0, self.size, len(buf)):
-                    n = os.preadv(fd, [memoryview(buf)[: min(len(buf), self.size - offset)]], offset)
-                    crc = zlib.crc32(memoryview(buf)[:n], crc)
-                trailer = CRC_MARKER + crc.to_bytes(10, "big")
-                pwrite_all(fd, [trailer], self.size)
-                self._hash.update(self.size, trailer)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self._crc:
+            try:
+                trailer = CRC_MARKER + self._crc32().to_bytes(10, "big")
+                self._out.write_at(self.size, [trailer])
+            except BaseException:
+                self.abort()
+                raise
+            self._hash.update(self.size, trailer)
+        out, self._out = self._out, None
+        out.close()
         size = self.size + (len(CRC_MARKER) + 10 if self._crc else 0)
         return {self.path: FileRecord(size, self._hash.digest(self.path, size))}
 
+    def _crc32(self) -> int:
+        """The CRC-32 of the records as written, read back (`save_checkpoint` appends it after them)."""
+        reader = storage_for(self.path).open_read(self.path)
+        try:
+            crc, buf = 0, memoryview(bytearray(1 << 24))
+            for offset in range(0, self.size, len(buf)):
+                n = reader.readinto(offset, buf[: min(len(buf), self.size - offset)])
+                crc = zlib.crc32(buf[:n], crc)
+            return crc
+        finally:
+            reader.close()
+
     def abort(self) -> None:
-        """Close without completing (error paths); the caller discards the file."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+        """Close without completing (error paths): the file this writer created is removed."""
+        if self._out is not None:
+            out, self._out = self._out, None
+            out.abort()
 
     def __enter__(self) -> CkptRankWriter:
         return self

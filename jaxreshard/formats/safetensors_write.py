@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError
-from .base import pwrite_all
 from .manifest import FileRecord, StreamingHash
 from .safetensors_dtypes import DTYPE_CODES
+from .storage import ByteWriter, storage_for
 
 
 def header_bytes(params: Sequence[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
@@ -63,22 +62,20 @@ class SafetensorsWriter:
         self._hash = StreamingHash(resume)
         if resume is not None:
             self._pending = {p for p, (o, d, shp) in self._slots.items() if o + math.prod(shp) * d.itemsize > resume[0]}
-            self._fd: int | None = os.open(self.path, os.O_WRONLY)
-            if os.fstat(self._fd).st_size != offset:
-                os.close(self._fd)
+            self._out: ByteWriter | None = storage_for(self.path).reopen(self.path)
+            if self._out.size() != offset:
+                self._out.abort()
                 raise FormatError(f"{self.path}: cannot be continued: it is not {offset} bytes long")
             return
         self._pending = set(self._slots)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.ftruncate(self._fd, offset)
-        pwrite_all(self._fd, [head], 0)
+        self._out = storage_for(self.path).create(self.path, offset)
+        self._out.write_at(0, [head])
         self._hash.update(0, head)
 
-    def _open_fd(self) -> int:
-        if self._fd is None:
+    def _open(self) -> ByteWriter:
+        if self._out is None:
             raise ValueError(f"{self.path}: the writer is closed")
-        return self._fd
+        return self._out
 
     def write(self, param: str, array: np.ndarray) -> None:
         offset, dtype, shape = self._slots[param]
@@ -88,32 +85,31 @@ class SafetensorsWriter:
         array = np.ascontiguousarray(array)  # safetensors stores C order; never write a strided view's memory
         # an ndarray exports the buffer protocol; numpy's stubs declare `__buffer__` for Python 3.12+ only
         data = memoryview(array.reshape(-1).view(np.uint8))  # pyright: ignore[reportArgumentType]
-        pwrite_all(self._open_fd(), [data], offset)
+        self._open().write_at(offset, [data])
         self._hash.update(offset, data)
         self._pending.discard(param)
 
     def sync(self) -> dict[Path, tuple[int, str]] | None:
         """fsync, and (n, SHA-256 of the first n bytes) of what is written so far in file order (for
         `--resume`); None when tensors arrived out of file order."""
-        os.fsync(self._open_fd())
+        self._open().sync()
         snap = self._hash.snapshot()
         return None if snap is None else {self.path: snap}
 
     def abort(self) -> None:
-        """Close without completing (the caller discards the file)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Close without completing (a file this writer created is removed; the caller discards the rest)."""
+        if self._out is not None:
+            out, self._out = self._out, None
+            out.abort()
 
     def close(self) -> dict[Path, FileRecord]:
         """fsync and close; the complete file's size and SHA-256."""
         if self._pending:
             self.abort()
             raise RuntimeError(f"{self.path}: closed with unwritten parameters {sorted(self._pending)[:5]}")
-        fd = self._open_fd()
-        os.fsync(fd)
-        os.close(fd)
-        self._fd = None
+        out = self._open()
+        self._out = None
+        out.close()
         return {self.path: FileRecord(self._size, self._hash.digest(self.path, self._size))}
 
 

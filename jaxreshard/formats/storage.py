@@ -1,0 +1,191 @@
+"""Where checkpoint bytes live: the one seam between the formats and the medium (local files today).
+
+Every format reads and writes byte ranges only through this module, so a new medium (an object store, issue
+12) is one new module implementing `Storage` plus one `register(scheme, storage)` call; no format changes.
+Locations without a registered scheme (every path today) are local files, served by `LocalStorage` with the
+same system calls the formats made before this seam existed (`preadv` into the caller's buffer, `O_EXCL`
+create, `ftruncate`, `pwritev` loops, `fsync`), so behaviour and speed are unchanged.
+
+Call sequence (the contract a `Storage` keeps, as torch DCP's `StorageWriter` spells its own):
+  reading:  `open_read(loc)` -> `size()`, `readinto(offset, buffer)` any number of times, in any order, also
+            `prefetch(offset, nbytes)` hints -> `close()`.
+  writing:  `create(loc, size)` (a NEW object of exactly `size` bytes; an existing one is refused with
+            `FileExistsError`) or `reopen(loc)` (continue one a killed run left, for `--resume`) ->
+            `write_at(offset, buffers)` any number of times, in any order, each range inside `size` ->
+            `sync()` whenever the caller journals progress -> exactly one of `close()` (durable and complete:
+            only now may readers rely on the bytes) or `abort()` (release; a created object is removed, so no
+            complete-looking file is left behind).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+Location = str | Path
+Buffer = bytes | bytearray | memoryview
+
+
+class ByteReader(Protocol):
+    """Random-access reads of one stored object."""
+
+    def size(self) -> int: ...
+
+    def readinto(self, offset: int, buffer: memoryview) -> int:
+        """Fill `buffer` from `offset`; returns the bytes read, fewer than `len(buffer)` only where the object ends."""
+        ...
+
+    def prefetch(self, offset: int, nbytes: int) -> None:
+        """A hint that these bytes will be read soon; may do nothing, never fails."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ByteWriter(Protocol):
+    """Positional writes into one new object of a size fixed at creation."""
+
+    def size(self) -> int: ...
+
+    def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        """Write `buffers` back to back from `offset`, every byte or an `OSError`."""
+        ...
+
+    def sync(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Storage(Protocol):
+    """Opens `ByteReader`s and `ByteWriter`s on locations of one kind (see the module's call sequence)."""
+
+    def open_read(self, location: Location) -> ByteReader: ...
+
+    def create(self, location: Location, size: int) -> ByteWriter: ...
+
+    def reopen(self, location: Location) -> ByteWriter: ...
+
+
+def pwrite_all(fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+    """Write `buffers` back to back at `offset`, looping until every byte is written (`pwritev` may write less)."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        done = os.pwritev(fd, views, offset)
+        if done <= 0:
+            raise OSError(f"pwritev wrote nothing at offset {offset}")
+        offset += done
+        while done:
+            if done >= len(views[0]):
+                done -= len(views.pop(0))
+            else:
+                views[0], done = views[0][done:], 0
+
+
+class LocalReader:
+    """A read-only file descriptor (sources are never written)."""
+
+    def __init__(self, path: Location) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def readinto(self, offset: int, buffer: memoryview) -> int:
+        done, want = 0, len(buffer)
+        while done < want:  # Linux returns at most ~2 GiB per call
+            got = os.preadv(self._fd, [buffer[done:]], offset + done)
+            if got <= 0:
+                break
+            done += got
+        return done
+
+    def prefetch(self, offset: int, nbytes: int) -> None:
+        try:
+            os.posix_fadvise(self._fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+
+class LocalWriter:
+    """A write-only file descriptor on a file this writer created (or continues, for `--resume`)."""
+
+    def __init__(self, path: Path, fd: int, *, created: bool) -> None:
+        self.path, self._fd, self._created = path, fd, created
+
+    def _open_fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: the writer is closed")
+        return self._fd
+
+    def size(self) -> int:
+        return os.fstat(self._open_fd()).st_size
+
+    def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        pwrite_all(self._open_fd(), buffers, offset)
+
+    def sync(self) -> None:
+        os.fsync(self._open_fd())
+
+    def close(self) -> None:
+        fd = self._open_fd()
+        self._fd = None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+            if self._created:
+                self.path.unlink(missing_ok=True)
+
+
+class LocalStorage:
+    """Local files, with the system calls the formats always used."""
+
+    def open_read(self, location: Location) -> LocalReader:
+        return LocalReader(location)
+
+    def create(self, location: Location, size: int) -> LocalWriter:
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return LocalWriter(path, fd, created=True)
+
+    def reopen(self, location: Location) -> LocalWriter:
+        path = Path(location)
+        return LocalWriter(path, os.open(path, os.O_WRONLY), created=False)
+
+
+LOCAL = LocalStorage()
+_SCHEMES: dict[str, Storage] = {}
+_SCHEME = re.compile(r"([a-z][a-z0-9+.-]+):/")  # two letters at least: "C:/" is a Windows drive
+
+
+def register(scheme: str, storage: Storage) -> None:
+    """Serve locations written `scheme://...` from `storage` (an object store's module calls this)."""
+    _SCHEMES[scheme.lower()] = storage
+
+
+def storage_for(location: Location) -> Storage:
+    """The storage of `location`: a registered scheme's, else local files (an unregistered scheme is a path)."""
+    match = _SCHEME.match(str(location))
+    return _SCHEMES.get(match.group(1), LOCAL) if match else LOCAL
