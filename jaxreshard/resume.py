@@ -142,14 +142,18 @@ def _begin_journal(folder: Path, key: str) -> None:
     (folder / JOURNAL).write_text(json.dumps(header) + "\n")
 
 
-def _last_progress(journal: Path) -> tuple[int, dict[str, tuple[int, str]]] | None:
+def _journal_records(journal: Path) -> list[bytes]:
+    """The journal's lines after its header; none when it cannot be read or is over the size cap."""
     try:
         if journal.stat().st_size > MAX_JOURNAL_BYTES:
-            return None
-        lines = journal.read_bytes().splitlines()[1:]
+            return []
+        return journal.read_bytes().splitlines()[1:]
     except OSError:
-        return None
-    for line in reversed(lines):
+        return []
+
+
+def _last_progress(journal: Path) -> tuple[int, dict[str, tuple[int, str]]] | None:
+    for line in reversed(_journal_records(journal)):
         try:
             item = json.loads(line)
             skip, states = item["progress"], item["files"]
@@ -233,13 +237,7 @@ def _header(folder: Path) -> dict:
 def _entries(journal: Path) -> dict[str, FileRecord]:
     """The complete files a journal records (a torn last line, from a kill mid-write, is ignored)."""
     out: dict[str, FileRecord] = {}
-    try:
-        if journal.stat().st_size > MAX_JOURNAL_BYTES:
-            return out
-        lines = journal.read_bytes().splitlines()[1:]
-    except OSError:
-        return out
-    for line in lines:
+    for line in _journal_records(journal):
         try:
             item = json.loads(line)
             rel, size, sha = str(item["file"]), item["size"], item["sha256"]
