@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,3 +46,19 @@ def block_slices(shape, spec, mesh: dict[str, int], coords: dict[str, int]) -> t
 def rank_coords(mesh: dict[str, int], local_rank: int) -> dict[str, int]:
     """Row-major coordinates of a local rank on a mesh."""
     return dict(zip(mesh, (int(c) for c in np.unravel_index(local_rank, list(mesh.values())))))
+
+
+def one_line_error(call: Callable[[], object], *words: str, kind: type[Exception] | None = None) -> str:
+    """Run `call`, which must raise `kind` (default `FormatError`) with a one-line message holding every word;
+    returns the message."""
+    import pytest
+
+    from jaxreshard.errors import FormatError
+
+    with pytest.raises(kind or FormatError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+    return message

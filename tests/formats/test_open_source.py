@@ -16,6 +16,8 @@ from jaxreshard.errors import FormatError
 from jaxreshard.formats import open_source, rank_dirs, untrusted
 from jaxreshard.formats.untrusted import NotACheckpoint
 
+from ..helpers import one_line_error
+
 
 def _rank(folder: Path, name: str, value: float = 0.0) -> Path:
     (folder / name).mkdir(parents=True)
@@ -25,13 +27,7 @@ def _rank(folder: Path, name: str, value: float = 0.0) -> Path:
 
 
 def _refused(path: Path, *words: str, kind: type = FormatError) -> str:
-    with pytest.raises(kind) as info:
-        open_source(path)
-    message = str(info.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message, message
-    return message
+    return one_line_error(lambda: open_source(path), *words, kind=kind)
 
 
 def test_canonical_rank_folders_are_found_by_number(tmp_path):
