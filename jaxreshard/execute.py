@@ -21,8 +21,7 @@ import numpy as np
 from .arrays import apply_transforms, build_array, from_jax
 from .box import Box
 from .composed import Composed
-from .devices import cpu_devices, ensure_cpu_devices
-from .devices import make_mesh as make_mesh  # re-exported: callers used to find it here
+from .devices import cpu_devices, ensure_cpu_devices, make_mesh
 from .errors import FormatError
 from .fill import fill_boxes, prefetch
 from .formats.base import FileHandles, RankWriter, aligned_empty
@@ -31,7 +30,7 @@ from .fsutil import fault, write_failure
 from .plan import BoxReads, PerRankCopy, Plan, RankPlan, Restore, ShardPlan
 from .transforms import cast_box
 
-__all__ = ["WriterFactory", "build_array", "ensure_cpu_devices", "execute", "make_mesh"]
+__all__ = ["WriterFactory", "execute"]
 
 PROGRESS_BYTES = 512 << 20  # with on_progress: fsync and journal the open files' state this often (--resume)
 GC_BYTES = 4 << 20  # collect the young generation after parameters this big (1 ms), so buffers never pile up

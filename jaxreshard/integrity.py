@@ -135,10 +135,11 @@ def _check_cover(name: str, layout: ParamLayout, shape: tuple[int, ...]) -> None
 
 
 def _same_names(where: Path, have: list[str], want: list[str], have_what: str, want_what: str) -> None:
-    extra = [p for p in have if p not in set(want)]
+    have_set, want_set = set(have), set(want)
+    extra = [p for p in have if p not in want_set]
     if extra:
         raise VerifyError(f"{where}: parameter {extra[0]!r} is in {have_what} but not in {want_what}")
-    missing = [p for p in want if p not in set(have)]
+    missing = [p for p in want if p not in have_set]
     if missing:
         raise VerifyError(f"{where}: parameter {missing[0]!r} is in {want_what} but not in {have_what}")
 

@@ -97,8 +97,9 @@ def load(
     cast = parse_dtype(dtype) if isinstance(dtype, str) else (np.dtype(dtype) if dtype is not None else None)
     rules = Rules.load(transform) if transform is not None else None
     planner = array_planner(src, one_side(src_layout, src_strategy, "src"), rules)
-    pairs = fp8.scale_pairs(planner.params()) if dequantize else {}
-    mapping = _target_names([p for p in planner.params() if p not in pairs], _renamer(rename))
+    names = planner.params()
+    pairs = fp8.scale_pairs(names) if dequantize else {}
+    mapping = _target_names([p for p in names if p not in pairs], _renamer(rename))
     full_shape = fp8.dequantized_shape(planner.full_shape, set(pairs.values()), cast) if pairs else planner.full_shape
     wanted = _requests(src, full_shape, mapping, leaves, order, cast, strict)
     plan = planner.plan_arrays(wanted)

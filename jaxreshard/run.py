@@ -35,6 +35,7 @@ from .formats.companions import copy_companions, place_companions
 from .formats.manifest import FileRecord, Manifest, write_manifest
 from .formats.orbax_io import OrbaxWriter, x64
 from .formats.writers import OutputKind, writer_factory
+from .fsops import make_dir
 from .fsutil import atomic_output, staged_rank_folders
 from .plan import PerRankCopy, Plan, RankPlan
 
@@ -111,7 +112,7 @@ def run_plan(
         files = fill(tmp, None)
         placed = {}
         if describe is not None and output.companions:  # before the rank folders commit: a conflict stops both
-            dst.mkdir(parents=True, exist_ok=True)
+            make_dir(dst)
             placed = place_companions(output.companions, dst)
     if describe is not None:
         manifests.merge_root_manifest(dst, describe({**files, **placed}), folders)
@@ -125,9 +126,8 @@ def _fill(plan: Plan, tmp: Path, describe: Describe | None, *, output: Output, p
     `--resume`), then the manifest (if `describe`), then `before_commit(tmp)`."""
     files = _execute(plan, tmp, output, process_num, on_bytes, key, held, continuable)
     resume.finish(tmp)
-    if describe is not None:  # a whole output (not one --ranks share): it gets the source's companion files
-        files.update(copy_companions(output.companions, tmp))
-    if describe is not None:
+    if describe is not None:  # a whole output (not one --ranks share): the source's companion files, then
+        files.update(copy_companions(output.companions, tmp))  # the manifest listing everything
         write_manifest(tmp, describe(files))
     if before_commit is not None:
         before_commit(tmp)

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from ..formats.manifest import MANIFEST_NAME
 from ..formats.mindspore_ckpt import read_ckpt_index
 from ..formats.safetensors_io import read_safetensors_index
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "jaxreshard.manifest.json"
+MANIFEST = MANIFEST_NAME  # the output's manifest (formats/manifest.py)
 MAX_MARKER_BYTES = 64 * 2**20  # a marker lists file names and sizes; anything bigger is not ours
 
 
