@@ -19,12 +19,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError, OutputError
+from ..readfile import one_line
 
 SAVE_BATCH_BYTES = 512 << 20  # bounded memory per partial save; big enough that per-save overhead is small
 
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
 
 
 def is_orbax(path: Path) -> bool:
@@ -51,7 +49,7 @@ def _metadata(path: Path) -> tuple[Any, list[str]]:
         meta = ocp.metadata(str(Path(path).absolute()))  # orbax refuses relative paths
         tree = meta.metadata
     except Exception as e:  # noqa: BLE001 - orbax raises many kinds; all mean "not a readable checkpoint"
-        raise FormatError(f"{path}: not a readable orbax checkpoint: {_one_line(e)}") from None
+        raise FormatError(f"{path}: not a readable orbax checkpoint: {one_line(e)}") from None
     broken = [n for n, m in _flatten(tree).items() if m is None or not hasattr(m, "shape")] if tree else ["(all)"]
     if broken:
         raise FormatError(f"{path}: damaged orbax checkpoint: no array metadata for {broken[:5]}")
@@ -100,7 +98,7 @@ class OrbaxSource:
                 target = _nest({param: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)}, self._keys)
                 restored = ocp.load(str(self.path), target)
         except Exception as e:  # noqa: BLE001
-            raise FormatError(f"{self.path}: restoring parameter {param!r} failed: {_one_line(e)}") from None
+            raise FormatError(f"{self.path}: restoring parameter {param!r} failed: {one_line(e)}") from None
         return _flatten(restored)[param]
 
 
@@ -189,7 +187,7 @@ class OrbaxWriter:
         try:
             yield
         except (OSError, ValueError) as e:
-            raise OutputError(f"writing the orbax checkpoint {self.path} failed: {_one_line(e)}; free space (or "
+            raise OutputError(f"writing the orbax checkpoint {self.path} failed: {one_line(e)}; free space (or "
                               "quota) or choose another destination") from None
         finally:
             absl.setLevel(level)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import FormatError
+from ..readfile import one_line
 
 MAX_DIMS = 64  # numpy's own limit (NPY_MAXDIMS): a tensor with more dimensions cannot exist in memory
 
@@ -107,7 +108,7 @@ def load_json(raw: bytes, where: object, what: str, hook: Callable[[list], Any] 
     except RecursionError:
         raise FormatError(f"{where}: corrupt {what}: JSON nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, and the 4300-digit integer limit
-        raise FormatError(f"{where}: corrupt {what}: not valid JSON ({_one_line(e)})") from None
+        raise FormatError(f"{where}: corrupt {what}: not valid JSON ({one_line(e)})") from None
 
 
 def check_text(text: str, where: str, what: str) -> None:
@@ -128,5 +129,3 @@ def check_name(name: str, where: object) -> None:
     check_text(name, str(where), "parameter name")
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
