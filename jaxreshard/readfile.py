@@ -37,6 +37,6 @@ def read_regular_file(path: Path, limit: int, error: type[JaxreshardError], what
     return data
 
 
-def one_line(text: str) -> str:
+def one_line(text: object) -> str:
     """Collapse whitespace (PyYAML and JSON messages span several lines) so an error stays one line."""
     return " ".join(str(text).split())
