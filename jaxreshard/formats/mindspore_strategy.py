@@ -130,8 +130,8 @@ def _parse_proto(data: bytes, source: Any) -> Any:
     return message
 
 
-def _load_json(path: Path) -> dict:
-    data = read_regular_file(path, MAX_STRATEGY_BYTES, FormatError, "the JSON strategy file")
+def _parse_json(data: bytes, path: Path) -> dict:
+    """A JSON strategy from the bytes already read (a folder's files are read once, for their hash and this)."""
     check_json_width(data, path, "JSON strategy file")
     try:
         doc = json.loads(data.decode("utf-8"))
@@ -198,7 +198,7 @@ def merge_pipeline_strategies(directory: Path) -> tuple[str, Any]:
         if digest in seen:
             continue
         seen.add(digest)
-        doc = _parse_proto(data, path) if kinds["ckpt"] else _load_json(path)
+        doc = _parse_proto(data, path) if kinds["ckpt"] else _parse_json(data, path)
         stage = _first_stage(doc, path)
         layouts = doc.get("parallel_layout_item") if isinstance(doc, dict) else doc.parallel_layout_item
         if stage is None or not layouts:
@@ -295,5 +295,6 @@ def read_strategy(path: Path) -> Strategy:
         _, merged = merge_pipeline_strategies(path)
         return _build(merged, str(path))
     if path.name.endswith(".json"):
-        return _build(_load_json(path), str(path))
+        data = read_regular_file(path, MAX_STRATEGY_BYTES, FormatError, "the JSON strategy file")
+        return _build(_parse_json(data, path), str(path))
     return _build(_parse_proto(_read_bytes(path), path), str(path))
