@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from . import fp8
+from . import fp8, remote
 from .devices import ensure_cpu_devices
 from .distributed import cluster_from
 from .errors import ConfigError, JaxreshardError
@@ -69,6 +69,7 @@ def verify_checksums(source: SourceCheckpoint) -> None:
                 read_ckpt_index(path, verify_crc=True)
 
 
+@remote.views(sources=("src",))
 def plan_conversion(
     src: str | Path,
     *,
@@ -152,6 +153,7 @@ def _files_job(src: str | Path, src_arg: Any, dst_arg: Any, prefix: str, output_
     return Job(plan, source, OutputKind(fmt, planner.flavour))
 
 
+@remote.views(sources=("src",), destination="dst")
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -234,6 +236,7 @@ def _output_check(job: Job, src: str | Path, dst: Path, src_arg: Any, dst_arg: A
     return check
 
 
+@remote.views(sources=("src",), destination="out")
 def save_strategy(src: str | Path, layout: LayoutArg, out: str | Path, *, overwrite: bool = False) -> list[Path]:
     """MindSpore strategy files for a native layout applied to `src`'s parameters (MindSpore's
     `only_save_strategy` without launching a job): `ckpt_strategy_rank_<r>.ckpt` per global rank (identical

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import fp8
+from . import fp8, remote
 from .arrays import build_array
 from .devices import make_mesh
 from .errors import ConfigError, PlanError
@@ -66,6 +66,7 @@ def _renamer(rename: Rename | None) -> Callable[[str], str | None]:
     return apply
 
 
+@remote.views(sources=("src",))
 def load(
     src: str | Path,
     target: Any,

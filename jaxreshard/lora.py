@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import remote
 from .errors import ConfigError, FormatError, PlanError
 from .formats import open_source
 from .formats.adapter_config import read_adapter_config
@@ -235,6 +236,7 @@ def adapter_reads(adapter: str | Path | None) -> list[Path]:
     return [p for p in (path, folder / "adapter_model.safetensors", folder / "adapter_config.json") if p.exists()]
 
 
+@remote.views(sources=("src",), destination="dst")
 def merge_lora(src: str | Path, dst: str | Path, *, overwrite: bool = False, hf: bool = False,
                max_file_size: str | int | None = None, **options):
     """Library form of `jaxreshard merge-lora` (options as `plan_merge_lora`); returns the write report."""

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import remote
 from .caps import MAX_MESH_AXES, MAX_RANKS
 from .composed import Composed
 from .errors import ConfigError, FormatError
@@ -50,7 +51,7 @@ def build_manifest(plan: Plan, source: str, output_format: str, files: Mapping[s
     """The manifest of a (whole or partial) output of `plan`. Parameters copied per rank as they are
     (MindSpore pass-through) are listed under `extra.direct`: their recorded layout is not a geometry."""
     direct = [p for p, i in plan.params.items() if isinstance(i.source, PerRankCopy)]
-    return Manifest(layout_num_ranks(plan), param_records(plan), dict(files), output_format, source,
+    return Manifest(layout_num_ranks(plan), param_records(plan), dict(files), output_format, remote.display(source),
                     extra={"direct": direct} if direct else {})
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import manifests
+from . import manifests, remote
 from .errors import ConfigError, OutputError
 from .execute import execute
 from .formats import open_source, rank_dirs, source_from_files
@@ -141,6 +141,7 @@ def _write_hyper(plan, tmp: Path, params) -> dict[str, FileRecord]:
                                                                             {"format": "ms"}))
 
 
+@remote.views(sources=("src",), destination="dst")
 def unify(src: str | Path, dst: str | Path, *, max_file_size: str | int | None = "5GB", process_num: int = 1,
           overwrite: bool = False, **options) -> list[Path]:
     """Library form of `jaxreshard unify` (options as `plan_unify`); returns the files written."""

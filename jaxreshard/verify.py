@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import remote
 from .describe import human_bytes
 from .errors import ConfigError
 from .fill import fill_boxes
@@ -69,6 +70,7 @@ class VerifyReport:
         return text
 
 
+@remote.views(sources=("src", "dst"))
 def verify(
     src: str | Path,
     dst: str | Path | None = None,

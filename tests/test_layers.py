@@ -36,7 +36,7 @@ LAYERS = {
         "distributed"},  # executor
     4: {"plan", "paramsources", "transforms", "planstats", "coverage", "layout", "paramlayout", "rules", "rulemap",
         "composed", "fp8"},  # plan
-    5: {"fsutil", "fsops", "dstlock", "renameat"},  # storage
+    5: {"fsutil", "fsops", "dstlock", "renameat", "remote"},  # storage (remote: object stores seen as folders)
     6: {"formats"},  # formats, storage.py (the byte-range seam) at their bottom: it imports only the stdlib
     7: {"errors", "caps", "box", "readfile", "saferegex", "yamlfile", "logs", "progress", "values"},  # leaves
 }  # fmt: skip

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from .storage import storage_for
 from .untrusted import check_json_width
 
 MANIFEST_NAME = "jaxreshard.manifest.json"
@@ -182,11 +183,17 @@ def file_sha256(path: Path) -> str:
 def prefix_sha256(path: Path, size: int | None) -> Any:
     """A hashlib sha256 fed with the first `size` bytes of a file (all of it for None); it can be continued."""
     h = hashlib.sha256()
-    left = size if size is not None else float("inf")
-    with open(path, "rb", buffering=0) as f:
-        while left > 0 and (chunk := f.read(int(min(HASH_CHUNK, left)))):
-            h.update(chunk)
-            left -= len(chunk)
+    reader = storage_for(path).open_read(path)  # an object store's file is read from the store, not its view
+    try:
+        end = reader.size() if size is None else min(size, reader.size())
+        buf = memoryview(bytearray(min(HASH_CHUNK, max(end, 1))))
+        for offset in range(0, end, len(buf)):
+            n = reader.readinto(offset, buf[: min(len(buf), end - offset)])
+            h.update(buf[:n])
+            if n < min(len(buf), end - offset):
+                break
+    finally:
+        reader.close()
     return h
 
 

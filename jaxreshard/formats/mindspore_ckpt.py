@@ -154,6 +154,12 @@ def read_ckpt_index(path: Path, *, verify_crc: bool = False) -> CkptIndex:
             return _index(path, mm, verify_crc)
 
 
+def index_buffer(path: Path, buffer: Any) -> CkptIndex:
+    """Index a `.ckpt` from any object that indexes and slices like its mmap (an object store's lazily fetched
+    bytes: the indexer touches only record headers, so only they are fetched)."""
+    return _index(path, buffer, False)
+
+
 def _peek_tag(mm: mmap.mmap, pos: int, end: int) -> str | None:
     """The tag at the start of a record cut short, to name the parameter in the error."""
     try:

@@ -177,6 +177,7 @@ class LocalStorage:
 
 LOCAL = LocalStorage()
 _SCHEMES: dict[str, Storage] = {}
+_MOUNTS: dict[str, Storage] = {}  # a local folder standing for a remote location (see remote/mount.py) -> its storage
 _SCHEME = re.compile(r"([a-z][a-z0-9+.-]+):/")  # two letters at least: "C:/" is a Windows drive
 
 
@@ -185,7 +186,23 @@ def register(scheme: str, storage: Storage) -> None:
     _SCHEMES[scheme.lower()] = storage
 
 
+def register_mount(root: Path, storage: Storage | None) -> None:
+    """Serve every file under the local folder `root` from `storage` (None: stop). An object store's source or
+    destination is seen by the formats as such a folder: its listing and headers are local, its bytes remote."""
+    if storage is None:
+        _MOUNTS.pop(os.fspath(root), None)
+    else:
+        _MOUNTS[os.fspath(root)] = storage
+
+
 def storage_for(location: Location) -> Storage:
-    """The storage of `location`: a registered scheme's, else local files (an unregistered scheme is a path)."""
-    match = _SCHEME.match(str(location))
-    return _SCHEMES.get(match.group(1), LOCAL) if match else LOCAL
+    """The storage of `location`: a registered scheme's, a mount's, else local files (an unregistered scheme is a
+    path)."""
+    text = os.fspath(location)
+    match = _SCHEME.match(text)
+    if match:
+        return _SCHEMES.get(match.group(1), LOCAL)
+    for root, storage in _MOUNTS.items():
+        if text.startswith(root) and text[len(root) : len(root) + 1] in ("/", ""):
+            return storage
+    return LOCAL

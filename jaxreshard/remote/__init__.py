@@ -1,0 +1,125 @@
+"""Object storage (`s3://`, `gs://`) as sources and destinations, for every command (issue 12).
+
+A remote location is handed to the rest of jaxreshard as a local folder (a *view*): a source's listing and
+headers are local and its tensor bytes are read by ranged GETs through the storage seam (`catalogue`); a
+destination's files upload while they are written and the output is completed by its manifest, written last
+(`destination`). Commands and the library call `source_view` / `destination_view` on their arguments; local
+paths pass through untouched. `display` puts the URLs back into messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import JaxreshardError
+from ..formats.storage import register_mount
+from .catalogue import mount_source
+from .destination import DestinationMount
+from .urls import is_url, open_store, parse_url
+
+F = TypeVar("F", bound=Callable[..., Any])
+_DESTINATIONS: dict[str, DestinationMount] = {}  # the local folder standing for a destination -> its mount
+_NAMES: dict[str, str] = {}  # a view's local root (and its spellings) -> the URL it stands for
+
+
+def _root(kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"jaxreshard-{kind}-")).resolve()
+
+
+@contextlib.contextmanager
+def source_view(src: Any) -> Iterator[Any]:
+    """`src` itself, or for a URL the local view of it, for the length of the block."""
+    if not is_url(src):
+        yield src
+        return
+    url = parse_url(src)
+    root = _root("src")
+    try:
+        view = mount_source(open_store(url), url, root)
+        _NAMES[str(root)] = str(url) if view == root else str(url).rpartition("/")[0]
+        yield view
+    finally:
+        register_mount(root, None)
+        _NAMES.pop(str(root), None)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def destination_view(dst: Any, *, overwrite: bool) -> Iterator[Any]:
+    """`dst` itself, or for a URL a local folder standing for it (see `destination`), for the block."""
+    if not is_url(dst):
+        yield dst
+        return
+    url = parse_url(dst)
+    root = _root("dst")
+    mount = DestinationMount(open_store(url), url, root, overwrite=overwrite)
+    try:
+        target = mount.open()
+        _DESTINATIONS[str(target)] = mount
+        _NAMES[str(root)] = str(url)
+        yield target
+    finally:
+        _DESTINATIONS.pop(str(root / "out"), None)
+        _NAMES.pop(str(root), None)
+        mount.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def views(*, sources: tuple[str, ...] = (), destination: str | None = None) -> Callable[[F], F]:
+    """Decorate a library function so that its `sources` and `destination` arguments may be URLs: each is
+    replaced by its view for the length of the call (a destination's `overwrite` argument is honoured)."""
+
+    def wrap(func: F) -> F:
+        signature = inspect.signature(func)
+
+        @functools.wraps(func)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            names = [n for n in (*sources, destination) if n and is_url(bound.arguments.get(n))]
+            if not names:
+                return func(*args, **kwargs)
+            with contextlib.ExitStack() as stack, _messages_name_urls():
+                for name in sources:
+                    bound.arguments[name] = stack.enter_context(source_view(bound.arguments.get(name)))
+                if destination is not None:
+                    overwrite = bool(bound.arguments.get("overwrite", False))
+                    bound.arguments[destination] = stack.enter_context(
+                        destination_view(bound.arguments.get(destination), overwrite=overwrite))
+                return func(*bound.args, **bound.kwargs)
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+@contextlib.contextmanager
+def _messages_name_urls() -> Iterator[None]:
+    """An error raised while views are held names the URLs, not the views' local folders."""
+    try:
+        yield
+    except JaxreshardError as e:
+        e.args = (display(str(e)),)
+        raise
+
+
+def destination_of(target: Path) -> DestinationMount | None:
+    """The remote destination a local folder stands for, if any (the commit publishes instead of renaming)."""
+    return _DESTINATIONS.get(str(target))
+
+
+def display(text: str) -> str:
+    """`text` with every view's local folder (a destination's also with its temporaries) written as its URL."""
+    for root, url in _NAMES.items():
+        text = re.sub(re.escape(root) + r"(/out\b|/\.out\.[\w.-]+)?", lambda _m, u=url: u, text)
+    return text
+
+
+__all__ = ["views", "source_view", "destination_view", "destination_of", "display", "is_url", "parse_url"]

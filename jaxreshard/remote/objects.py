@@ -1,0 +1,242 @@
+"""Bytes of stored objects: ranged reads through a shared block cache, and uploads that stream as they are written.
+
+Reads: an object is read in `BLOCK`-sized blocks (aligned to the object), fetched with `obstore.get_ranges`
+(adjacent blocks coalesce into one request; up to `FETCH_THREADS` requests in flight), kept in one process-wide
+LRU cache of at most `cache_bytes()` so that many small reads (a column block is one read per row) cost one
+request per block, and `prefetch` hints (the executor gives the next parameter's ranges) overlap the network
+with the current parameter's work. A read failing mid-transfer (a dropped connection) is requested again.
+
+Writes: a file being written is spooled to its local temporary (so the formats' read-backs, `--verify` and the
+hashing work unchanged) and uploaded as a multipart upload while it grows: every `part_size` bytes written in
+file order go out at once, the rest at `close`, which completes the upload; `abort` aborts it (no object
+appears). The spool is then emptied to a sparse placeholder of the same size, and later reads go to the store.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from ..formats.storage import Buffer, LocalWriter
+from .urls import remote_error
+
+BLOCK = 8 << 20
+COALESCE_BLOCKS = 8  # one request fetches at most this many adjacent blocks (64 MiB)
+FETCH_THREADS = 8
+READ_ATTEMPTS = 4  # a request failing mid-body (after obstore's own retries) is made again this often
+MIN_PART = 8 << 20  # multipart parts (S3: >= 5 MiB but the last, at most 10,000 parts)
+MAX_PARTS = 9000
+CACHE_ENV = "JAXRESHARD_REMOTE_CACHE_MIB"
+
+
+def cache_bytes() -> int:
+    """The block cache's capacity: `JAXRESHARD_REMOTE_CACHE_MIB` MiB, 512 by default (bounded memory)."""
+    try:
+        return max(int(os.environ.get(CACHE_ENV, "512")), 16) << 20
+    except ValueError:
+        return 512 << 20
+
+
+class _Shared:
+    """The process's fetch threads and block cache (made anew after a fork: threads do not survive one)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="jaxreshard-fetch")
+        self.lock = threading.Lock()
+        self.blocks: collections.OrderedDict[tuple, tuple[Future, int, int]] = collections.OrderedDict()
+        self.held = 0
+        self.capacity = cache_bytes()
+
+    def evict(self) -> None:
+        while self.held > self.capacity and self.blocks:
+            _, (_, _, n) = self.blocks.popitem(last=False)
+            self.held -= n
+
+
+_SHARED: _Shared | None = None
+
+
+def shared() -> _Shared:
+    global _SHARED
+    if _SHARED is None or _SHARED.pid != os.getpid():
+        _SHARED = _Shared()
+    return _SHARED
+
+
+def _get_ranges(store: Any, key: str, where: str, starts: list[int], lengths: list[int]) -> list[Any]:
+    import obstore
+    from obstore import exceptions as x
+
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return obstore.get_ranges(store, key, starts=starts, lengths=lengths)
+        except (x.GenericError, OSError) as e:  # a dropped connection or a body cut short: ask again
+            if isinstance(e, FileNotFoundError) or attempt == READ_ATTEMPTS - 1:
+                raise remote_error(e, where, f"reading bytes {starts[0]}-{starts[-1] + lengths[-1]}") from None
+            time.sleep(0.2 * 2**attempt)
+        except Exception as e:
+            raise remote_error(e, where, f"reading bytes {starts[0]}-{starts[-1] + lengths[-1]}") from None
+    raise AssertionError("unreachable")
+
+
+class RemoteReader:
+    """A `ByteReader` of one object of known size (the listing gave it)."""
+
+    def __init__(self, store: Any, key: str, size: int, where: str) -> None:
+        self._store, self._key, self._size, self._where = store, key, size, where
+        self._id = (id(store), key)
+
+    def size(self) -> int:
+        return self._size
+
+    def _blocks(self, first: int, last: int) -> dict[int, tuple[Future, int]]:
+        """Futures of blocks `first..last` (cached, in flight, or submitted now in coalesced runs)."""
+        sh = shared()
+        found: dict[int, tuple[Future, int]] = {}
+        missing: list[int] = []
+        with sh.lock:
+            for b in range(first, last + 1):
+                hit = sh.blocks.get((*self._id, b))
+                if hit is None:
+                    missing.append(b)
+                else:
+                    sh.blocks.move_to_end((*self._id, b))
+                    found[b] = hit[:2]
+            runs = [missing[i : i + COALESCE_BLOCKS] for i in range(0, len(missing), COALESCE_BLOCKS)]
+            for run in runs:
+                starts = [b * BLOCK for b in run]
+                lengths = [min(BLOCK, self._size - s) for s in starts]
+                future = sh.pool.submit(_get_ranges, self._store, self._key, self._where, starts, lengths)
+                for i, (b, n) in enumerate(zip(run, lengths)):
+                    sh.blocks[(*self._id, b)] = (future, i, n)
+                    sh.held += n
+                    found[b] = (future, i)
+            sh.evict()
+        return found
+
+    def readinto(self, offset: int, buffer: memoryview) -> int:
+        n = max(0, min(len(buffer), self._size - offset))
+        if n == 0:
+            return 0
+        window = max(1, shared().capacity // BLOCK // 2)  # blocks in flight for one read: a read bigger than
+        first, last = offset // BLOCK, (offset + n - 1) // BLOCK  # the cache streams through it
+        for lo in range(first, last + 1, window):
+            blocks = self._blocks(lo, min(last, lo + window - 1))
+            for b in sorted(blocks):
+                future, i = blocks[b]
+                data = memoryview(future.result()[i])
+                start = max(offset, b * BLOCK)
+                stop = min(offset + n, b * BLOCK + len(data))
+                buffer[start - offset : stop - offset] = data[start - b * BLOCK : stop - b * BLOCK]
+        return n
+
+    def prefetch(self, offset: int, nbytes: int) -> None:
+        nbytes = min(nbytes, self._size - offset, shared().capacity // 2)
+        if nbytes > 0:
+            self._blocks(offset // BLOCK, (offset + nbytes - 1) // BLOCK)
+
+    def close(self) -> None:
+        pass  # the cache keeps blocks for other readers of the same object; nothing to release
+
+
+def part_size(size: int) -> int:
+    """Parts of at least `MIN_PART`, whole MiB, few enough for the store's 10,000-part limit."""
+    return max(MIN_PART, math.ceil(size / MAX_PARTS / (1 << 20)) << 20)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class RemoteWriter:
+    """A `ByteWriter`: a local spool (`LocalWriter`) plus a background multipart upload of its written prefix."""
+
+    def __init__(self, spool: LocalWriter, store: Any, key: str, size: int, where: str, on_done) -> None:
+        self._spool, self._store, self._key, self._size, self._where = spool, store, key, size, where
+        self._on_done = on_done  # called with the spool's path once the object is complete
+        self._part = part_size(size)
+        self._cond = threading.Condition()
+        self._ranges: list[tuple[int, int]] = []  # written ranges beyond the frontier
+        self._frontier, self._closing, self._aborted = 0, False, False
+        self._error: BaseException | None = None
+        self._read_fd = os.open(spool.path, os.O_RDONLY)
+        self._thread = threading.Thread(target=self._upload, name="jaxreshard-upload", daemon=True)
+        self._thread.start()
+
+    def size(self) -> int:
+        return self._size
+
+    def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
+        self._spool.write_at(offset, buffers)
+        n = sum(len(memoryview(b).cast("B")) for b in buffers)
+        with self._cond:
+            self._ranges.append((offset, offset + n))
+            self._ranges.sort()
+            while self._ranges and self._ranges[0][0] <= self._frontier:
+                self._frontier = max(self._frontier, self._ranges.pop(0)[1])
+            self._cond.notify_all()
+
+    def _chunks(self):
+        sent = 0
+
+        def ready() -> bool:
+            return self._aborted or self._closing or self._frontier - sent >= self._part
+
+        while True:
+            with self._cond:
+                self._cond.wait_for(ready)
+                if self._aborted:
+                    raise _Aborted
+                end = self._size if self._closing else sent + (self._frontier - sent) // self._part * self._part
+            while sent < end:
+                chunk = os.pread(self._read_fd, min(self._part, end - sent), sent)
+                if not chunk:
+                    raise OSError(f"{self._spool.path}: the spool ended at byte {sent} of {self._size}")
+                yield chunk
+                sent += len(chunk)
+            if self._closing:
+                return
+
+    def _upload(self) -> None:
+        import obstore
+
+        try:
+            obstore.put(self._store, self._key, self._chunks(), use_multipart=self._size > self._part,
+                        chunk_size=self._part, max_concurrency=4)  # fmt: skip
+        except BaseException as e:  # noqa: BLE001 - handed to the writing thread at close/abort
+            self._error = e
+
+    def sync(self) -> None:
+        self._spool.sync()
+
+    def close(self) -> None:
+        self._spool.close()  # durable locally first: the upload reads the spool
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        os.close(self._read_fd)
+        if self._error is not None:
+            with contextlib.suppress(OSError):
+                self._spool.path.unlink()
+            raise remote_error(self._error, self._where, "uploading") from None
+        os.truncate(self._spool.path, 0)  # the bytes are in the store now: keep only a sparse placeholder
+        os.truncate(self._spool.path, self._size)
+        self._on_done(self._spool.path)
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+        self._thread.join()  # obstore aborts the multipart upload when its input fails
+        with contextlib.suppress(OSError):
+            os.close(self._read_fd)
+        self._spool.abort()
