@@ -29,7 +29,6 @@ from .errors import ConfigError, OutputError, OutputExistsError
 from .fsops import FAULT_ENV as FAULT_ENV  # re-exported: tests set it
 from .fsops import fault, fsync_dir, fsync_tree, make_dir, make_parent, write_failure, writes_named
 from .remote import destination_of
-from .remote import display as remote_display
 from .renameat import RENAME_EXCHANGE, RENAME_NOREPLACE
 from .renameat import Unsupported as _Unsupported
 from .renameat import renameat2 as _renameat2
@@ -148,10 +147,6 @@ def staged_rank_folders(dst: Path, folders: Sequence[str], ranks: Sequence[int],
     """Like `atomic_output` for some ranks only (`--ranks`): lock only those ranks, yield a temporary, then
     commit each of its top-level `folders` into `dst` on its own; other rank folders are never touched."""
     target = resolve_destination(dst)
-    if destination_of(target) is not None:
-        raise ConfigError(f"{remote_display(str(target))}: --ranks writes rank folders one by one, which an object "
-                          "store destination does not support yet; convert all ranks in one run, or write each "
-                          "node's ranks to its local disk")
     make_parent(target)
     with destination_lock(target, ranks):
         fault("locked")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import JaxreshardError
+from ..errors import ConfigError, JaxreshardError
 from ..formats.storage import register_mount
 from .catalogue import mount_source
 from .destination import DestinationMount
@@ -90,6 +90,7 @@ def views(*, sources: tuple[str, ...] = (), destination: str | None = None) -> C
                 for name in sources:
                     bound.arguments[name] = stack.enter_context(source_view(bound.arguments.get(name)))
                 if destination is not None:
+                    _one_run(bound.arguments)
                     overwrite = bool(bound.arguments.get("overwrite", False))
                     bound.arguments[destination] = stack.enter_context(
                         destination_view(bound.arguments.get(destination), overwrite=overwrite))
@@ -98,6 +99,14 @@ def views(*, sources: tuple[str, ...] = (), destination: str | None = None) -> C
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+def _one_run(arguments: dict[str, Any]) -> None:
+    if arguments.get("ranks") not in (None, "") or arguments.get("resume"):
+        flag = "--resume" if arguments.get("resume") else "--ranks"
+        raise ConfigError(f"{flag} with an object-store destination is not supported: rank folders cannot be "
+                          "committed one by one, nor files continued, without a rename; convert all ranks in one run "
+                          "(--overwrite replaces an incomplete output), or write each node's ranks to local disk")
 
 
 @contextlib.contextmanager
