@@ -28,7 +28,7 @@ from .dstlock import destination_lock, lock_path
 from .errors import ConfigError, OutputError, OutputExistsError
 from .fsops import FAULT_ENV as FAULT_ENV  # re-exported: tests set it
 from .fsops import fault, fsync_dir, fsync_tree, make_dir, make_parent, write_failure, writes_named
-from .remote import destination_of
+from .remote import published
 from .renameat import RENAME_EXCHANGE, RENAME_NOREPLACE
 from .renameat import Unsupported as _Unsupported
 from .renameat import renameat2 as _renameat2
@@ -170,10 +170,7 @@ def commit_tree(tmp: Path, target: Path, *, overwrite: bool, replace_empty_dir: 
     is replaced, except, with `replace_empty_dir`, the empty folder the user named as destination (if it is
     still empty); with `overwrite` an existing target is swapped out atomically, then removed. A folder standing
     for an object-store destination is published instead (its manifest last: see remote/destination.py)."""
-    mount = destination_of(target)
-    if mount is not None:
-        mount.publish(tmp)
-        os.rename(tmp, target)  # the local view follows, for what the caller reads back
+    if published(tmp, target):
         return
     try:
         if overwrite and os.path.lexists(target):

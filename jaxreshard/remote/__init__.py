@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import re
 import shutil
 import tempfile
@@ -119,9 +120,15 @@ def _messages_name_urls() -> Iterator[None]:
         raise
 
 
-def destination_of(target: Path) -> DestinationMount | None:
-    """The remote destination a local folder stands for, if any (the commit publishes instead of renaming)."""
-    return _DESTINATIONS.get(str(target))
+def published(tmp: Path, target: Path) -> bool:
+    """If `target` stands for a remote destination, publish the complete `tmp` to it (the commit of an object
+    store: see `destination`) and move `tmp` to `target` locally, for what the caller reads back; else False."""
+    mount = _DESTINATIONS.get(str(target))
+    if mount is None:
+        return False
+    mount.publish(tmp)
+    os.rename(tmp, target)
+    return True
 
 
 def display(text: str) -> str:
@@ -131,4 +138,4 @@ def display(text: str) -> str:
     return text
 
 
-__all__ = ["views", "source_view", "destination_view", "destination_of", "display", "is_url", "parse_url"]
+__all__ = ["views", "source_view", "destination_view", "published", "display", "is_url", "parse_url"]
