@@ -1,0 +1,136 @@
+"""Conversions to and from object storage equal the same conversions on local disk, byte for byte, and an
+object-store output is complete exactly when its manifest exists."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import jaxreshard as jr
+from jaxreshard.errors import OutputExistsError
+from jaxreshard.formats.manifest import MANIFEST_NAME
+from jaxreshard.formats.safetensors_io import SafetensorsWriter
+from jaxreshard.remote.urls import RemoteError
+
+REPO = Path(__file__).resolve().parents[2]
+DP2MP4 = str(REPO / "configs" / "layouts" / "llama_dp2mp4.yaml")
+MP8 = str(REPO / "configs" / "layouts" / "llama_mp8_gqa.yaml")
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` by relative name; the manifest without its run-specific fields."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.name == MANIFEST_NAME:
+            manifest = json.loads(data)
+            for field in ("created", "source"):
+                manifest.pop(field)
+            data = json.dumps(manifest, sort_keys=True).encode()
+        out[str(path.relative_to(folder))] = data
+    return out
+
+
+def test_split_reshard_merge_through_s3_equal_local(llama, bucket, tmp_path):
+    bucket.upload(llama.parent, "src")
+    jr.convert(llama, tmp_path / "split", dst_layout=DP2MP4)
+    jr.convert(tmp_path / "split", tmp_path / "mp8", dst_layout=MP8)
+    jr.convert(tmp_path / "mp8", tmp_path / "merged")
+
+    jr.convert(bucket.url("src"), bucket.url("split"), dst_layout=DP2MP4)  # s3 -> s3, split
+    jr.convert(bucket.url("split"), bucket.url("mp8"), dst_layout=MP8)  # s3 -> s3, reshard (layout from manifest)
+    jr.convert(bucket.url("mp8"), tmp_path / "merged_from_s3")  # s3 -> local, merge
+
+    for name in ("split", "mp8"):
+        bucket.download(name, tmp_path / f"dl_{name}")
+        got = tree(tmp_path / f"dl_{name}")
+        assert got == tree(tmp_path / name), name
+    assert tree(tmp_path / "merged_from_s3") == tree(tmp_path / "merged")
+    assert (tmp_path / "merged_from_s3" / "rank_0" / "checkpoint_0.safetensors").read_bytes() == llama.read_bytes()
+    manifest = json.loads(bucket.get("mp8/" + MANIFEST_NAME))
+    assert manifest["source"] == bucket.url("split")  # the URL, not the local view it was read through
+    assert bucket.multipart_uploads() == []
+    assert not [k for k in bucket.keys() if "lock" in k]
+
+
+def test_local_to_s3_and_back_keeps_every_byte(llama, bucket, tmp_path):
+    jr.convert(llama, bucket.url("out/split"), dst_layout=DP2MP4)  # local -> s3
+    jr.verify(bucket.url("out/split"))  # against its own manifest, hashing the objects
+    jr.verify(llama, bucket.url("out/split"))  # element by element against the source
+    jr.convert(bucket.url("out/split"), tmp_path / "back")
+    assert (tmp_path / "back" / "rank_0" / "checkpoint_0.safetensors").read_bytes() == llama.read_bytes()
+
+
+def big_checkpoint(path: Path) -> Path:
+    """A file bigger than several multipart parts (8 MiB), with an odd-sized tail."""
+    rng = np.random.default_rng(7)
+    params = [("a.weight", np.dtype(ml_dtypes.bfloat16), (4096, 2304)), ("b.bias", np.dtype(np.float32), (1001,)),
+              ("c.weight", np.dtype(np.float32), (1024, 1536))]
+    writer = SafetensorsWriter(path, params)
+    for name, dtype, shape in params:
+        writer.write(name, rng.standard_normal(shape).astype(dtype))
+    writer.close()
+    return path
+
+
+def test_multipart_uploads_and_column_reads(bucket, tmp_path):
+    src = big_checkpoint(tmp_path / "big" / "model.safetensors")
+    layout = tmp_path / "cols.yaml"
+    layout.write_text("mesh: {mp: 4}\nparams:\n  - {match: '.*weight', spec: [null, mp]}\n  - {match: '.*', spec: []}\n")
+    bucket.upload(src.parent, "big")
+    jr.convert(bucket.url("big"), bucket.url("cols"), dst_layout=str(layout))
+    jr.convert(src, tmp_path / "cols", dst_layout=str(layout))
+    bucket.download("cols", tmp_path / "dl")
+    assert tree(tmp_path / "dl") == tree(tmp_path / "cols")
+    jr.convert(bucket.url("cols"), bucket.url("whole"))
+    assert bucket.get("whole/rank_0/checkpoint_0.safetensors") == src.read_bytes()
+
+
+def test_ckpt_records_are_indexed_remotely(llama, bucket, tmp_path):
+    jr.convert(llama, tmp_path / "ms", dst_layout=DP2MP4, output_format="ckpt")
+    bucket.upload(tmp_path / "ms", "ms")
+    jr.convert(bucket.url("ms"), tmp_path / "from_s3", output_format="safetensors")
+    jr.convert(tmp_path / "ms", tmp_path / "from_disk", output_format="safetensors")
+    assert tree(tmp_path / "from_s3") == tree(tmp_path / "from_disk")
+
+
+def test_an_existing_output_needs_overwrite_which_removes_what_the_new_one_lacks(llama, bucket, tmp_path):
+    jr.convert(llama, bucket.url("o"), dst_layout=DP2MP4)
+    rank_files = [k for k in bucket.keys("o") if "/rank_" in k]
+    assert len(rank_files) == 8
+    with pytest.raises(OutputExistsError, match=r"s3://.*/o: already holds an output; pass --overwrite"):
+        jr.convert(llama, bucket.url("o"))
+    jr.convert(llama, bucket.url("o"), overwrite=True, hf=True)  # a merge replaces the 8-rank split
+    assert sorted(k.split("/", 1)[1] for k in bucket.keys("o")) == [MANIFEST_NAME, "model.safetensors"]
+
+
+def test_a_prefix_without_manifest_is_incomplete(llama, bucket):
+    bucket.put("half/rank_0/checkpoint_0.safetensors", b"x" * 10)
+    with pytest.raises(OutputExistsError, match=r"1 objects but no jaxreshard.manifest.json"):
+        jr.convert(llama, bucket.url("half"))
+
+
+def test_one_writer_per_destination(llama, bucket):
+    bucket.put("busy/.jaxreshard.lock", b"{}")
+    with pytest.raises(RemoteError, match=r"s3://.*/busy: another jaxreshard run is writing it"):
+        jr.convert(llama, bucket.url("busy"))
+    assert bucket.keys("busy") == ["busy/.jaxreshard.lock"]  # the other run's lock is left alone
+
+
+def test_load_from_s3_equals_load_from_disk(llama, bucket):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    bucket.upload(llama.parent, "src")
+    mesh = jax.make_mesh((8,), ("mp",))
+    names = {"model.embed_tokens.weight": PartitionSpec(None, "mp"), "model.norm.weight": PartitionSpec()}
+    target = {n: NamedSharding(mesh, spec) for n, spec in names.items()}
+    local = jr.load(llama, target, strict=False)
+    remote = jr.load(bucket.url("src"), target, strict=False)
+    for name in names:
+        assert remote[name].sharding == target[name]
+        assert np.array_equal(np.asarray(remote[name]), np.asarray(local[name]))
