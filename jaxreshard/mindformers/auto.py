@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .. import api
+from .. import api, remote
 from ..errors import ConfigError, FormatError, JaxreshardError
 from ..formats.mindspore_strategy import read_strategy
 from ..fsutil import check_file_prefix
@@ -45,6 +45,7 @@ CLOCK_SKEW_S = 2.0  # between this host and a shared disk's file times
 __all__ = ["auto_convert", "auto_convert_from_config", "default_npu_num_per_node", "matches"]
 
 
+@remote.views(sources=("load_checkpoint",))
 def auto_convert(
     load_checkpoint: str | Path,
     src_strategy_path_or_dir: str | Path | None,
@@ -134,12 +135,13 @@ def matches(src: Path, src_strategy: Any, dst_strategy: Any, dst_layout: Any) ->
 
 
 def _fingerprint(src: Path, *parts: Any) -> str:
-    """What is converted: source files (names, sizes, mtimes), strategies' bytes, layout, prefix."""
+    """What is converted: source files (names below the source, sizes, mtimes: the same for an object-store
+    source's view on every node), strategies' bytes, layout, prefix."""
     h = hashlib.sha256()
     for p in sorted(src.rglob("*")) if src.is_dir() else [src]:
         if p.is_file():
             st = p.stat()
-            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+            h.update(f"{p.relative_to(src) if p != src else p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     for part in parts:
         path = Path(part) if isinstance(part, (str, Path)) else None
         if path is not None and path.is_file():

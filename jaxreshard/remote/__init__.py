@@ -24,6 +24,7 @@ from ..errors import ConfigError, JaxreshardError
 from ..formats.storage import register_mount
 from .catalogue import mount_source
 from .destination import DestinationMount
+from .objects import drop_cache
 from .urls import is_url, open_store, parse_url
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,7 +43,9 @@ def source_view(src: Any) -> Iterator[Any]:
         yield src
         return
     url = parse_url(src)
-    root = _root("src")
+    base = _root("src")
+    root = base / (url.prefix.rpartition("/")[2] or url.bucket)  # the view is named as the URL's last part
+    root.mkdir()
     try:
         view = mount_source(open_store(url), url, root)
         _NAMES[str(root)] = str(url) if view == root else str(url).rpartition("/")[0]
@@ -50,7 +53,8 @@ def source_view(src: Any) -> Iterator[Any]:
     finally:
         register_mount(root, None)
         _NAMES.pop(str(root), None)
-        shutil.rmtree(root, ignore_errors=True)
+        drop_cache()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -71,6 +75,7 @@ def destination_view(dst: Any, *, overwrite: bool) -> Iterator[Any]:
         _DESTINATIONS.pop(str(root / "out"), None)
         _NAMES.pop(str(root), None)
         mount.close()
+        drop_cache()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -87,15 +92,18 @@ def views(*, sources: tuple[str, ...] = (), destination: str | None = None) -> C
             names = [n for n in (*sources, destination) if n and is_url(bound.arguments.get(n))]
             if not names:
                 return func(*args, **kwargs)
+            originals = {}
             with contextlib.ExitStack() as stack, _messages_name_urls():
                 for name in sources:
-                    bound.arguments[name] = stack.enter_context(source_view(bound.arguments.get(name)))
+                    view = stack.enter_context(source_view(bound.arguments.get(name)))
+                    originals[str(view)], bound.arguments[name] = bound.arguments.get(name), view
                 if destination is not None:
                     _one_run(bound.arguments)
                     overwrite = bool(bound.arguments.get("overwrite", False))
                     bound.arguments[destination] = stack.enter_context(
                         destination_view(bound.arguments.get(destination), overwrite=overwrite))
-                return func(*bound.args, **bound.kwargs)
+                result = func(*bound.args, **bound.kwargs)
+                return originals.get(str(result), result) if isinstance(result, Path) else result  # not the view
 
         return call  # type: ignore[return-value]
 

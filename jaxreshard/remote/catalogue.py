@@ -36,8 +36,10 @@ PRIME_BLOCK = 64 << 10
 LOCK_NAME = ".jaxreshard.lock"
 
 
-def list_objects(store: Any, url: Url) -> dict[str, int]:
-    """{relative name: size} of the objects under `url` (folder markers skipped), names checked."""
+def list_objects(store: Any, url: Url, mtimes: dict[str, float] | None = None,
+                 versions: dict[str, str] | None = None) -> dict[str, int]:
+    """{relative name: size} of the objects under `url` (folder markers skipped), names checked; `mtimes` is
+    filled with their modification times (the views' files carry them, as a download would)."""
     import obstore
 
     found: dict[str, int] = {}
@@ -48,6 +50,9 @@ def list_objects(store: Any, url: Url) -> dict[str, int]:
                 if rel.endswith("/") and meta["size"] == 0:
                     continue  # a console's folder marker
                 found[check_key(url, rel)] = int(meta["size"])
+                if mtimes is not None and versions is not None:
+                    mtimes[rel] = meta["last_modified"].timestamp()
+                    versions[rel] = str(meta.get("e_tag") or meta["last_modified"].isoformat())
                 if len(found) > MAX_OBJECTS:
                     raise RemoteError(f"{url}: more than {MAX_OBJECTS} objects under the prefix; name the checkpoint's "
                                       "own folder")
@@ -79,13 +84,16 @@ def _check_aliases(url: Url, names: dict[str, int]) -> None:
 def mount_source(store: Any, url: Url, root: Path) -> Path:
     """Build the local view of `url` under the empty folder `root` and register it; the path to hand the formats
     (the folder, or the single object's placeholder when `url` names one object)."""
-    names = list_objects(store, url)
+    mtimes: dict[str, float] = {}
+    versions: dict[str, str] = {}
+    names = list_objects(store, url, mtimes, versions)
     if not names:
         single = _head(store, url)
         if single is None:
             raise RemoteError(f"{url}: no such object or prefix (nothing is listed under it); check the URL")
         base, leaf = url.prefix.rpartition("/")[0], url.prefix.rpartition("/")[2]
-        url, names = Url(url.scheme, url.bucket, base), {leaf: single}
+        url, names = Url(url.scheme, url.bucket, base), {leaf: single[0]}
+        versions[leaf] = single[1]
         view = root / leaf
     else:
         view = root
@@ -106,7 +114,9 @@ def mount_source(store: Any, url: Url, root: Path) -> Path:
         jobs += [pool.submit(_placeholder, store, url, root, n, s) for n, s in remote.items()]
         for job in jobs:
             job.result()
-    register_mount(root, SourceStorage(store, url, root, remote))
+    for name, mtime in mtimes.items():
+        os.utime(root / name, (mtime, mtime))
+    register_mount(root, SourceStorage(store, url, root, {n: (s, versions[n]) for n, s in remote.items()}))
     return view
 
 
@@ -115,13 +125,14 @@ def _is_weight(name: str) -> bool:
     return leaf.endswith(WEIGHT_SUFFIXES) and not (leaf.endswith(".ckpt") and "strategy" in leaf)
 
 
-def _head(store: Any, url: Url) -> int | None:
+def _head(store: Any, url: Url) -> tuple[int, str] | None:
     import obstore
 
     if not url.prefix:
         return None
     try:
-        return int(obstore.head(store, url.prefix)["size"])
+        meta = obstore.head(store, url.prefix)
+        return int(meta["size"]), str(meta.get("e_tag") or meta["last_modified"].isoformat())
     except FileNotFoundError:
         return None
     except Exception as e:
@@ -209,15 +220,15 @@ class _LazyBuffer:
 class SourceStorage:
     """The storage of a mounted source: placeholders read from the store, downloaded files locally."""
 
-    def __init__(self, store: Any, url: Url, root: Path, remote: dict[str, int]) -> None:
+    def __init__(self, store: Any, url: Url, root: Path, remote: dict[str, tuple[int, str]]) -> None:
         self._store, self._url, self._root, self._remote = store, url, str(root), remote
 
     def open_read(self, location: Location) -> Any:
         rel = os.fspath(location)[len(self._root) + 1 :]
-        size = self._remote.get(rel)
-        if size is None:
+        known = self._remote.get(rel)
+        if known is None:
             return LocalReader(location)
-        return RemoteReader(self._store, self._url.key(rel), size, self._url.child(rel))
+        return RemoteReader(self._store, self._url.key(rel), known[0], self._url.child(rel), known[1])
 
     def create(self, location: Location, size: int) -> Any:
         raise RemoteError(f"{location}: a source is read-only")

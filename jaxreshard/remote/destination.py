@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ class DestinationStorage:
     def __init__(self, store: Any, url: Url, root: Path) -> None:
         self.store, self.url, self._root = store, url, str(root)
         self.uploaded: dict[str, int] = {}  # relative name -> size, of the rank files already in the store
+        self._run = secrets.token_hex(8)  # their version in the block cache: this run's upload
 
     def relative(self, location: Location) -> str:
         rest = os.fspath(location)[len(self._root) + 1 :]
@@ -44,7 +46,7 @@ class DestinationStorage:
     def open_read(self, location: Location) -> Any:
         rel = self.relative(location)
         if rel in self.uploaded:
-            return RemoteReader(self.store, self.url.key(rel), self.uploaded[rel], self.url.child(rel))
+            return RemoteReader(self.store, self.url.key(rel), self.uploaded[rel], self.url.child(rel), self._run)
         return LocalReader(location)
 
     def create(self, location: Location, size: int) -> RemoteWriter:

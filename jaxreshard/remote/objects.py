@@ -71,6 +71,14 @@ def shared() -> _Shared:
     return _SHARED
 
 
+def drop_cache() -> None:
+    """Forget every cached block (a view is released: its memory goes back, and nothing stale outlives it)."""
+    sh = shared()
+    with sh.lock:
+        sh.blocks.clear()
+        sh.held = 0
+
+
 def _get_ranges(store: Any, key: str, where: str, starts: list[int], lengths: list[int]) -> list[Any]:
     import obstore
     from obstore import exceptions as x
@@ -90,9 +98,11 @@ def _get_ranges(store: Any, key: str, where: str, starts: list[int], lengths: li
 class RemoteReader:
     """A `ByteReader` of one object of known size (the listing gave it)."""
 
-    def __init__(self, store: Any, key: str, size: int, where: str) -> None:
+    def __init__(self, store: Any, key: str, size: int, where: str, version: str) -> None:
+        """`where`: the object's URL, and with `version` (its ETag, or a token of this run's upload) the
+        identity of its bytes in the shared cache."""
         self._store, self._key, self._size, self._where = store, key, size, where
-        self._id = (id(store), key)
+        self._id = (where, size, version)
 
     def size(self) -> int:
         return self._size
