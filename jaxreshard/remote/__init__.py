@@ -111,8 +111,9 @@ def views(*, sources: tuple[str, ...] = (), destination: str | None = None) -> C
 
 
 def _one_run(arguments: dict[str, Any]) -> None:
-    if arguments.get("ranks") not in (None, "") or arguments.get("resume"):
-        flag = "--resume" if arguments.get("resume") else "--ranks"
+    hosts = arguments.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if arguments.get("ranks") not in (None, "") or arguments.get("resume") or hosts:
+        flag = "--resume" if arguments.get("resume") else "--ranks" if arguments.get("ranks") else "several hosts"
         raise ConfigError(f"{flag} with an object-store destination is not supported: rank folders cannot be "
                           "committed one by one, nor files continued, without a rename; convert all ranks in one run "
                           "(--overwrite replaces an incomplete output), or write each node's ranks to local disk")
@@ -133,6 +134,10 @@ def published(tmp: Path, target: Path) -> bool:
     store: see `destination`) and move `tmp` to `target` locally, for what the caller reads back; else False."""
     mount = _DESTINATIONS.get(str(target))
     if mount is None:
+        inside = next((m for t, m in _DESTINATIONS.items() if str(target).startswith(t + "/")), None)
+        if inside is not None:  # one rank folder at a time (--ranks, several hosts): no rename to do it with
+            raise ConfigError(f"{inside.url}: rank folders cannot be committed one by one to an object store; "
+                              "convert all ranks in one process, or write each host's ranks to its local disk")
         return False
     mount.publish(tmp)
     os.rename(tmp, target)
