@@ -92,6 +92,8 @@ BLOCKS = [
     ("Drop-in MindFormers tools", "tools/transform_checkpoint.py", "bash", "synopsis", "placeholders"),
     ("Several processes and several nodes", "--coordinator-address h0:7777", "bash", "synopsis",
      "two hosts side by side; tests/test_distributed.py::test_two_processes_equal_one runs 2 processes"),
+    ("Object storage", "s3://ckpts/llama/step-1000", "bash", "tested",
+     "tests/remote/test_readme_remote.py::test_readme_object_storage_block_runs (against the test S3 server)"),
     ("Automatic conversion at load time", "jr.auto_convert(load_checkpoint=", "python", "synopsis",
      "one process of a multi-process job (rank, world come from the job)"),
     ("Automatic conversion at load time", "cfg = yaml.safe_load(", "python", "tested",
@@ -169,7 +171,7 @@ def test_tested_blocks_name_a_test_that_reads_the_readme(block, entry):
     body = "\n".join(source.splitlines()[first - 1:function.end_lineno])  # decorators included
     # it reads the block from the README (by its section, or the heading above it in "Development"), or runs
     # every shipped config the block runs (configs/scenarios, configs/auto)
-    marks = [block.section, "**Adding a command**"] if block.lang == "python" else []
+    marks = [block.section, "**Adding a command**"] if block.lang in ("python", "bash") else []
     assert any(m in body for m in [*marks, "in SCENARIOS", "AUTO_CONFIGS,"]), entry
 
 
