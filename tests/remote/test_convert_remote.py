@@ -80,7 +80,8 @@ def big_checkpoint(path: Path) -> Path:
 def test_multipart_uploads_and_column_reads(bucket, tmp_path):
     src = big_checkpoint(tmp_path / "big" / "model.safetensors")
     layout = tmp_path / "cols.yaml"
-    layout.write_text("mesh: {mp: 4}\nparams:\n  - {match: '.*weight', spec: [null, mp]}\n  - {match: '.*', spec: []}\n")
+    layout.write_text("mesh: {mp: 4}\nparams:\n  - {match: '.*weight', spec: [null, mp]}\n"
+                      "  - {match: '.*', spec: []}\n")
     bucket.upload(src.parent, "big")
     jr.convert(bucket.url("big"), bucket.url("cols"), dst_layout=str(layout))
     jr.convert(src, tmp_path / "cols", dst_layout=str(layout))
