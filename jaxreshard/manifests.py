@@ -221,7 +221,13 @@ def _describe(record: ParamRecord | None) -> str:
 def merge_root_manifest(dst: Path, new: Manifest, folders: Iterable[str]) -> None:
     """Add a `--ranks` run's files to the manifest at `dst` (read-modify-write under `flock` on the
     destination directory itself, so concurrent nodes serialise without extra files). Records under the
-    rank `folders` this run replaced are dropped first."""
+    rank `folders` this run replaced are dropped first. An object-store destination's root manifest is merged
+    the same way, then uploaded only if no other host changed it meanwhile (else merged again)."""
+    if not remote.updated_root(dst, lambda: _merge_local(dst, new, folders)):
+        _merge_local(dst, new, folders)
+
+
+def _merge_local(dst: Path, new: Manifest, folders: Iterable[str]) -> None:
     fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from . import manifests, resume
 from .arrays import build_arrays
-from .caps import MAX_RANKS
 from .devices import cpu_devices, ensure_cpu_devices
 from .errors import ConfigError, FormatError, OutputError
 from .execute import execute
@@ -38,6 +37,7 @@ from .formats.writers import OutputKind, writer_factory
 from .fsops import make_dir
 from .fsutil import atomic_output, staged_rank_folders
 from .plan import PerRankCopy, Plan, RankPlan
+from .values import parse_ranks as parse_ranks  # its old home (the API and the options import it here)
 
 PR_SET_PDEATHSIG = 1
 Describe = Callable[[dict[str, FileRecord]], Manifest]  # the output's manifest, given its files
@@ -53,27 +53,6 @@ class Output:
     metadata: tuple[tuple[str, str], ...] = ()  # the source's safetensors metadata, carried into every file
     num_ranks: int = 1  # ranks of the destination layout (> 1: rank files record their block, see manifests)
     companions: tuple[Path, ...] = ()  # the source folder's non-weight files, copied to the output root
-
-
-def parse_ranks(text: str | None) -> list[int] | None:
-    """'0-3,8' -> [0, 1, 2, 3, 8]; ASCII digits only, every rank below `MAX_RANKS`, checked before any range is
-    expanded (so '0-300000000' is refused at once instead of building a list of 300 million ranks)."""
-    if text is None or text == "":
-        return None
-    spans: list[tuple[int, int]] = []
-    for part in str(text).split(","):
-        bounds = [b.strip() for b in part.split("-")] if part.count("-") <= 1 else []
-        if not bounds or not all(b.isascii() and b.isdigit() for b in bounds):
-            raise ConfigError(f"--ranks {str(text)[:80]!r} is not a rank list; write e.g. 0-3,8 (ranges ascending)")
-        for digits in bounds:
-            if len(digits) > 9 or int(digits) >= MAX_RANKS:
-                raise ConfigError(f"--ranks {str(text)[:80]!r}: rank {digits[:20]} is beyond the cap of {MAX_RANKS} "
-                                  f"ranks (0-{MAX_RANKS - 1}); give the destination's ranks")
-        first, last = int(bounds[0]), int(bounds[-1])
-        if first > last:
-            raise ConfigError(f"--ranks {str(text)[:80]!r} is not a rank list; write e.g. 0-3,8 (ranges ascending)")
-        spans.append((first, last))
-    return sorted({r for first, last in spans for r in range(first, last + 1)})
 
 
 def run_plan(

@@ -1,6 +1,6 @@
 """User values read from flags, job files and keywords: booleans, dtype names, byte sizes.
 
-A leaf (it imports only `errors`), so the command table, the MindFormers shims, the library API and `verify`
+A leaf (it imports only `errors` and `caps`), so the command table, the MindFormers shims, the library API and `verify`
 share one reading of each value without importing each other.
 """
 
@@ -12,6 +12,7 @@ from typing import overload
 import ml_dtypes
 import numpy as np
 
+from .caps import MAX_RANKS
 from .errors import ConfigError
 
 DTYPE_NAMES = {
@@ -61,3 +62,24 @@ def parse_size(text: str | int | None) -> int | None:
         raise ConfigError(f"size {text!r} is not understood; write e.g. 5GB, 500MiB or 1000000")
     unit = (m.group(2) or "").upper().rstrip("B")
     return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_ranks(text: str | None) -> list[int] | None:
+    """'0-3,8' -> [0, 1, 2, 3, 8]; ASCII digits only, every rank below `MAX_RANKS`, checked before any range is
+    expanded (so '0-300000000' is refused at once instead of building a list of 300 million ranks)."""
+    if text is None or text == "":
+        return None
+    spans: list[tuple[int, int]] = []
+    for part in str(text).split(","):
+        bounds = [b.strip() for b in part.split("-")] if part.count("-") <= 1 else []
+        if not bounds or not all(b.isascii() and b.isdigit() for b in bounds):
+            raise ConfigError(f"--ranks {str(text)[:80]!r} is not a rank list; write e.g. 0-3,8 (ranges ascending)")
+        for digits in bounds:
+            if len(digits) > 9 or int(digits) >= MAX_RANKS:
+                raise ConfigError(f"--ranks {str(text)[:80]!r}: rank {digits[:20]} is beyond the cap of {MAX_RANKS} "
+                                  f"ranks (0-{MAX_RANKS - 1}); give the destination's ranks")
+        first, last = int(bounds[0]), int(bounds[-1])
+        if first > last:
+            raise ConfigError(f"--ranks {str(text)[:80]!r} is not a rank list; write e.g. 0-3,8 (ranges ascending)")
+        spans.append((first, last))
+    return sorted({r for first, last in spans for r in range(first, last + 1)})

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from ..errors import ConfigError, JaxreshardError
 from ..formats.storage import register_mount
+from ..values import parse_ranks
 from .catalogue import mount_source
 from .destination import DestinationMount
 from .objects import drop_cache
@@ -58,14 +59,17 @@ def source_view(src: Any) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def destination_view(dst: Any, *, overwrite: bool) -> Iterator[Any]:
-    """`dst` itself, or for a URL a local folder standing for it (see `destination`), for the block."""
+def destination_view(dst: Any, *, overwrite: bool, shared: bool = False, ranks: list[int] | None = None,
+                     group: str | None = None) -> Iterator[Any]:  # fmt: skip
+    """`dst` itself, or for a URL a local folder standing for it (see `destination`), for the block; `shared`:
+    this run writes the rank folders `ranks` only (None: those a multi-host `group` gives this process)."""
     if not is_url(dst):
         yield dst
         return
     url = parse_url(dst)
     root = _root("dst")
-    mount = DestinationMount(open_store(url), url, root, overwrite=overwrite)
+    mount = DestinationMount(open_store(url), url, root, overwrite=overwrite, shared=shared, ranks=ranks,
+                             group=group)  # fmt: skip
     try:
         target = mount.open()
         _DESTINATIONS[str(target)] = mount
@@ -98,10 +102,8 @@ def views(*, sources: tuple[str, ...] = (), destination: str | None = None) -> C
                     view = stack.enter_context(source_view(bound.arguments.get(name)))
                     originals[str(view)], bound.arguments[name] = bound.arguments.get(name), view
                 if destination is not None:
-                    _one_run(bound.arguments)
-                    overwrite = bool(bound.arguments.get("overwrite", False))
                     bound.arguments[destination] = stack.enter_context(
-                        destination_view(bound.arguments.get(destination), overwrite=overwrite))
+                        destination_view(bound.arguments.get(destination), **_writing(bound.arguments)))
                 result = func(*bound.args, **bound.kwargs)
                 return originals.get(str(result), result) if isinstance(result, Path) else result  # not the view
 
@@ -110,13 +112,19 @@ def views(*, sources: tuple[str, ...] = (), destination: str | None = None) -> C
     return wrap
 
 
-def _one_run(arguments: dict[str, Any]) -> None:
-    hosts = arguments.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if arguments.get("ranks") not in (None, "") or arguments.get("resume") or hosts:
-        flag = "--resume" if arguments.get("resume") else "--ranks" if arguments.get("ranks") else "several hosts"
-        raise ConfigError(f"{flag} with an object-store destination is not supported: rank folders cannot be "
-                          "committed one by one, nor files continued, without a rename; convert all ranks in one run "
-                          "(--overwrite replaces an incomplete output), or write each node's ranks to local disk")
+def _writing(arguments: dict[str, Any]) -> dict[str, Any]:
+    """How a command's arguments write a remote destination: whole, or some ranks (`--ranks`, one host of a
+    multi-host job) beside other runs."""
+    if arguments.get("resume"):
+        raise ConfigError("--resume continues files on local disk; an object-store output is written again from the "
+                          "start: rerun without --resume (with --overwrite to replace an incomplete output)")
+    ranks = arguments.get("ranks")
+    wanted = parse_ranks(ranks) if isinstance(ranks, str) or ranks is None else sorted({int(r) for r in ranks})
+    coordinator = arguments.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    group = f"{coordinator}/{arguments.get('num_processes') or os.environ.get('JAX_NUM_PROCESSES')}" \
+        if coordinator else None  # fmt: skip
+    return {"overwrite": bool(arguments.get("overwrite", False)), "shared": wanted is not None or group is not None,
+            "ranks": wanted, "group": group}
 
 
 @contextlib.contextmanager
@@ -133,14 +141,27 @@ def published(tmp: Path, target: Path) -> bool:
     """If `target` stands for a remote destination, publish the complete `tmp` to it (the commit of an object
     store: see `destination`) and move `tmp` to `target` locally, for what the caller reads back; else False."""
     mount = _DESTINATIONS.get(str(target))
+    if mount is not None:
+        mount.publish(tmp)
+        os.rename(tmp, target)
+        return True
+    mount = next((m for t, m in _DESTINATIONS.items() if str(target).startswith(t + "/")), None)
     if mount is None:
-        inside = next((m for t, m in _DESTINATIONS.items() if str(target).startswith(t + "/")), None)
-        if inside is not None:  # one rank folder at a time (--ranks, several hosts): no rename to do it with
-            raise ConfigError(f"{inside.url}: rank folders cannot be committed one by one to an object store; "
-                              "convert all ranks in one process, or write each host's ranks to its local disk")
         return False
-    mount.publish(tmp)
-    os.rename(tmp, target)
+    if not mount.shared:
+        raise ConfigError(f"{mount.url}: a rank folder committed on its own into a whole-output run")  # a bug
+    mount.publish(tmp, folder=str(target.relative_to(mount.target)))  # one rank folder of a --ranks run
+    return True
+
+
+def updated_root(dst: Path, merge: Callable[[], None]) -> bool:
+    """If `dst` stands for a shared remote destination, run `merge` (it rewrites the local root manifest from
+    the local copy) against the store's current manifest and upload it conditionally (see `destination`);
+    else False (the caller merges locally)."""
+    mount = _DESTINATIONS.get(str(dst))
+    if mount is None or not mount.shared:
+        return False
+    mount.update_root(merge)
     return True
 
 
@@ -151,4 +172,4 @@ def display(text: str) -> str:
     return text
 
 
-__all__ = ["views", "source_view", "destination_view", "published", "display", "is_url", "parse_url"]
+__all__ = ["views", "source_view", "destination_view", "published", "updated_root", "display", "is_url", "parse_url"]

@@ -97,9 +97,10 @@ def mount_source(store: Any, url: Url, root: Path) -> Path:
         view = root / leaf
     else:
         view = root
-    if LOCK_NAME in names:
+    lock = next((n for n in names if n.startswith(LOCK_NAME)), None)
+    if lock is not None:
         raise RemoteError(f"{url}: is being written by a jaxreshard run (or one that was killed: its lock object "
-                          f"{url.child(LOCK_NAME)} is there); wait for it, or delete the lock object and the output")
+                          f"{url.child(lock)} is there); wait for it, or delete the lock object and the output")
     remote = {n: s for n, s in names.items() if _is_weight(n)}
     small = {n: s for n, s in names.items() if n not in remote}
     big = next((n for n, s in small.items() if s > MAX_SMALL_FILE), None)

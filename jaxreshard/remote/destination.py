@@ -13,17 +13,19 @@ Object stores cannot rename, so the local rules (a temporary sibling, an atomic 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ..errors import OutputExistsError
-from ..formats.manifest import MANIFEST_NAME
+from ..formats.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from ..formats.storage import LOCAL, LocalReader, Location, register_mount
 from .catalogue import LOCK_NAME, list_objects
 from .objects import RemoteReader, RemoteWriter
@@ -64,57 +66,177 @@ class DestinationStorage:
 
 
 class DestinationMount:
-    """The state of one remote destination for the length of a command."""
+    """The state of one remote destination for the length of a command.
 
-    def __init__(self, store: Any, url: Url, root: Path, *, overwrite: bool) -> None:
+    `shared`: this run writes some ranks only (`--ranks`, one host of several): other runs may write other rank
+    folders of the same destination at the same time, each under its own lock object naming its ranks; the
+    root manifest is read-modified-written with conditional PUTs (`update_root`)."""
+
+    def __init__(self, store: Any, url: Url, root: Path, *, overwrite: bool, shared: bool = False,
+                 ranks: list[int] | None = None, group: str | None = None) -> None:  # fmt: skip
         self.store, self.url, self.root, self.overwrite = store, url, root, overwrite
+        self.shared, self.ranks, self.group = shared, ranks, group
         self.storage = DestinationStorage(store, url, root)
         self.existing: dict[str, int] = {}
+        self.lock_name = f"{LOCK_NAME}-{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}" \
+            if shared else LOCK_NAME  # fmt: skip
         self.locked = False
+
+    @property
+    def target(self) -> Path:
+        return self.root / "out"
 
     def open(self) -> Path:
         """Take the lock, check what is there (deleting the old manifest first under `--overwrite`), register the
-        mount; the local folder to write (it does not exist yet, as a fresh destination)."""
+        mount; the local folder to write (a fresh destination: it does not exist yet; `shared`: it holds the
+        root manifest and an empty folder per rank folder already in the store)."""
         self._lock()
         try:
-            self.existing = {n: s for n, s in list_objects(self.store, self.url).items() if n != LOCK_NAME}
-            if self.existing and not self.overwrite:
+            self.existing = {n: s for n, s in list_objects(self.store, self.url).items()
+                             if not n.startswith(LOCK_NAME)}  # fmt: skip
+            if self.shared:
+                self._mirror_root()
+            elif self.existing and not self.overwrite:
                 what = "an output" if MANIFEST_NAME in self.existing else \
                     f"{len(self.existing)} objects but no {MANIFEST_NAME} (an incomplete output, or other files)"
                 raise OutputExistsError(f"{self.url}: already holds {what}; pass --overwrite to replace them")
-            if MANIFEST_NAME in self.existing:
+            elif MANIFEST_NAME in self.existing:
                 self._delete([MANIFEST_NAME])  # from now on the old output no longer looks complete
             register_mount(self.root, self.storage)
         except BaseException:
             self.close()
             raise
-        return self.root / "out"
+        return self.target
 
     def _lock(self) -> None:
         import obstore
         from obstore.exceptions import AlreadyExistsError
 
-        body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+        body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+                           "ranks": self.ranks, "group": self.group}).encode()  # fmt: skip
         try:
-            obstore.put(self.store, self.url.key(LOCK_NAME), body, mode="create")
+            obstore.put(self.store, self.url.key(self.lock_name), body, mode="create")
         except AlreadyExistsError:
             raise RemoteError(f"{self.url}: another jaxreshard run is writing it (its lock object "
-                              f"{self.url.child(LOCK_NAME)} exists); if no run is, delete that object") from None
+                              f"{self.url.child(self.lock_name)} exists); if no run is, delete that object") from None
         except Exception as e:
-            raise remote_error(e, self.url.child(LOCK_NAME), "creating the lock object") from None
+            raise remote_error(e, self.url.child(self.lock_name), "creating the lock object") from None
         self.locked = True
+        other = self._conflicting_lock()
+        if other is not None:
+            self.close()
+            raise RemoteError(f"{self.url}: another jaxreshard run is writing it (its lock object "
+                              f"{self.url.child(other)} exists, for the whole output or for some of these ranks); "
+                              "if no run is, delete that object")
 
-    def publish(self, tmp: Path) -> None:
-        """Upload what the run wrote locally (rank files are already uploaded), the manifest last, then remove
-        what the old output had and the new one has not."""
-        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() or p.is_symlink())
+    def _conflicting_lock(self) -> str | None:
+        """Another run's lock this one cannot share the destination with (both runs check after creating theirs,
+        so two conflicting runs never both go on)."""
+        import obstore
+
+        mine = set(self.ranks) if self.ranks is not None else None
+        try:  # the top level only (object_store lists by path: a key prefix such as '.jaxreshard.lock' lists nothing)
+            top = obstore.list_with_delimiter(self.store, prefix=self.url.prefix or None)["objects"]
+        except Exception as e:
+            raise remote_error(e, str(self.url), "listing") from None
+        for meta in top:
+            name = meta["path"].rpartition("/")[2]
+            if name == self.lock_name or not name.startswith(LOCK_NAME):
+                continue
+            if not self.shared or name == LOCK_NAME:
+                return name
+            theirs, group = self._lock_body(meta["path"])
+            if self.group is not None and group == self.group:
+                continue  # a process of the same multi-host job: JAX gives each its own ranks
+            if mine is None or theirs is None or mine & theirs:
+                return name
+        return None
+
+    def _lock_body(self, key: str) -> tuple[set[int] | None, str | None]:
+        import obstore
+
+        try:
+            body = json.loads(bytes(obstore.get(self.store, key).bytes()))
+            ranks = body.get("ranks")
+            return ({int(r) for r in ranks} if isinstance(ranks, list) else None), body.get("group")
+        except Exception:  # noqa: BLE001 - unreadable or gone: treated as a lock on every rank
+            return None, None
+
+    def _mirror_root(self) -> None:
+        """The local folder of a shared destination: its root manifest, and an empty folder for each rank folder
+        in the store (so the usual checks see what exists)."""
+        self.target.mkdir()
+        folders = {n.split("/")[0] for n in self.existing if "/" in n}
+        for folder in folders:
+            (self.target / folder).mkdir()
+        if MANIFEST_NAME in self.existing:
+            self.pull_manifest()
+            replaced = folders & {f"rank_{r}" for r in self.ranks or ()}
+            if self.overwrite and replaced:  # their old files stop being listed before new ones replace them
+                self.update_root(lambda: self._forget(replaced))
+
+    def _forget(self, folders: set[str]) -> None:
+        old = read_manifest(self.target)
+        if old is not None:
+            files = {n: r for n, r in old.files.items() if n.split("/")[0] not in folders}
+            write_manifest(self.target, dataclasses.replace(old, files=files))
+
+    def pull_manifest(self) -> str | None:
+        """Download the root manifest into the local folder; its ETag (None: there is none, the local copy is
+        removed)."""
+        import obstore
+
+        path = self.target / MANIFEST_NAME
+        try:
+            got = obstore.get(self.store, self.url.key(MANIFEST_NAME))
+            path.write_bytes(bytes(got.bytes()))
+            return str(got.meta["e_tag"])
+        except FileNotFoundError:
+            path.unlink(missing_ok=True)
+            return None
+        except Exception as e:
+            raise remote_error(e, self.url.child(MANIFEST_NAME), "reading") from None
+
+    def update_root(self, merge: Callable[[], None], attempts: int = 20) -> None:
+        """Run `merge` (it rewrites the local root manifest from the local copy) on the store's current manifest
+        and upload the result only if nobody changed it meanwhile (If-Match / If-None-Match); else again."""
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        self.publish_root_files()
+        for _ in range(attempts):
+            etag = self.pull_manifest()
+            merge()
+            data = (self.target / MANIFEST_NAME).read_bytes()
+            mode: Any = "create" if etag is None else {"e_tag": etag}
+            try:
+                obstore.put(self.store, self.url.key(MANIFEST_NAME), data, mode=mode)
+                return
+            except (AlreadyExistsError, PreconditionError):
+                time.sleep(0.05 + 0.1 * secrets.randbelow(10) / 10)  # another host merged first: merge again
+            except Exception as e:
+                raise remote_error(e, self.url.child(MANIFEST_NAME), "updating") from None
+        raise RemoteError(f"{self.url.child(MANIFEST_NAME)}: changed {attempts} times while this run merged its "
+                          "ranks into it; run again")
+
+    def publish_root_files(self) -> None:
+        """The shared destination's top-level files (the source's companions) that the store lacks."""
+        for path in sorted(self.target.iterdir()):
+            if path.is_file() and path.name != MANIFEST_NAME and path.name not in self.existing:
+                self._put(path, path.name)
+
+    def publish(self, tmp: Path, folder: str = "") -> None:
+        """Upload what the run wrote locally under `tmp` (to `folder` of the destination; rank files are already
+        uploaded), the manifest last, then remove what the old output (or folder) had and the new one has not."""
+        base = f"{folder}/" if folder else ""
+        names = sorted(base + str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() or p.is_symlink())
         small = [n for n in names if n not in self.storage.uploaded and n != MANIFEST_NAME]
         with ThreadPoolExecutor(8, thread_name_prefix="jaxreshard-upload") as pool:
-            for job in [pool.submit(self._put, tmp / n, n) for n in small]:
+            for job in [pool.submit(self._put, tmp / n[len(base) :], n) for n in small]:
                 job.result()
         if MANIFEST_NAME in names:
             self._put(tmp / MANIFEST_NAME, MANIFEST_NAME)
-        stale = sorted(set(self.existing) - set(names))
+        stale = sorted(n for n in set(self.existing) - set(names) if n.startswith(base))
         if stale:
             self._delete(stale)
 
@@ -123,8 +245,8 @@ class DestinationMount:
 
         if path.is_symlink():
             raise RemoteError(f"{path}: a symlink cannot be uploaded to {self.url}")
-        try:
-            obstore.put(self.store, self.url.key(name), path.read_bytes())
+        try:  # a path streams (multipart for big files: orbax's, say); small ones go in one PUT
+            obstore.put(self.store, self.url.key(name), path, use_multipart=path.stat().st_size > 64 << 20)
         except Exception as e:
             raise remote_error(e, self.url.child(name), "uploading") from None
 
@@ -144,6 +266,6 @@ class DestinationMount:
         if self.locked:
             self.locked = False
             try:
-                self._delete([LOCK_NAME])
+                self._delete([self.lock_name])
             except RemoteError:
                 pass  # the run's own outcome matters more; the next run names the lock object if it stays

@@ -135,3 +135,27 @@ def test_load_from_s3_equals_load_from_disk(llama, bucket):
     for name in names:
         assert remote[name].sharding == target[name]
         assert np.array_equal(np.asarray(remote[name]), np.asarray(local[name]))
+
+
+def test_ranks_runs_share_an_s3_destination(llama, bucket, tmp_path):
+    jr.convert(llama, tmp_path / "whole", dst_layout=DP2MP4)
+    jr.convert(llama, bucket.url("shared"), dst_layout=DP2MP4, ranks="4-7")  # like a second node, first
+    assert not [k for k in bucket.keys("shared") if "/rank_0/" in k]
+    jr.convert(llama, bucket.url("shared"), dst_layout=DP2MP4, ranks="0-3")
+    bucket.download("shared", tmp_path / "dl")
+    assert tree(tmp_path / "dl") == tree(tmp_path / "whole")
+    jr.verify(bucket.url("shared"))
+    with pytest.raises(OutputExistsError, match=r"rank_2.* already exist; pass --overwrite"):
+        jr.convert(llama, bucket.url("shared"), dst_layout=DP2MP4, ranks="2")
+    jr.convert(llama, bucket.url("shared"), dst_layout=DP2MP4, ranks="2", overwrite=True)
+    jr.verify(bucket.url("shared"))
+    assert not [k for k in bucket.keys("shared") if "lock" in k]
+
+
+def test_a_ranks_run_waits_for_no_one_but_refuses_overlapping_ranks(llama, bucket):
+    bucket.put("busy/.jaxreshard.lock-otherhost-1-ab", json.dumps({"ranks": [3, 4], "group": None}).encode())
+    jr.convert(llama, bucket.url("busy"), dst_layout=DP2MP4, ranks="0-2")  # disjoint: goes ahead
+    with pytest.raises(RemoteError, match=r"lock object s3://.*/busy/.jaxreshard.lock-otherhost-1-ab exists"):
+        jr.convert(llama, bucket.url("busy"), dst_layout=DP2MP4, ranks="4-5")
+    with pytest.raises(RemoteError, match=r"lock object .*lock-otherhost-1-ab exists, for the whole output"):
+        jr.convert(llama, bucket.url("busy"), dst_layout=DP2MP4, overwrite=True)
