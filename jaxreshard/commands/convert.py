@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .. import api, describe
+from .. import api, describe, remote
 from . import common
 from .options import PROCESS_COUNT, PROCESS_INDEX, Command, flag, option, parse_rank_list
 
@@ -64,9 +64,10 @@ def _planning(opts: PlanOptions) -> dict[str, Any]:
     return {name: getattr(opts, name) for name in names}
 
 
+@remote.option_views(sources=("src",))
 def run_plan(opts: PlanOptions) -> int:
     for line in describe.describe_plan(api.plan_conversion(opts.src, ranks=opts.ranks, **_planning(opts)).plan):
-        print(line)
+        print(remote.display(line))
     return 0
 
 

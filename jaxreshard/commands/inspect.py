@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import api, describe
+from .. import api, describe, remote
 from ..errors import ConfigError
 from ..formats import open_source
 from ..formats.mindspore_strategy import read_strategy
@@ -42,9 +42,10 @@ def describe_path(opts: InspectOptions) -> Iterable[str]:
     return describe.describe_source(source, api.native_layouts(source, opts.src_layout, opts.src_strategy)[0])
 
 
+@remote.option_views(sources=("src",))
 def run_inspect(opts: InspectOptions) -> int:
     for line in describe_path(opts):
-        print(line)
+        print(remote.display(line))
     return 0
 
 

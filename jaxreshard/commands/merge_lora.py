@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import api, merge
+from .. import api, merge, remote
 from ..fsutil import check_destination
 from . import common
 from .options import Command, flag, option, parse_number
@@ -34,6 +34,7 @@ class MergeLoraOptions:
     fan_in_fan_out: bool = flag("base weights are stored (in, out) (PEFT fan_in_fan_out)")
 
 
+@remote.option_views(sources=("src",), destination="dst")
 def run_merge_lora(opts: MergeLoraOptions) -> int:
     job = merge.plan_merge_lora(
         opts.src, adapter=opts.adapter, src_layout=opts.src_layout, src_strategy=opts.src_strategy,

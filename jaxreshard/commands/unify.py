@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import merge
+from .. import merge, remote
 from . import common
 from .options import Command, option, parse_truth
 
@@ -30,13 +30,14 @@ class UnifyOptions:
                                                       many=True)
 
 
+@remote.option_views(sources=("src",), destination="dst")
 def run_unify(opts: UnifyOptions) -> int:
     job = merge.plan_unify(opts.src, src_layout=opts.src_layout, src_strategy=opts.src_strategy,
                            file_suffix=opts.file_suffix, has_redundancy=opts.has_redundancy,
                            filter_out_param_prefix=opts.filter_out_param_prefix)
     files = merge.write_unified(job, Path(opts.dst), max_file_bytes=opts.max_file_size, process_num=opts.workers,
                                 overwrite=opts.overwrite)
-    print(f"wrote {len(files)} file(s) to {opts.dst}")
+    print(remote.display(f"wrote {len(files)} file(s) to {opts.dst}"))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import remote
 from ..errors import ConfigError
 from ..verify import verify
 from . import common
@@ -23,6 +24,7 @@ class VerifyOptions:
     quiet: bool = common.quiet()
 
 
+@remote.option_views(sources=("src", "dst"))
 def run_verify(opts: VerifyOptions) -> int:
     """`verify --src A --dst B` compares; one checkpoint alone (either flag) is checked on its own."""
     if opts.src is not None and opts.dst is not None:
@@ -42,7 +44,7 @@ def run_verify(opts: VerifyOptions) -> int:
         assert checkpoint is not None  # exactly one of the two was given (the branches above)
         report = verify(checkpoint, src_layout=layout, src_strategy=strategy,
                         check_replicas=opts.check_replicas)
-    print(report.summary())
+    print(remote.display(report.summary()))
     return 0
 
 

@@ -10,6 +10,7 @@ paths pass through untouched. `display` puts the URLs back into messages.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import os
@@ -96,20 +97,57 @@ def views(*, sources: tuple[str, ...] = (), destination: str | None = None) -> C
             names = [n for n in (*sources, destination) if n and is_url(bound.arguments.get(n))]
             if not names:
                 return func(*args, **kwargs)
-            originals = {}
             with contextlib.ExitStack() as stack, _messages_name_urls():
-                for name in sources:
-                    view = stack.enter_context(source_view(bound.arguments.get(name)))
-                    originals[str(view)], bound.arguments[name] = bound.arguments.get(name), view
-                if destination is not None:
-                    bound.arguments[destination] = stack.enter_context(
-                        destination_view(bound.arguments.get(destination), **_writing(bound.arguments)))
-                result = func(*bound.args, **bound.kwargs)
-                return originals.get(str(result), result) if isinstance(result, Path) else result  # not the view
+                _enter(stack, bound.arguments, sources, destination)
+                return _named(func(*bound.args, **bound.kwargs))
 
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+def option_views(*, sources: tuple[str, ...] = (), destination: str | None = None) -> Callable[[F], F]:
+    """`views` for a command handler taking one options dataclass: its fields `sources` and `destination`."""
+
+    def wrap(func: F) -> F:
+        @functools.wraps(func)
+        def call(opts: Any) -> Any:
+            if not any(is_url(getattr(opts, n, None)) for n in (*sources, destination) if n):
+                return func(opts)
+            values = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+            with contextlib.ExitStack() as stack, _messages_name_urls():
+                _enter(stack, values, sources, destination)
+                return func(dataclasses.replace(opts, **{n: values[n] for n in (*sources, destination) if n}))
+
+        return call  # type: ignore[return-value]
+
+    return wrap
+
+
+def _enter(stack: contextlib.ExitStack, values: dict[str, Any], sources: tuple[str, ...],
+           destination: str | None) -> None:  # fmt: skip
+    """Replace the URLs among `values[sources]` and `values[destination]` by views held open by `stack`."""
+    for name in sources:
+        values[name] = stack.enter_context(source_view(values.get(name)))
+    if destination is not None:
+        values[destination] = stack.enter_context(destination_view(values.get(destination), **_writing(values)))
+
+
+def _named(result: Any) -> Any:
+    """A result naming a view (a path, or a report's `dst` and `files`) names the URL instead: the view is
+    gone once the call returns."""
+    if isinstance(result, Path):
+        shown = display(str(result))
+        return result if shown == str(result) else shown
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        fields = {f.name for f in dataclasses.fields(result)}
+        changes = {n: _named(getattr(result, n)) for n in ("dst",) if n in fields}
+        if "files" in fields and isinstance(result.files, tuple):  # type: ignore[union-attr]
+            changes["files"] = tuple(_named(f) for f in result.files)  # type: ignore[union-attr]
+        return dataclasses.replace(result, **changes) if changes else result
+    if isinstance(result, list):
+        return [_named(r) for r in result]
+    return result
 
 
 def _writing(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -172,4 +210,5 @@ def display(text: str) -> str:
     return text
 
 
-__all__ = ["views", "source_view", "destination_view", "published", "updated_root", "display", "is_url", "parse_url"]
+__all__ = ["views", "option_views", "source_view", "destination_view", "published", "updated_root", "display",
+           "is_url", "parse_url"]

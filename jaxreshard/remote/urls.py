@@ -111,7 +111,7 @@ def remote_error(e: BaseException, where: str, doing: str) -> JaxreshardError:
     """One line for a failed store request on `where` (a URL), without the server's raw answer."""
     from obstore import exceptions as x
 
-    if isinstance(e, (x.NotFoundError, FileNotFoundError)):
+    if isinstance(e, (x.NotFoundError, FileNotFoundError)) or "(HTTP 404)" in _kind(e):
         return RemoteError(f"{where}: {doing}: no such bucket or object; check the URL and the endpoint")
     if isinstance(e, x.PermissionDeniedError):
         return RemoteError(f"{where}: {doing}: access denied; check the credentials' permissions on this bucket")
