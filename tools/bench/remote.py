@@ -47,27 +47,24 @@ LAYOUT = REPO / "configs" / "layouts" / "llama_dp2mp4.yaml"
 SRC_NAME = "model.safetensors"
 
 FLOOR_TRANSFER = """
-import asyncio, sys
+import sys
+from concurrent.futures import ThreadPoolExecutor
 import obstore
 from obstore.store import S3Store
 bucket, prefix = sys.argv[1:3]
 step, concurrency, copies = map(int, sys.argv[3:6])
 store = S3Store(bucket, client_options={"allow_http": True})  # endpoint and credentials from the AWS environment
 objects = [o for batch in obstore.list(store, prefix=prefix + "/") for o in batch]
-async def main():
-    gate = asyncio.Semaphore(concurrency)
-    total = 0
-    async def one(path, start, end):
-        nonlocal total
-        async with gate:
-            data = await obstore.get_range_async(store, path, start=start, end=end)
-            total += len(memoryview(data))
-            for i in range(copies):  # the upload floor: each range written `copies` times
-                await obstore.put_async(store, f"floor/{i}/{path}/{start}", data)
-    await asyncio.gather(*(one(o["path"], s, min(s + step, o["size"]))
-                           for o in objects for s in range(0, o["size"], step)))
-    return total
-total = asyncio.run(main())
+def one(path, start, end):
+    data = obstore.get_range(store, path, start=start, end=end)
+    for i in range(copies):  # the upload floor: each range written `copies` times
+        obstore.put(store, f"floor/{i}/{path}/{start}", data)
+    return len(memoryview(data))
+# Threads calling the blocking API: each call releases the GIL while the request is in flight. (obstore's *_async
+# calls under asyncio.run abort the process at exit now and then, after the work is done: SIGABRT at finalizing.)
+with ThreadPoolExecutor(concurrency) as pool:
+    total = sum(pool.map(lambda r: one(*r), [(o["path"], s, min(s + step, o["size"]))
+                                              for o in objects for s in range(0, o["size"], step)]))
 expected = sum(o["size"] for o in objects)
 if not objects or total != expected:
     sys.exit(f"floor read {total} of {expected} bytes under {prefix}/")
