@@ -1,5 +1,5 @@
-"""tools/bench/remote.py's own parts, on the test server: its download / upload floor reads every byte of every
-object once and writes the copies it says, and a failing step becomes a reported row, not a crash."""
+"""tools/bench/remote.py's own parts, on the test server: its floors read every byte of every object once and
+write the copies they say (to the bucket or to local files), and a failing step becomes a reported row, not a crash."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_floor_downloads_every_byte_and_uploads_the_copies(remote_bench, bucket,
     for key, size in sizes.items():
         bucket.put(key, os.urandom(size))
     bucket.put("srcx/not-read", b"z" * 50)
-    cmd = [sys.executable, "-c", remote_bench.FLOOR_TRANSFER, bucket.name, "src", str(MIB), "4", "2"]
+    cmd = [sys.executable, "-c", remote_bench.FLOOR_TRANSFER, bucket.name, "src", "-", str(MIB), "4", "2"]
     wall, rss = remote_bench.measure(cmd, host_env())
     assert wall > 0 and rss > 0
     uploaded = bucket.sizes("floor")
@@ -47,10 +47,23 @@ def test_floor_downloads_every_byte_and_uploads_the_copies(remote_bench, bucket,
     assert len(uploaded) == 10
 
 
+def test_floor_writes_local_copies_of_every_object(remote_bench, bucket, host_env, tmp_path):
+    objects = {"src/a.safetensors": os.urandom(2 * MIB + 9), "src/sub/b.bin": os.urandom(100), "src/empty": b""}
+    for key, data in objects.items():
+        bucket.put(key, data)
+    cmd = [sys.executable, "-c", remote_bench.FLOOR_TRANSFER, bucket.name, "src", str(tmp_path / "out"), str(MIB),
+           "3", "2"]
+    remote_bench.measure(cmd, host_env())
+    written = {p.relative_to(tmp_path / "out").as_posix(): p.read_bytes()
+               for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert written == {f"{copy}/{key}": data for copy in (0, 1) for key, data in objects.items()}
+    assert bucket.keys("floor") == []  # nothing uploaded
+
+
 def test_floor_refuses_a_prefix_with_nothing_under_it(remote_bench, bucket, host_env):
     with pytest.raises(RuntimeError, match="floor read 0 of 0 bytes under nothing/"):
-        remote_bench.measure([sys.executable, "-c", remote_bench.FLOOR_TRANSFER, bucket.name, "nothing", "1024",
-                              "2", "0"], host_env())
+        remote_bench.measure([sys.executable, "-c", remote_bench.FLOOR_TRANSFER, bucket.name, "nothing", "-",
+                              "1024", "2", "0"], host_env())
 
 
 def test_a_failing_step_is_a_row_with_its_last_line(remote_bench, host_env):
