@@ -320,3 +320,15 @@ def test_a_wrong_access_key_is_refused_like_s3_does(bucket, s3_proxy):
     assert [(e.status, e.fault) for e in s3_proxy.log] == [(403, "auth"), (503, "status"), (200, None), (200, None)]
     s3_proxy.require_access_key(None)
     assert bytes(obstore.get(wrong, "obj").bytes()) == b"secret data"
+
+
+def test_boto3_uploads_with_expect_continue_pass_through(bucket, s3_proxy, tmp_path):
+    data = payload(9 * MIB)  # boto3: a multipart upload of 8 MiB parts, each sent with Expect: 100-continue
+    (tmp_path / "f").write_bytes(data)
+    s3 = client(s3_proxy.url)
+    s3.upload_file(str(tmp_path / "f"), bucket.name, "up")
+    s3.put_object(Bucket=bucket.name, Key="small", Body=b"s" * 100)
+    s3.close()
+    assert bucket.get("up") == data and bucket.get("small") == b"s" * 100
+    parts = sorted(e.received for e in s3_proxy.log if "partNumber=" in e.path)
+    assert parts == [MIB, 8 * MIB] and bucket.multipart_uploads() == []
