@@ -5,7 +5,8 @@ copes with throttling, server errors, refusals and connections lost mid-read.
 One `S3Proxy` per simulated host: point that host's AWS_ENDPOINT_URL at `proxy.url`, and `proxy.bytes_served` is
 the number of response body bytes the server sent that host. Faults are rules taken in the order they were added:
 the first rule that matches a request (method, and a regular expression searched in the request target: path and
-query) and has uses left answers it, and uses one.
+query) and has uses left answers it, and uses one. `require_access_key` makes it refuse requests signed with any
+other access key id (moto accepts any credentials), for wrong-credential tests.
 
 Bodies stream through in pieces of at most 1 MiB in both directions (multipart parts of many MiB never sit whole in
 memory); keep-alive connections, Content-Length and chunked bodies (request and response) are relayed as such.
@@ -32,6 +33,10 @@ S3_ERRORS = {
     403: ("AccessDenied", "Access Denied"),
     404: ("NoSuchKey", "The specified key does not exist."),
 }
+_MESSAGES = {code: message for code, message in S3_ERRORS.values()} | {
+    "InvalidAccessKeyId": "The AWS Access Key Id you provided does not exist in our records."}
+# The access key id of a request: SigV4 (Authorization header or presigned query), SigV2 header, SigV2 presigned
+_CREDENTIAL = re.compile(r"Credential=([^/,\s&]+)/|^AWS ([^:\s]+):|[?&]AWSAccessKeyId=([^&]+)")
 # Headers that describe one connection, not the message: never relayed (bodies keep their own framing headers).
 _HOP = {"connection", "keep-alive", "proxy-connection", "expect", "upgrade", "te", "trailer"}
 
@@ -40,7 +45,7 @@ _HOP = {"connection", "keep-alive", "proxy-connection", "expect", "upgrade", "te
 class Fault:
     """One injected-fault rule; `remaining` counts down as requests use it, `hits` counts up."""
 
-    kind: str  # "status" (answer with an S3 error), "cut" (close mid-body), "delay" (then forward)
+    kind: str  # "status" (answer with an S3 error), "cut" (close mid-body), "delay" (then forward); "auth" in logs
     remaining: int
     method: str | None = None
     path: re.Pattern[str] | None = None
@@ -90,6 +95,7 @@ class S3Proxy:
         self.upstream = (parts.hostname, parts.port)
         self._stats = _Stats()
         self._stopping = threading.Event()
+        self._access_key: str | None = None
         self._server = _Server(self)
         host, port = self._server.server_address[:2]
         self.url = f"http://{host}:{port}"
@@ -115,6 +121,12 @@ class S3Proxy:
     def delay(self, seconds: float, times: int = 1, method: str | None = None, path: str | None = None) -> Fault:
         """Hold the next `times` matching requests for `seconds` before forwarding them."""
         return self._add(Fault("delay", times, seconds=seconds), method, path)
+
+    def require_access_key(self, access_key_id: str | None) -> None:
+        """Answer every request not signed with `access_key_id` (SigV4 or SigV2, header or presigned query) with
+        403 InvalidAccessKeyId, as S3 answers wrong credentials (moto itself accepts any); None: accept all again.
+        Only the key id is checked, never the signature."""
+        self._access_key = access_key_id
 
     def _add(self, fault: Fault, method: str | None, path: str | None) -> Fault:
         if fault.remaining < 1:
@@ -257,13 +269,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _relay(self) -> None:
         proxy = self.server.proxy
-        fault = proxy._take(self.command, self.path)
+        if proxy._access_key is not None and _access_key(self.headers.get("Authorization"), self.path) != (
+                proxy._access_key):
+            fault: Fault | None = Fault("auth", 0, status=403, code="InvalidAccessKeyId")  # no rule is used up
+        else:
+            fault = proxy._take(self.command, self.path)
         self._exchange = Exchange(self.command, self.path, self.headers.get("Range"), fault=fault and fault.kind)
         proxy._record(self._exchange)
         body = _RequestBody(self.rfile, self.headers, self._exchange)
         if fault is not None and fault.kind == "delay":
             proxy._stopping.wait(fault.seconds)
-        if fault is not None and fault.kind == "status":
+        if fault is not None and fault.kind in ("status", "auth"):
             for _ in body:  # read the body so the connection stays usable for the next request
                 pass
             self._answer_error(fault)
@@ -273,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = do_PATCH = do_OPTIONS = _relay
 
     def _answer_error(self, fault: Fault) -> None:
-        message = S3_ERRORS.get(fault.status, (fault.code, fault.code))[1]
+        message = _MESSAGES.get(fault.code, fault.code)
         xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{escape(fault.code)}</Code>'
                f"<Message>{escape(message)}</Message><Resource>{escape(self.path)}</Resource>"
                "<RequestId>jaxreshard-test-proxy</RequestId></Error>").encode()
@@ -351,6 +367,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
         if chunked and cut_after is None:
             self.wfile.write(b"0\r\n\r\n")
+
+
+def _access_key(authorization: str | None, target: str) -> str | None:
+    """The access key id a request was signed with, if any."""
+    from urllib.parse import unquote
+
+    found = _CREDENTIAL.search(authorization or "") or _CREDENTIAL.search(unquote(target))
+    return next((g for g in found.groups() if g), None) if found else None
 
 
 class _RequestBody:

@@ -291,3 +291,44 @@ def test_proxy_refuses_bad_arguments(s3_proxy):
     with pytest.raises(ValueError, match="after_bytes"):
         s3_proxy.cut(-1)
     assert s3_proxy.fail(418, code="Teapot").code == "Teapot"
+
+
+def test_a_wrong_access_key_is_refused_like_s3_does(bucket, s3_proxy):
+    import obstore
+    from botocore.exceptions import ClientError
+    from obstore.store import S3Store
+
+    bucket.put("obj", b"secret data")
+    s3_proxy.require_access_key(ACCESS_KEY)
+    fault = s3_proxy.fail(503)  # not used up by a refused request
+    wrong = S3Store(bucket.name, endpoint=s3_proxy.url, access_key_id="AKIAWRONG", secret_access_key="wrong-secret",
+                    region=REGION, client_options={"allow_http": True}, retry_config={"max_retries": 0})
+    with pytest.raises(Exception, match="403") as info:
+        obstore.get(wrong, "obj").bytes()
+    assert "InvalidAccessKeyId" in str(info.value)
+    assert fault.remaining == 1
+    s3 = client(s3_proxy.url)  # the right key passes (and meets the 503, then the object)
+    with pytest.raises(ClientError, match="SlowDown"):
+        s3.get_object(Bucket=bucket.name, Key="obj")
+    assert s3.get_object(Bucket=bucket.name, Key="obj")["Body"].read() == b"secret data"
+    url = s3.generate_presigned_url("get_object", Params={"Bucket": bucket.name, "Key": "obj"})
+    s3.close()
+    host, port = s3_proxy.url.removeprefix("http://").split(":")
+    with closing(http.client.HTTPConnection(host, int(port), timeout=30)) as conn:
+        conn.request("GET", url.removeprefix(s3_proxy.url))  # presigned: the key id is in the query
+        assert conn.getresponse().read() == b"secret data"
+    assert [(e.status, e.fault) for e in s3_proxy.log] == [(403, "auth"), (503, "status"), (200, None), (200, None)]
+    s3_proxy.require_access_key(None)
+    assert bytes(obstore.get(wrong, "obj").bytes()) == b"secret data"
+
+
+def test_boto3_uploads_with_expect_continue_pass_through(bucket, s3_proxy, tmp_path):
+    data = payload(9 * MIB)  # boto3: a multipart upload of 8 MiB parts, each sent with Expect: 100-continue
+    (tmp_path / "f").write_bytes(data)
+    s3 = client(s3_proxy.url)
+    s3.upload_file(str(tmp_path / "f"), bucket.name, "up")
+    s3.put_object(Bucket=bucket.name, Key="small", Body=b"s" * 100)
+    s3.close()
+    assert bucket.get("up") == data and bucket.get("small") == b"s" * 100
+    parts = sorted(e.received for e in s3_proxy.log if "partNumber=" in e.path)
+    assert parts == [MIB, 8 * MIB] and bucket.multipart_uploads() == []

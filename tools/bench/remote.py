@@ -13,6 +13,8 @@ credentials come from the standard AWS environment. Steps, each a fresh process 
   flight, obstore), into memory and discarded;
 - floor, download + upload: the same, each range also PUT back as many times as the conversion writes copies
   (the s3 -> s3 floor);
+- floor, download + local write: the same, each range written (pwrite) into as many local files, fsynced (the
+  s3 -> local floor);
 - floor, local: read the source file once, write as many bytes as the conversion writes (bench.py's floor);
 - jaxreshard convert s3 -> s3, s3 -> local and local -> local (`--dst-layout configs/layouts/llama_dp2mp4.yaml`);
   each output is compared file by file (SHA-256, manifest aside) with the local -> local output.
@@ -47,27 +49,36 @@ LAYOUT = REPO / "configs" / "layouts" / "llama_dp2mp4.yaml"
 SRC_NAME = "model.safetensors"
 
 FLOOR_TRANSFER = """
-import asyncio, sys
+import os, sys
+from concurrent.futures import ThreadPoolExecutor
 import obstore
 from obstore.store import S3Store
-bucket, prefix = sys.argv[1:3]
-step, concurrency, copies = map(int, sys.argv[3:6])
+bucket, prefix, dest = sys.argv[1:4]
+step, concurrency, copies = map(int, sys.argv[4:7])
 store = S3Store(bucket, client_options={"allow_http": True})  # endpoint and credentials from the AWS environment
 objects = [o for batch in obstore.list(store, prefix=prefix + "/") for o in batch]
-async def main():
-    gate = asyncio.Semaphore(concurrency)
-    total = 0
-    async def one(path, start, end):
-        nonlocal total
-        async with gate:
-            data = await obstore.get_range_async(store, path, start=start, end=end)
-            total += len(memoryview(data))
-            for i in range(copies):  # the upload floor: each range written `copies` times
-                await obstore.put_async(store, f"floor/{i}/{path}/{start}", data)
-    await asyncio.gather(*(one(o["path"], s, min(s + step, o["size"]))
-                           for o in objects for s in range(0, o["size"], step)))
-    return total
-total = asyncio.run(main())
+files = {}  # dest a folder: each object written `copies` times under dest/<copy>/<key>
+for i in range(copies if dest != "-" else 0):
+    for o in objects:
+        out = os.path.join(dest, str(i), o["path"])
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        files[i, o["path"]] = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def one(path, start, end):
+    data = obstore.get_range(store, path, start=start, end=end)
+    for i in range(copies):  # each range written `copies` times: PUT back to the bucket, or into local files
+        if dest == "-":
+            obstore.put(store, f"floor/{i}/{path}/{start}", data)
+        else:
+            os.pwrite(files[i, path], data, start)
+    return len(memoryview(data))
+# Threads calling the blocking API: each call releases the GIL while the request is in flight. (obstore's *_async
+# calls under asyncio.run abort the process at exit now and then, after the work is done: SIGABRT at finalizing.)
+with ThreadPoolExecutor(concurrency) as pool:
+    total = sum(pool.map(lambda r: one(*r), [(o["path"], s, min(s + step, o["size"]))
+                                              for o in objects for s in range(0, o["size"], step)]))
+for fd in files.values():  # durable, as jaxreshard's local outputs are
+    os.fsync(fd)
+    os.close(fd)
 expected = sum(o["size"] for o in objects)
 if not objects or total != expected:
     sys.exit(f"floor read {total} of {expected} bytes under {prefix}/")
@@ -135,14 +146,16 @@ def run_steps(args, root: Path, src_dir: Path, bucket: server.Bucket, env: dict[
     written = tree_bytes(local_out) if local.wall is not None else 2 * src_bytes  # dp2 x mp4: two copies
     local.written = written
     copies = max(1, round(written / src_bytes))
-    step_b = args.range_mib * MIB
-    floor_dl = step(Row("floor: parallel download", read=src_bytes),
-                    [py, "-c", FLOOR_TRANSFER, bucket.name, "src", str(step_b), str(args.concurrency), "0"], env,
-                    args.repeat)
+    floor = [py, "-c", FLOOR_TRANSFER, bucket.name, "src"]
+    shape = [str(args.range_mib * MIB), str(args.concurrency)]
+    floor_dl = step(Row("floor: parallel download", read=src_bytes), [*floor, "-", *shape, "0"], env, args.repeat)
     floor_tx = step(Row("floor: parallel download + upload", read=src_bytes, written=copies * src_bytes),
-                    [py, "-c", FLOOR_TRANSFER, bucket.name, "src", str(step_b), str(args.concurrency), str(copies)],
-                    env, args.repeat, lambda: delete_prefix(bucket, "floor"))
+                    [*floor, "-", *shape, str(copies)], env, args.repeat, lambda: delete_prefix(bucket, "floor"))
     delete_prefix(bucket, "floor")
+    floor_dw = step(Row("floor: parallel download + local write", read=src_bytes, written=copies * src_bytes),
+                    [*floor, str(root / "floor"), *shape, str(copies)], env, args.repeat,
+                    lambda: clean(root / "floor"))
+    clean(root / "floor")
     floor_local = step(Row("floor: local read + write", read=src_bytes, written=copies * src_bytes),
                        [py, "-c", bench.FLOOR, str(src_dir / SRC_NAME),
                         *[str(root / "floor" / f"o{i}") for i in range(copies)]], env, args.repeat,
@@ -154,14 +167,15 @@ def run_steps(args, root: Path, src_dir: Path, bucket: server.Bucket, env: dict[
     if s3_s3.wall is not None and not args.no_verify and local.wall is not None:
         s3_s3.identical = same(local_out, s3_hashes(bucket, "out"))
     delete_prefix(bucket, "out")
-    s3_local = step(Row("jaxreshard s3 -> local", read=src_bytes, written=written, floor="floor: parallel download"),
+    s3_local = step(Row("jaxreshard s3 -> local", read=src_bytes, written=written,
+                        floor="floor: parallel download + local write"),
                     [*convert, "--src", bucket.url("src"), "--dst", str(remote_local_out)], env, args.repeat,
                     lambda: clean(remote_local_out))
     if s3_local.wall is not None and not args.no_verify and local.wall is not None:
         s3_local.identical = same(local_out, local_hashes(remote_local_out))
     clean(remote_local_out)
     clean(local_out)
-    rows += [floor_dl, floor_tx, floor_local, s3_s3, s3_local, local]
+    rows += [floor_dl, floor_tx, floor_dw, floor_local, s3_s3, s3_local, local]
     return rows
 
 
