@@ -40,6 +40,7 @@ class DestinationStorage:
         self.store, self.url, self._root = store, url, str(root)
         self.uploaded: dict[str, int] = {}  # relative name -> size, of the rank files already in the store
         self._run = secrets.token_hex(8)  # their version in the block cache: this run's upload
+        self.writers: list[RemoteWriter] = []  # uploads not yet waited for
 
     def relative(self, location: Location) -> str:
         rest = os.fspath(location)[len(self._root) + 1 :]
@@ -58,7 +59,25 @@ class DestinationStorage:
         def done(path: Path) -> None:
             self.uploaded[self.relative(path)] = size
 
-        return RemoteWriter(spool, self.store, self.url.key(rel), size, self.url.child(rel), done)
+        writer = RemoteWriter(spool, self.store, self.url.key(rel), size, self.url.child(rel), done)
+        self.writers.append(writer)
+        return writer
+
+    def finish_uploads(self) -> None:
+        """Wait for every closed file's upload (the first failure raised; the others are aborted)."""
+        writers, self.writers = self.writers, []
+        try:
+            for writer in writers:
+                writer.finish()
+        finally:
+            for writer in writers:
+                writer.abort()  # nothing for those finished
+
+    def abort_uploads(self) -> None:
+        """A failed run: every upload not yet waited for is aborted (a closed file's too)."""
+        writers, self.writers = self.writers, []
+        for writer in writers:
+            writer.abort()
 
     def reopen(self, location: Location) -> Any:
         raise RemoteError(f"{self.url}: --resume keeps files on local disk only; rerun without --resume (an object "
@@ -228,6 +247,7 @@ class DestinationMount:
     def publish(self, tmp: Path, folder: str = "") -> None:
         """Upload what the run wrote locally under `tmp` (to `folder` of the destination; rank files are already
         uploaded), the manifest last, then remove what the old output (or folder) had and the new one has not."""
+        self.storage.finish_uploads()
         base = f"{folder}/" if folder else ""
         names = sorted(base + str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() or p.is_symlink())
         small = [n for n in names if n not in self.storage.uploaded and n != MANIFEST_NAME]
@@ -261,7 +281,9 @@ class DestinationMount:
             raise remote_error(e, self.url.child(names[0]), "deleting") from None
 
     def close(self) -> None:
-        """Release the mount and the lock (a lock left by a killed run is named by the next run's message)."""
+        """Release the mount and the lock (a lock left by a killed run is named by the next run's message); a
+        failed run's uploads are aborted, never left to die with the process."""
+        self.storage.abort_uploads()
         register_mount(self.root, None)
         if self.locked:
             self.locked = False

@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..formats.storage import Buffer, LocalWriter
-from .urls import remote_error
+from .urls import RemoteError, remote_error
 
 BLOCK = 8 << 20
 COALESCE_BLOCKS = 8  # one request fetches at most this many adjacent blocks (64 MiB)
@@ -33,15 +33,16 @@ FETCH_THREADS = 8
 READ_ATTEMPTS = 4  # a request failing mid-body (after obstore's own retries) is made again this often
 MIN_PART = 8 << 20  # multipart parts (S3: >= 5 MiB but the last, at most 10,000 parts)
 MAX_PARTS = 9000
+UPLOADS_PER_FILE = 2  # parts in flight per file (each held in memory): rank files upload side by side
 CACHE_ENV = "JAXRESHARD_REMOTE_CACHE_MIB"
 
 
 def cache_bytes() -> int:
-    """The block cache's capacity: `JAXRESHARD_REMOTE_CACHE_MIB` MiB, 512 by default (bounded memory)."""
+    """The block cache's capacity: `JAXRESHARD_REMOTE_CACHE_MIB` MiB, 256 by default (bounded memory)."""
     try:
-        return max(int(os.environ.get(CACHE_ENV, "512")), 16) << 20
+        return max(int(os.environ.get(CACHE_ENV, "256")), 16) << 20
     except ValueError:
-        return 512 << 20
+        return 256 << 20
 
 
 class _Shared:
@@ -171,11 +172,11 @@ class RemoteWriter:
 
     def __init__(self, spool: LocalWriter, store: Any, key: str, size: int, where: str, on_done) -> None:
         self._spool, self._store, self._key, self._size, self._where = spool, store, key, size, where
-        self._on_done = on_done  # called with the spool's path once the object is complete
+        self._on_done = on_done  # called with the spool's path by `finish`, once the object is complete
         self._part = part_size(size)
         self._cond = threading.Condition()
         self._ranges: list[tuple[int, int]] = []  # written ranges beyond the frontier
-        self._frontier, self._closing, self._aborted = 0, False, False
+        self._frontier, self._closing, self._aborted, self._done = 0, False, False, False
         self._error: BaseException | None = None
         self._read_fd = os.open(spool.path, os.O_RDONLY)
         self._thread = threading.Thread(target=self._upload, name="jaxreshard-upload", daemon=True)
@@ -205,14 +206,15 @@ class RemoteWriter:
                 self._cond.wait_for(ready)
                 if self._aborted:
                     raise _Aborted
-                end = self._size if self._closing else sent + (self._frontier - sent) // self._part * self._part
+                last = self._closing  # read once, with `end`: closing later must not skip the tail
+                end = self._size if last else sent + (self._frontier - sent) // self._part * self._part
             while sent < end:
                 chunk = os.pread(self._read_fd, min(self._part, end - sent), sent)
                 if not chunk:
                     raise OSError(f"{self._spool.path}: the spool ended at byte {sent} of {self._size}")
                 yield chunk
                 sent += len(chunk)
-            if self._closing:
+            if last:
                 return
 
     def _upload(self) -> None:
@@ -220,7 +222,7 @@ class RemoteWriter:
 
         try:
             obstore.put(self._store, self._key, self._chunks(), use_multipart=self._size > self._part,
-                        chunk_size=self._part, max_concurrency=4)  # fmt: skip
+                        chunk_size=self._part, max_concurrency=UPLOADS_PER_FILE)  # fmt: skip
         except BaseException as e:  # noqa: BLE001 - handed to the writing thread at close/abort
             self._error = e
 
@@ -228,21 +230,52 @@ class RemoteWriter:
         self._spool.sync()
 
     def close(self) -> None:
+        """Complete the spool and let the upload finish in the background (the next files' work overlaps it);
+        `finish` waits for it."""
         self._spool.close()  # durable locally first: the upload reads the spool
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+
+    def finish(self) -> None:
+        """Wait for the upload; then the spool becomes a sparse placeholder and reads go to the store (called at
+        the commit, after every check that reads the spool)."""
+        if self._done:
+            return
+        self._done = True
         self._thread.join()
         os.close(self._read_fd)
+        if self._error is None:
+            self._check_size()
         if self._error is not None:
             with contextlib.suppress(OSError):
                 self._spool.path.unlink()
+            if isinstance(self._error, RemoteError):
+                raise self._error
             raise remote_error(self._error, self._where, "uploading") from None
         os.truncate(self._spool.path, 0)  # the bytes are in the store now: keep only a sparse placeholder
         os.truncate(self._spool.path, self._size)
         self._on_done(self._spool.path)
 
+    def _check_size(self) -> None:
+        """The stored object has exactly the spool's size (a cheap HEAD: an upload that lost bytes is caught here,
+        before the manifest names the file)."""
+        import obstore
+
+        try:
+            stored = int(obstore.head(self._store, self._key)["size"])
+        except Exception as e:  # noqa: BLE001 - reported by the caller like an upload failure
+            self._error = e
+            return
+        if stored != self._size:
+            self._error = RemoteError(f"{self._where}: the store holds {stored} bytes after the upload, not the "
+                                      f"{self._size} written; nothing was committed, run again")
+
     def abort(self) -> None:
+        """Abort the upload (unless it already completed) and remove the spool."""
+        if self._done:
+            return
+        self._done = True
         with self._cond:
             self._aborted = True
             self._cond.notify_all()
