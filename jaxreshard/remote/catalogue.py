@@ -183,8 +183,9 @@ def _header_regions(store: Any, url: Url, name: str, size: int, path: Path) -> l
         buffer = _LazyBuffer(lambda start, n: _fetch(store, url, name, start, n), size)
         try:
             mindspore_ckpt.index_buffer(path, buffer)
-        except JaxreshardError:
-            pass  # the same error comes again, with its file named, when the placeholder is read
+        except FormatError:
+            pass  # the same error comes again, with its file named, when the placeholder is read (a store
+            # failure, a RemoteError, is not caught: it is reported as what it is)
         return sorted(buffer.blocks.items())
     return []
 
