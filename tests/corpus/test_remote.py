@@ -45,6 +45,12 @@ def _source(*extra: tuple[str, bytes], model: bool = True):
     return setup
 
 
+def _cut_model(tmp: Path) -> dict[str, str]:
+    """A setup: the example checkpoint cut to half its length (a partial upload, or a copy stopped midway)."""
+    data = _NOW["llama"].read_bytes()
+    return _source(("src/model.safetensors", data[: len(data) // 2]), model=False)(tmp)
+
+
 def _patched(name: str, value: int, *extra: tuple[str, bytes]):
     """A setup: `_source(*extra)` with the catalogue's cap `name` lowered to `value` (so no case uploads GiBs)."""
 
@@ -136,6 +142,17 @@ CASES = [
     Case("s3-key-file-and-folder", _src(), 2,
          r"s3://jr-[\w-]+/src/a: is both an object and the folder of other objects",
          _source(("src/a", b"{}"), ("src/a/b.json", b"{}"))),
+    # broken weight objects: the line names the object's URL, never the local view it was read through
+    Case("s3-truncated-safetensors", _src(), 2, r"^jaxreshard: error: (?!.*jaxreshard-src-)s3://jr-[\w-]+/src/model\.safetensors",
+         _cut_model),
+    Case("s3-header-length-huge", _src(), 2, r"^jaxreshard: error: (?!.*jaxreshard-src-)s3://jr-[\w-]+/src/model\.safetensors",
+         _source((("src/model.safetensors", (1 << 60).to_bytes(8, "little") + b"{}")), model=False)),
+    Case("s3-header-past-object", _src(), 2, r"^jaxreshard: error: (?!.*jaxreshard-src-)s3://jr-[\w-]+/src/model\.safetensors",
+         _source((("src/model.safetensors", (5000).to_bytes(8, "little") + b'{"a": 1}')), model=False)),
+    Case("s3-garbage-ckpt", _src(), 2, r"^jaxreshard: error: (?!.*jaxreshard-src-)s3://jr-[\w-]+/src/model\.ckpt",
+         _source((("src/model.ckpt", bytes(range(256)) * 64)), model=False)),
+    Case("s3-empty-object", _src(), 2, r"^jaxreshard: error: (?!.*jaxreshard-src-)s3://jr-[\w-]+/src/model\.safetensors",
+         _source((("src/model.safetensors", b"")), model=False)),
     # a source still being written
     Case("s3-source-locked", _src(), 2,
          r"s3://jr-[\w-]+/src: is being written by a jaxreshard run .*s3://jr-[\w-]+/src/\.jaxreshard\.lock",

@@ -319,3 +319,24 @@ def test_ckpt_record_index_reads_survive_a_cut(llama, bucket, s3_proxy, tmp_path
     jr.convert(bucket.url("ms"), tmp_path / "from_s3", output_format="safetensors")
     assert (cut.hits, failed.hits) == (4, 4)
     assert tree(tmp_path / "from_s3") == tree(tmp_path / "from_disk")
+
+
+# --- a header longer than the first ranged read -----------------------------------------------------------------
+
+def test_a_header_over_the_first_read_is_fetched_whole_through_a_cut(bucket, s3_proxy, tmp_path):
+    from jaxreshard.remote.catalogue import HEAD_BYTES
+
+    path = tmp_path / "many" / "model.safetensors"
+    path.parent.mkdir()
+    params = [(f"layers.{i:05d}." + "x" * 120 + ".weight", np.dtype(np.float32), (2,)) for i in range(9000)]
+    writer = SafetensorsWriter(path, params)
+    for i, (name, dtype, shape) in enumerate(params):
+        writer.write(name, np.full(shape, i, dtype))
+    writer.close()
+    assert int.from_bytes(path.read_bytes()[:8], "little") > HEAD_BYTES  # the header needs a second read
+    bucket.upload(path.parent, "src")
+    s3_proxy.delay(0, times=1, method="GET", path=OBJECT_GET)  # the first header read passes
+    cut = s3_proxy.cut(1000, times=1, path=OBJECT_GET)  # the rest of the header is cut short once
+    jr.convert(bucket.url("src"), tmp_path / "out")
+    assert cut.hits == 1
+    assert (tmp_path / "out" / "rank_0" / "checkpoint_0.safetensors").read_bytes() == path.read_bytes()
