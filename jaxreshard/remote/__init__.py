@@ -129,8 +129,20 @@ def _enter(stack: contextlib.ExitStack, values: dict[str, Any], sources: tuple[s
     """Replace the URLs among `values[sources]` and `values[destination]` by views held open by `stack`."""
     for name in sources:
         values[name] = stack.enter_context(source_view(values.get(name)))
-    if destination is not None:
-        values[destination] = stack.enter_context(destination_view(values.get(destination), **_writing(values)))
+    if destination is not None and is_url(values.get(destination)):
+        _check_apart([values.get(n) for n in sources], values[destination])
+        values[destination] = stack.enter_context(destination_view(values[destination], **_writing(values)))
+
+
+def _check_apart(sources: list[Any], destination: str) -> None:
+    """A destination URL equal to, inside or holding a source URL is refused (it would overwrite what is read)."""
+    dst = parse_url(destination)
+    for src in (parse_url(s) for s in sources if is_url(s)):
+        if (src.scheme, src.bucket) != (dst.scheme, dst.bucket):
+            continue
+        a, b = f"{src.prefix}/", f"{dst.prefix}/"
+        if a.startswith(b) or b.startswith(a) or not src.prefix or not dst.prefix:
+            raise ConfigError(f"{dst}: the destination overlaps the source {src}; choose another destination")
 
 
 def _named(result: Any) -> Any:

@@ -13,6 +13,7 @@ another key's folder, and listings beyond the caps are refused (exit 2, naming t
 from __future__ import annotations
 
 import os
+import re
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +42,7 @@ def list_objects(store: Any, url: Url, mtimes: dict[str, float] | None = None,
     """{relative name: size} of the objects under `url` (folder markers skipped), names checked; `mtimes` is
     filled with their modification times (the views' files carry them, as a download would)."""
     import obstore
+    from obstore.exceptions import InvalidPathError
 
     found: dict[str, int] = {}
     try:
@@ -58,6 +60,11 @@ def list_objects(store: Any, url: Url, mtimes: dict[str, float] | None = None,
                                       "own folder")
     except JaxreshardError:
         raise
+    except InvalidPathError as e:  # the client refuses a key before we see it: name it as the message gives it
+        key = re.search(r"\"([^\"]{0,300})\"", str(e))
+        named = f" ({key.group(1)!r})" if key else ""
+        raise FormatError(f"{url}: an object under the prefix{named} has a name that cannot be a path (an empty, '.' "
+                          "or '..' part, or a control character); remove or rename it") from None
     except Exception as e:
         raise remote_error(e, str(url), "listing") from None
     _check_aliases(url, found)

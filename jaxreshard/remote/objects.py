@@ -18,6 +18,7 @@ import collections
 import contextlib
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -87,8 +88,9 @@ def _get_ranges(store: Any, key: str, where: str, starts: list[int], lengths: li
     for attempt in range(READ_ATTEMPTS):
         try:
             return obstore.get_ranges(store, key, starts=starts, lengths=lengths)
-        except (x.GenericError, OSError) as e:  # a dropped connection or a body cut short: ask again
-            if isinstance(e, FileNotFoundError) or attempt == READ_ATTEMPTS - 1:
+        except (x.GenericError, OSError) as e:  # a dropped connection or a body cut short: ask again (an HTTP
+            # status means obstore's own retries, with backoff and a time budget, are spent: no more attempts)
+            if isinstance(e, FileNotFoundError) or attempt == READ_ATTEMPTS - 1 or re.search(r"status", str(e)):
                 raise remote_error(e, where, f"reading bytes {starts[0]}-{starts[-1] + lengths[-1]}") from None
             time.sleep(0.2 * 2**attempt)
         except Exception as e:

@@ -20,8 +20,9 @@ from typing import Any
 from ..errors import ConfigError, JaxreshardError, OutputError
 
 SCHEMES = ("s3", "gs")
-_URL = re.compile(r"(s3|gs)://([^/]*)(/.*)?$")
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_URL = re.compile(r"(s3|gs)://([^/]*)(/.*)?", re.DOTALL)
+_BUCKET = {"s3": re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"),  # S3's rules; GCS allows '_' and 222 chars
+           "gs": re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")}
 RETRY_TIMEOUT = timedelta(minutes=3)  # total time spent retrying one request before the run fails
 MAX_RETRIES = 10
 
@@ -57,21 +58,28 @@ class Url:
 
 def parse_url(text: str) -> Url:
     """`text` as a `Url`, or ConfigError naming what is wrong (no credentials in URLs: use the environment)."""
-    match = _URL.match(text.strip()) if isinstance(text, str) else None
+    match = _URL.fullmatch(text.strip(" ")) if isinstance(text, str) else None  # spaces only: a control
+    # character is part of what was written, and refused below
     if match is None:
-        raise ConfigError(f"{str(text)[:200]!r} is not an object-store URL; write s3://bucket/prefix or gs://bucket/prefix")
+        raise ConfigError(f"{str(text)[:200]!r} is not an object-store URL; write s3://bucket/prefix or "
+                          "gs://bucket/prefix")
     scheme, bucket, path = match.group(1), match.group(2), (match.group(3) or "").strip("/")
     if "@" in bucket or ":" in bucket:
         raise ConfigError(f"{scheme}://...: credentials or ports do not go into the URL; set AWS_ACCESS_KEY_ID, "
                           "AWS_SECRET_ACCESS_KEY and AWS_ENDPOINT_URL in the environment")
-    if not _BUCKET.match(bucket):
-        raise ConfigError(f"{scheme}://{bucket[:80]}: not a valid bucket name "
+    if not _BUCKET[scheme].fullmatch(bucket):
+        raise ConfigError(f"{scheme}://{_shown(bucket[:80])}: not a valid bucket name "
                           "(3-63 lower-case letters, digits, '.', '-')")
     parts = path.split("/") if path else []
-    if any(p in ("", ".", "..") or any(ord(c) < 32 or c == "\\" for c in p) for p in parts):
-        raise ConfigError(f"{scheme}://{bucket}/{path[:200]}: the prefix has an empty, '.' or '..' part or a control "
-                          "character; name the folder plainly")
+    if any(p in ("", ".", "..") or any(ord(c) < 32 or c in "\\\x7f" for c in p) for p in parts):
+        raise ConfigError(f"{scheme}://{bucket}/{_shown(path[:200])}: the prefix has an empty, '.' or '..' part or "
+                          "a control character; name the folder plainly")
     return Url(scheme, bucket, "/".join(parts))
+
+
+def _shown(text: str) -> str:
+    """`text` as it is when printable, else its repr (a message stays one line)."""
+    return text if text.isprintable() else repr(text)
 
 
 def _obstore() -> Any:
