@@ -14,10 +14,9 @@ Object stores cannot rename, so the local rules (a temporary sibling, an atomic 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +27,11 @@ from ..errors import OutputExistsError
 from ..formats.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from ..formats.storage import LOCAL, LocalReader, Location, register_mount
 from .catalogue import LOCK_NAME, list_objects
+from .locks import LockObject
 from .objects import RemoteReader, RemoteWriter
 from .urls import RemoteError, Url, remote_error
+
+log = logging.getLogger(__name__)
 
 
 class DestinationStorage:
@@ -97,9 +99,7 @@ class DestinationMount:
         self.shared, self.ranks, self.group = shared, ranks, group
         self.storage = DestinationStorage(store, url, root)
         self.existing: dict[str, int] = {}
-        self.lock_name = f"{LOCK_NAME}-{socket.gethostname()[:64]}-{os.getpid()}-{secrets.token_hex(4)}" \
-            if shared else LOCK_NAME  # fmt: skip
-        self.locked = False
+        self.lock = LockObject(store, url, shared=shared, ranks=ranks, group=group)
 
     @property
     def target(self) -> Path:
@@ -109,7 +109,7 @@ class DestinationMount:
         """Take the lock, check what is there (deleting the old manifest first under `--overwrite`), register the
         mount; the local folder to write (a fresh destination: it does not exist yet; `shared`: it holds the
         root manifest and an empty folder per rank folder already in the store)."""
-        self._lock()
+        self.lock.take()
         try:
             self.existing = {n: s for n, s in list_objects(self.store, self.url).items()
                              if not n.startswith(LOCK_NAME)}  # fmt: skip
@@ -126,60 +126,6 @@ class DestinationMount:
             self.close()
             raise
         return self.target
-
-    def _lock(self) -> None:
-        import obstore
-        from obstore.exceptions import AlreadyExistsError
-
-        body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-                           "ranks": self.ranks, "group": self.group}).encode()  # fmt: skip
-        try:
-            obstore.put(self.store, self.url.key(self.lock_name), body, mode="create")
-        except AlreadyExistsError:
-            raise RemoteError(f"{self.url}: another jaxreshard run is writing it (its lock object "
-                              f"{self.url.child(self.lock_name)} exists); if no run is, delete that object") from None
-        except Exception as e:
-            raise remote_error(e, self.url.child(self.lock_name), "creating the lock object") from None
-        self.locked = True
-        other = self._conflicting_lock()
-        if other is not None:
-            self.close()
-            raise RemoteError(f"{self.url}: another jaxreshard run is writing it (its lock object "
-                              f"{self.url.child(other)} exists, for the whole output or for some of these ranks); "
-                              "if no run is, delete that object")
-
-    def _conflicting_lock(self) -> str | None:
-        """Another run's lock this one cannot share the destination with (both runs check after creating theirs,
-        so two conflicting runs never both go on)."""
-        import obstore
-
-        mine = set(self.ranks) if self.ranks is not None else None
-        try:  # the top level only (object_store lists by path: a key prefix such as '.jaxreshard.lock' lists nothing)
-            top = obstore.list_with_delimiter(self.store, prefix=self.url.prefix or None)["objects"]
-        except Exception as e:
-            raise remote_error(e, str(self.url), "listing") from None
-        for meta in top:
-            name = meta["path"].rpartition("/")[2]
-            if name == self.lock_name or not name.startswith(LOCK_NAME):
-                continue
-            if not self.shared or name == LOCK_NAME:
-                return name
-            theirs, group = self._lock_body(meta["path"])
-            if self.group is not None and group == self.group:
-                continue  # a process of the same multi-host job: JAX gives each its own ranks
-            if mine is None or theirs is None or mine & theirs:
-                return name
-        return None
-
-    def _lock_body(self, key: str) -> tuple[set[int] | None, str | None]:
-        import obstore
-
-        try:
-            body = json.loads(bytes(obstore.get(self.store, key).bytes()))
-            ranks = body.get("ranks")
-            return ({int(r) for r in ranks} if isinstance(ranks, list) else None), body.get("group")
-        except Exception:  # noqa: BLE001 - unreadable or gone: treated as a lock on every rank
-            return None, None
 
     def _mirror_root(self) -> None:
         """The local folder of a shared destination: its root manifest, and an empty folder for each rank folder
@@ -285,9 +231,4 @@ class DestinationMount:
         failed run's uploads are aborted, never left to die with the process."""
         self.storage.abort_uploads()
         register_mount(self.root, None)
-        if self.locked:
-            self.locked = False
-            try:
-                self._delete([self.lock_name])
-            except RemoteError:
-                pass  # the run's own outcome matters more; the next run names the lock object if it stays
+        self.lock.release()
