@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import api
+from .. import api, remote
 from ..errors import ConfigError, JaxreshardError
 from ..formats.mindspore_strategy import read_strategy
 from ..logs import configure_logging
@@ -66,6 +66,7 @@ def rank_block(rank_id: int | None, world_size: int, process_num: int) -> str | 
     return f"{rank_id}-{rank_id + size - 1}"
 
 
+@remote.views(sources=("src_checkpoint",))  # s3:// and gs:// sources (destinations: write locally)
 def transform_checkpoint(
     src_checkpoint: str, dst_dir: str, src_strategy: str | None, dst_strategy: str | None, prefix: str,
     rank_id: int | None, world_size: int | None, process_num: int, overwrite: bool = False,
