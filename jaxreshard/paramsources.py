@@ -51,6 +51,12 @@ class ParamSources:
             if renamed else src_entries  # fmt: skip
         self.strict = strict
         self._grids: dict[str, SourceGrid] = {}
+        # a box's reads depend on the grid's blocks and holders, not on the parameter's name: parameters with the
+        # same shape and source layout share one cover per box (planning is per layout, not per tensor)
+        self._covers: dict[tuple[int, Box], tuple[ReadItem, ...]] = {}
+        self._key_ids: dict[object, int] = {}  # grid key -> a small int (cheap to hash per box)
+        self._grid_key: dict[str, int | None] = {}
+        self.cover_calls = 0  # covers actually computed (tests bound it: a regression to per-tensor work shows)
         for name in self.layouts:  # checked up front: a file lacking a tensor is an error whatever ranks are asked
             self.grid(name)
 
@@ -64,7 +70,8 @@ class ParamSources:
     def grid(self, name: str) -> SourceGrid:
         if name not in self._grids:
             shape, layout = self.layouts[name]
-            self._grids[name] = source_grid(name, shape, layout, self.entries, strict=self.strict)
+            grid = self._grids[name] = source_grid(name, shape, layout, self.entries, strict=self.strict)
+            self._grid_key[name] = None if grid.key is None else self._key_ids.setdefault(grid.key, len(self._key_ids))
         return self._grids[name]
 
     def shard(self, param: str, box: Box) -> tuple[tuple[ReadItem, ...], tuple[Piece, ...]]:
@@ -72,8 +79,22 @@ class ParamSources:
         (a `ShardPlan`'s `reads` and `pieces`)."""
         source = self.params[param][3]
         if source is not None:
-            return (), pieces(source, box, lambda name, b: cover(self.grid(name), b))
-        return cover(self.grid(param), box), ()
+            return (), pieces(source, box, lambda name, b: self.cover(name, b))
+        return self.cover(param, box), ()
+
+    def cover(self, name: str, box: Box) -> tuple[ReadItem, ...]:
+        """`coverage.cover` of `box` from the tensor `name`, computed once per (grid key, box)."""
+        grid = self.grid(name)
+        kid = self._grid_key[name]
+        if kid is None:
+            self.cover_calls += 1
+            return cover(grid, box)
+        key = (kid, box)
+        reads = self._covers.get(key)
+        if reads is None:
+            self.cover_calls += 1
+            reads = self._covers[key] = cover(grid, box)
+        return reads
 
 
 

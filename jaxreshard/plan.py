@@ -28,6 +28,7 @@ from .errors import PlanError
 from .formats.base import TensorEntry
 from .layout import COMPLETE, ParamLayout
 from .paramsources import ParamSources, full_shape, merge_orders
+from .rankgroups import layout_groups, per_rank
 from .rulemap import apply_rules
 from .rules import Rules
 from .transforms import Cast, Transform
@@ -181,12 +182,9 @@ def make_plan(
 
     dst_total = dst_layout.num_ranks if dst_layout is not None else 1
     wanted = dst_rank_list(dst_ranks, dst_total)
-    covers: dict[tuple[str, Box], ShardPlan] = {}
 
-    def shard(param: str, box: Box) -> ShardPlan:  # replicas of a box share one ShardPlan (read once)
-        if (param, box) not in covers:
-            covers[(param, box)] = ShardPlan(param, box, *sources.shard(param, box))
-        return covers[(param, box)]
+    def shard(param: str, box: Box) -> ShardPlan:  # once per (parameter, distinct box): replicas share it (read once)
+        return ShardPlan(param, box, *sources.shard(param, box))
 
     ranks = rank_plans(infos, wanted, prefix, suffix, shard)
     return Plan(infos, ranks, sources.entries)
@@ -205,16 +203,18 @@ def rank_plans(
     infos: Mapping[str, ParamInfo], ranks: Iterable[int], prefix: str, suffix: str,
     shard: Callable[[str, Box], ShardPlan],
 ) -> tuple[RankPlan, ...]:  # fmt: skip
-    """Per destination rank, the shard of every parameter its pipeline stage holds, in parameter order."""
-    out = []
-    for rank in ranks:
-        shards = []
-        for param, info in infos.items():
-            n = info.dst_layout.devices_per_stage
-            if rank // n in info.dst_layout.stages:
-                shards.append(shard(param, info.dst_layout.box(info.shape, rank % n)))
-        out.append(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", tuple(shards)))
-    return tuple(out)
+    """Per destination rank, the shard of every parameter its pipeline stage holds, in parameter order.
+
+    Planned per layout, not per parameter x rank: parameters of one shape and destination layout form a group
+    whose boxes are computed once per local rank; `shard` is called once per (parameter, distinct box) a wanted
+    rank holds; and ranks that hold the same boxes of every group (data-parallel replicas) share one tuple of
+    shards, built at C speed. A 90k-tensor x 1024-rank plan thus costs about one object per distinct shard.
+    """
+    wanted = list(ranks)
+    groups, group_of = layout_groups([(info.shape, info.dst_layout) for info in infos.values()], wanted)
+    tables = [[shard(param, box) for box in groups[g].boxes] for param, g in zip(infos, group_of)]
+    return tuple(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", shards)
+                 for rank, shards in per_rank(groups, group_of, tables, wanted))
 
 
 def with_dtype(plan: Plan, dtype: np.dtype | None) -> Plan:

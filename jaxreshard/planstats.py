@@ -28,29 +28,43 @@ class PlanStats:
 
 
 def plan_stats(plan: Plan) -> PlanStats:
-    """The numbers `jaxreshard plan` prints; pure arithmetic over the plan."""
+    """The numbers `jaxreshard plan` prints; pure arithmetic over the plan.
+
+    Ranks that share one shards tuple (data-parallel replicas, see rankgroups.per_rank) are summed once.
+    """
+    itemsize = {p: (i.src_dtype.itemsize, i.dst_dtype.itemsize) for p, i in plan.params.items()}
     rank_stats = []
     distinct: dict[tuple[str, Box], ShardPlan] = {}
+    summaries: dict[int, tuple[tuple[str, ...], int, int]] = {}  # id(shards) -> (files, read, write); plan keeps them
     write_total = 0
     for rank in plan.ranks:
-        read = write = 0
-        files: dict[str, None] = {}
-        for shard in rank.shards:
-            info = plan.params[shard.param]
-            distinct[(shard.param, shard.dst_box)] = shard
-            write += shard.dst_box.size * info.dst_dtype.itemsize
-            for param, item in shard.source_reads():
-                read += item.region.size * info.src_dtype.itemsize
-                files[str(plan.src_path(item, param))] = None
+        summary = summaries.get(id(rank.shards))
+        if summary is None:
+            summary = summaries[id(rank.shards)] = _summarise(plan, rank.shards, itemsize, distinct)
+        files, read, write = summary
         write_total += write
-        rank_stats.append(RankStats(rank.dst_rank, rank.dst_file, tuple(files), len(rank.shards), read, write))
+        rank_stats.append(RankStats(rank.dst_rank, rank.dst_file, files, len(rank.shards), read, write))
     per_param: dict[str, int] = {}
     read_total = 0
     for (param, box), shard in distinct.items():
-        info = plan.params[param]
-        per_param[param] = per_param.get(param, 0) + box.size * info.src_dtype.itemsize
-        if info.dst_dtype != info.src_dtype:
-            per_param[param] += box.size * info.dst_dtype.itemsize
-        read_total += sum(item.region.size for _, item in shard.source_reads()) * info.src_dtype.itemsize
+        src, dst = itemsize[param]
+        size = box.size
+        per_param[param] = per_param.get(param, 0) + size * src + (size * dst if dst != src else 0)
+        read_total += sum(item.region.size for _, item in shard.source_reads()) * src
     peak_param = max(per_param, key=per_param.__getitem__, default="")
     return PlanStats(tuple(rank_stats), read_total, write_total, per_param.get(peak_param, 0), peak_param)
+
+
+def _summarise(plan: Plan, shards: tuple[ShardPlan, ...], itemsize: dict[str, tuple[int, int]],
+               distinct: dict[tuple[str, Box], ShardPlan]) -> tuple[tuple[str, ...], int, int]:  # fmt: skip
+    """One rank's source files, read bytes and write bytes; records its distinct boxes in `distinct`."""
+    read = write = 0
+    files: dict[str, None] = {}
+    for shard in shards:
+        src, dst = itemsize[shard.param]
+        distinct[(shard.param, shard.dst_box)] = shard
+        write += shard.dst_box.size * dst
+        for param, item in shard.source_reads():
+            read += item.region.size * src
+            files[str(plan.src_path(item, param))] = None
+    return tuple(files), read, write
