@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping, Sequence
+from itertools import repeat
 
 import numpy as np
 
@@ -54,6 +55,7 @@ class ParamSources:
         # a box's reads depend on the grid's blocks and holders, not on the parameter's name: parameters with the
         # same shape and source layout share one cover per box (planning is per layout, not per tensor)
         self._covers: dict[tuple[int, Box], tuple[ReadItem, ...]] = {}
+        self._batches: dict[tuple[int, int], tuple[tuple[Box, ...], list[tuple[ReadItem, ...]]]] = {}
         self._key_ids: dict[object, int] = {}  # grid key -> a small int (cheap to hash per box)
         self._grid_key: dict[str, int | None] = {}
         self.cover_calls = 0  # covers actually computed (tests bound it: a regression to per-tensor work shows)
@@ -82,18 +84,31 @@ class ParamSources:
             return (), pieces(source, box, lambda name, b: self.cover(name, b))
         return self.cover(param, box), ()
 
+    def shards(self, param: str, boxes: tuple[Box, ...]) -> tuple[Sequence[tuple[ReadItem, ...]],
+                                                                  Sequence[tuple[Piece, ...]]]:  # fmt: skip
+        """`shard` of each of `boxes` as (reads per box, pieces per box). A layout group's boxes tuple is one
+        object, so the covers of a plain tensor are looked up once per (grid key, boxes), not once per box."""
+        kid = self._grid_key.get(param)
+        if self.params[param][3] is not None or kid is None:
+            done = [self.shard(param, box) for box in boxes]
+            return [d[0] for d in done], [d[1] for d in done]
+        key = (kid, id(boxes))
+        hit = self._batches.get(key)
+        if hit is None:  # the value keeps `boxes` alive, so its id is not reused while the key exists
+            hit = self._batches[key] = (boxes, [self.cover(param, box) for box in boxes])
+        return hit[1], repeat((), len(boxes))  # type: ignore[return-value]
+
     def cover(self, name: str, box: Box) -> tuple[ReadItem, ...]:
         """`coverage.cover` of `box` from the tensor `name`, computed once per (grid key, box)."""
-        grid = self.grid(name)
-        kid = self._grid_key[name]
+        kid = self._grid_key.get(name)
         if kid is None:
             self.cover_calls += 1
-            return cover(grid, box)
+            return cover(self.grid(name), box)
         key = (kid, box)
         reads = self._covers.get(key)
         if reads is None:
             self.cover_calls += 1
-            reads = self._covers[key] = cover(grid, box)
+            reads = self._covers[key] = cover(self.grid(name), box)
         return reads
 
 
@@ -106,6 +121,8 @@ def merge_orders(orders: Sequence[Sequence[str]]) -> list[str]:
     so a topological merge of the per-file orders recovers it; ties go to the name seen first. If the files
     disagree (a cycle), the remaining names follow first appearance.
     """
+    if len(orders) == 1 and len(set(orders[0])) == len(orders[0]):
+        return list(orders[0])  # one file (a complete source): its order, as the merge below would give
     first_seen: dict[str, int] = {}
     successors: dict[str, set[str]] = {}
     indegree: dict[str, int] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -183,10 +184,11 @@ def make_plan(
     dst_total = dst_layout.num_ranks if dst_layout is not None else 1
     wanted = dst_rank_list(dst_ranks, dst_total)
 
-    def shard(param: str, box: Box) -> ShardPlan:  # once per (parameter, distinct box): replicas share it (read once)
-        return ShardPlan(param, box, *sources.shard(param, box))
+    def shards(param: str, boxes: tuple[Box, ...]) -> list[ShardPlan]:  # replicas share one per box (read once)
+        reads, pieces = sources.shards(param, boxes)
+        return list(map(ShardPlan, repeat(param), boxes, reads, pieces))
 
-    ranks = rank_plans(infos, wanted, prefix, suffix, shard)
+    ranks = rank_plans(infos, wanted, prefix, suffix, shards)
     return Plan(infos, ranks, sources.entries)
 
 
@@ -201,20 +203,20 @@ def dst_rank_list(dst_ranks: Iterable[int] | None, total: int, what: str = "layo
 
 def rank_plans(
     infos: Mapping[str, ParamInfo], ranks: Iterable[int], prefix: str, suffix: str,
-    shard: Callable[[str, Box], ShardPlan],
+    shards: Callable[[str, tuple[Box, ...]], Sequence[ShardPlan]],
 ) -> tuple[RankPlan, ...]:  # fmt: skip
     """Per destination rank, the shard of every parameter its pipeline stage holds, in parameter order.
 
-    Planned per layout, not per parameter x rank: parameters of one shape and destination layout form a group
-    whose boxes are computed once per local rank; `shard` is called once per (parameter, distinct box) a wanted
-    rank holds; and ranks that hold the same boxes of every group (data-parallel replicas) share one tuple of
-    shards, built at C speed. A 90k-tensor x 1024-rank plan thus costs about one object per distinct shard.
+    Planned per layout, not per parameter x rank (rankgroups.py): parameters of one shape and destination layout
+    form a group whose boxes are computed once; `shards(param, boxes)` is called once per parameter with the
+    distinct boxes the wanted ranks hold of it, one `ShardPlan` per box; and ranks that hold the same boxes of
+    every group (data-parallel replicas) share one tuple of shards.
     """
     wanted = list(ranks)
     groups, group_of = layout_groups([(info.shape, info.dst_layout) for info in infos.values()], wanted)
-    tables = [[shard(param, box) for box in groups[g].boxes] for param, g in zip(infos, group_of)]
-    return tuple(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", shards)
-                 for rank, shards in per_rank(groups, group_of, tables, wanted))
+    tables = [shards(param, groups[g].boxes) if groups[g].boxes else () for param, g in zip(infos, group_of)]
+    return tuple(RankPlan(rank, f"rank_{rank}/{prefix}{rank}{suffix}", held)
+                 for rank, held in per_rank(groups, group_of, tables, wanted))
 
 
 def with_dtype(plan: Plan, dtype: np.dtype | None) -> Plan:

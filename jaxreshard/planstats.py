@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import attrgetter, itemgetter, mul
+from operator import attrgetter, getitem, itemgetter, mul
+
+import numpy as np
 
 from .box import Box
 from .coverage import ReadItem
@@ -33,7 +35,8 @@ def plan_stats(plan: Plan) -> PlanStats:
     """The numbers `jaxreshard plan` prints; pure arithmetic over the plan.
 
     Ranks that share one shards tuple (data-parallel replicas, see rankgroups.per_rank) are summed once, and
-    the reads tuples parameters share (one cover per layout and box) are measured once.
+    a rank's tens of thousands of shards are summed with C-level `map`s over memos keyed by object identity
+    (the boxes and reads tuples one layout group shares), so a 90k-tensor x 1024-rank plan sums in a second.
     """
     tally = _Tally(plan)
     rank_stats = []
@@ -46,68 +49,91 @@ def plan_stats(plan: Plan) -> PlanStats:
         files, read, write = summary
         write_total += write
         rank_stats.append(RankStats(rank.dst_rank, rank.dst_file, files, len(rank.shards), read, write))
-    per_param: dict[str, int] = {}
-    read_total = 0
-    for (param, box), shard in tally.distinct.items():
-        src, dst = tally.itemsize[param]
-        size = box.size
-        per_param[param] = per_param.get(param, 0) + size * src + (size * dst if dst != src else 0)
-        read_total += tally.read_elems(shard) * src
+    per_param, read_total = tally.distinct_totals()
     peak_param = max(per_param, key=per_param.__getitem__, default="")
     return PlanStats(tuple(rank_stats), read_total, write_total, per_param.get(peak_param, 0), peak_param)
 
 
-_PARAM, _BOX, _READS, _PIECES, _SIZE = (attrgetter(a) for a in ("param", "dst_box", "reads", "pieces", "size"))
+_PARAM, _BOX, _READS, _PIECES, _PATH = (attrgetter(a) for a in ("param", "dst_box", "reads", "pieces", "path"))
+_START, _STOP = attrgetter("start"), attrgetter("stop")
 
 
 class _Tally:
-    """Per-rank sums over a plan. A rank's tens of thousands of shards are summed with C-level `map`s, and the
-    numbers of each reads tuple (shared by every parameter of one layout and box) are computed once."""
+    """Sums over a plan's shards, memoised by the identity of the objects shards share (boxes, reads tuples);
+    `_keep` holds every memoised object so that no id is reused while the tally lives."""
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.itemsize = {p: (i.src_dtype.itemsize, i.dst_dtype.itemsize) for p, i in plan.params.items()}
-        self._src = {p: i[0] for p, i in self.itemsize.items()}
-        self._dst = {p: i[1] for p, i in self.itemsize.items()}
-        self.distinct: dict[tuple[str, Box], ShardPlan] = {}  # each distinct destination box, read once
+        self._src = {p: i.src_dtype.itemsize for p, i in plan.params.items()}
+        self._dst = {p: i.dst_dtype.itemsize for p, i in plan.params.items()}
+        self.distinct: dict[tuple[str, tuple[int, ...], tuple[int, ...]], ShardPlan] = {}  # read once each
+        self._sizes: dict[int, int] = {}  # id(box) -> elements
         self._reads: dict[int, tuple[int, tuple[int, ...]]] = {}  # id(reads) -> (elements, source ranks in order)
-        self._keep: list[tuple[ReadItem, ...]] = []  # keeps the memoised tuples (and so their ids) alive
+        self._keep: list[object] = []
 
-    def _own_reads(self, reads: tuple[ReadItem, ...]) -> tuple[int, tuple[int, ...]]:
-        memo = self._reads.get(id(reads))
-        if memo is None:
-            ranks = tuple(dict.fromkeys(item.src_rank for item in reads))
-            memo = self._reads[id(reads)] = (sum(item.region.size for item in reads), ranks)
-            self._keep.append(reads)
-        return memo
+    def _box_sizes(self, boxes: list[Box]) -> list[int]:
+        ids = list(map(id, boxes))
+        for key, box in dict(zip(ids, boxes)).items():
+            if key not in self._sizes:
+                self._sizes[key] = box.size
+                self._keep.append(box)
+        return list(map(self._sizes.__getitem__, ids))
 
-    def read_elems(self, shard: ShardPlan) -> int:
-        elems = self._own_reads(shard.reads)[0]
-        return elems + sum(item.region.size for piece in shard.pieces for item in piece.reads)
+    def _own_reads(self, reads: list[tuple[ReadItem, ...]]) -> list[tuple[int, tuple[int, ...]]]:
+        ids = list(map(id, reads))
+        for key, items in dict(zip(ids, reads)).items():
+            if key not in self._reads:
+                ranks = tuple(dict.fromkeys(item.src_rank for item in items))
+                self._reads[key] = (sum(item.region.size for item in items), ranks)
+                self._keep.append(items)
+        return list(map(self._reads.__getitem__, ids))
 
     def rank(self, shards: tuple[ShardPlan, ...]) -> tuple[tuple[str, ...], int, int]:
         """One rank's source files (in read order), read bytes and write bytes."""
         if any(map(_PIECES, shards)):
             return self._rank_composed(shards)
         params, boxes = list(map(_PARAM, shards)), list(map(_BOX, shards))
-        self.distinct.update(zip(zip(params, boxes), shards))
-        write = sum(map(mul, map(_SIZE, boxes), map(self._dst.__getitem__, params)))
-        memos = list(map(self._own_reads, map(_READS, shards)))
+        self.distinct.update(zip(zip(params, map(_START, boxes), map(_STOP, boxes)), shards))
+        write = sum(map(mul, self._box_sizes(boxes), map(self._dst.__getitem__, params)))
+        memos = self._own_reads(list(map(_READS, shards)))
         read = sum(map(mul, map(itemgetter(0), memos), map(self._src.__getitem__, params)))
         entries = self.plan.src_entries
-        paths = {id(path): path for param, (_, ranks) in zip(params, memos) for r in ranks
-                 for path in (entries[r][param].path,)}  # fmt: skip
-        return tuple(dict.fromkeys(map(str, paths.values()))), read, write
+        ranks = list(map(itemgetter(1), memos))
+        if all(len(r) == 1 for r in set(ranks)):  # each shard read from one source rank: all at C speed
+            paths = list(map(_PATH, map(getitem, map(entries.__getitem__, map(itemgetter(0), ranks)), params)))
+        else:
+            paths = [entries[r][param].path for param, rs in zip(params, ranks) for r in rs]
+        unique = dict(zip(map(id, paths), paths)).values()
+        return tuple(dict.fromkeys(map(str, unique))), read, write
 
     def _rank_composed(self, shards: tuple[ShardPlan, ...]) -> tuple[tuple[str, ...], int, int]:
         """`rank` for shards some of which are composed of pieces of other tensors (transform rules)."""
         read = write = 0
         files: dict[str, None] = {}
         for shard in shards:
-            src, dst = self.itemsize[shard.param]
-            self.distinct[(shard.param, shard.dst_box)] = shard
+            src, dst = self._src[shard.param], self._dst[shard.param]
+            self.distinct[(shard.param, shard.dst_box.start, shard.dst_box.stop)] = shard
             write += shard.dst_box.size * dst
             for param, item in shard.source_reads():
                 read += item.region.size * src
                 files[str(self.plan.src_path(item, param))] = None
         return tuple(files), read, write
+
+    def distinct_totals(self) -> tuple[dict[str, int], int]:
+        """Bytes in flight per parameter (each distinct box, plus its cast copy; parameters in the order the
+        distinct boxes first appear) and bytes read in all."""
+        shards = list(self.distinct.values())
+        params = list(map(_PARAM, shards))
+        sizes = self._box_sizes(list(map(_BOX, shards)))
+        elems = map(itemgetter(0), self._own_reads(list(map(_READS, shards))))
+        read_total = sum(map(mul, elems, map(self._src.__getitem__, params)))
+        for shard in filter(_PIECES, shards):
+            pieces = sum(item.region.size for piece in shard.pieces for item in piece.reads)
+            read_total += pieces * self._src[shard.param]
+        flight = {p: self._src[p] + (self._dst[p] if self._dst[p] != self._src[p] else 0) for p in self._src}
+        order = list(dict.fromkeys(params))
+        number = {p: i for i, p in enumerate(order)}
+        acc = np.zeros(len(order), dtype=np.int64)
+        np.add.at(acc, np.fromiter(map(number.__getitem__, params), np.int64, len(params)),
+                  np.fromiter(map(mul, sizes, map(flight.__getitem__, params)), np.int64, len(params)))
+        return dict(zip(order, acc.tolist())), read_total

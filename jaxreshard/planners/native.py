@@ -64,6 +64,7 @@ class NativePlanner:
         src_layout = as_layout(src, ndims)
         self.src_layout: LayoutLike | None = source_layout(source, fp8.following(src_layout) if scaled else src_layout)
         self._resolved: dict[str, ParamLayout] | None = None
+        self._names: list[str] | None = None
         self._sources: ParamSources | None = None
         if source.distributed and self.src_layout is None:
             raise ConfigError(
@@ -102,17 +103,25 @@ class NativePlanner:
             return
         block = fp8.block_size(self.source.root)
         dst = self.dst_layout.resolve(list(pairs.values())) if self.dst_layout is not None else {}
+        src = self._src_params()
+        checked: set[tuple[object, ...]] = set()  # the check is pure in these, so once per distinct case
         for scale, weight in pairs.items():
-            layouts = {"source": self._src_params()[weight], "destination": dst.get(weight, COMPLETE)}
-            fp8.check_scale_blocks(scale, weight, self.full_shape(weight)[0], self.full_shape(scale)[0], layouts,
-                                   block)
+            layouts = {"source": src[weight], "destination": dst.get(weight, COMPLETE)}
+            shape, scale_shape = self.full_shape(weight)[0], self.full_shape(scale)[0]
+            case = (shape, scale_shape, layouts["source"], layouts["destination"])
+            if case not in checked:
+                fp8.check_scale_blocks(scale, weight, shape, scale_shape, layouts, block)
+                checked.add(case)
 
     def params(self) -> list[str]:
         """The parameters a load can ask for: the transformed names under transform rules."""
         return list(self.transformed().params) if self.rules is not None else self._src_names()
 
     def _src_names(self) -> list[str]:
-        return merge_orders([list(self.source.entries[r]) for r in sorted(self.source.entries)])
+        """The source's parameter names in order (merged once; a copy each call)."""
+        if self._names is None:
+            self._names = merge_orders([list(self.source.entries[r]) for r in sorted(self.source.entries)])
+        return list(self._names)
 
     def _src_params(self) -> dict[str, ParamLayout]:
         """Every source parameter's layout, resolved over all names at once (a layout's stages may depend on
