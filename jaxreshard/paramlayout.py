@@ -73,7 +73,12 @@ class ParamLayout:
         return Box(start, stop)
 
     def global_ranks(self) -> list[int]:
-        return list(_global_ranks(self.devices_per_stage, self.stages))
+        return list(self.rank_tuple)
+
+    @property
+    def rank_tuple(self) -> tuple[int, ...]:
+        """`global_ranks` as a shared tuple (memoised; for loops over every tensor of a large checkpoint)."""
+        return _global_ranks(self.devices_per_stage, self.stages)
 
     @property
     def mesh_shape(self) -> tuple[int, ...]:

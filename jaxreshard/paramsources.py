@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping, Sequence
 from itertools import repeat
+from operator import mul
 
 import numpy as np
 
@@ -32,9 +33,31 @@ class ParamSources:
                  targets: Mapping[str, Target] | None, strict: bool = True) -> None:  # fmt: skip
         self.params: dict[str, tuple[tuple[int, ...], np.dtype, ParamLayout, Composed | None]] = {}  # None: read
         self.layouts: dict[str, tuple[tuple[int, ...], ParamLayout]] = {}  # by name in `entries`
+        if targets is None:  # no transform rules: every tensor read as it is stored
+            for param in names:
+                shape, dtype = shapes[param]
+                self.params[param] = (shape, dtype, layouts[param], None)
+                self.layouts[param] = (shape, layouts[param])
+            self.entries = src_entries
+        else:
+            self._targets(names, shapes, layouts, src_entries, targets)
+        self.strict = strict
+        self._grids: dict[str, SourceGrid] = {}
+        # a box's reads depend on the grid's blocks and holders, not on the parameter's name: parameters with the
+        # same shape and source layout share one cover per box (planning is per layout, not per tensor)
+        self._covers: dict[tuple[int, Box], tuple[ReadItem, ...]] = {}
+        self._batches: dict[tuple[int, int], tuple[tuple[Box, ...], list[tuple[ReadItem, ...]]]] = {}
+        self._key_ids: dict[object, int] = {}  # grid key -> a small int (cheap to hash per box)
+        self._grid_key: dict[str, int | None] = {}
+        self.cover_calls = 0  # covers actually computed (tests bound it: a regression to per-tensor work shows)
+        for name in self.layouts:  # checked up front: a file lacking a tensor is an error whatever ranks are asked
+            self.grid(name)
+
+    def _targets(self, names: Sequence[str], shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                 layouts: Mapping[str, ParamLayout], src_entries: Mapping[int, Mapping[str, TensorEntry]],
+                 targets: Mapping[str, Target]) -> None:  # fmt: skip
+        """`params`, `layouts` and `entries` under transform rules: renamed or composed tensors."""
         stored: dict[str, str] = {}  # name in `entries` -> source name
-        if targets is None:
-            targets = {p: Target(*shapes[p], (), None) for p in names}
         for param, target in targets.items():
             part = target.parts[0] if len(target.parts) == 1 else None
             if target.rule is None or (part is not None and part.is_whole(shapes[part.src_param][0])):
@@ -50,17 +73,6 @@ class ParamSources:
         renamed = any(k != src for k, src in stored.items()) or len(stored) < len(names)
         self.entries = {r: {k: e[src] for k, src in stored.items() if src in e} for r, e in src_entries.items()} \
             if renamed else src_entries  # fmt: skip
-        self.strict = strict
-        self._grids: dict[str, SourceGrid] = {}
-        # a box's reads depend on the grid's blocks and holders, not on the parameter's name: parameters with the
-        # same shape and source layout share one cover per box (planning is per layout, not per tensor)
-        self._covers: dict[tuple[int, Box], tuple[ReadItem, ...]] = {}
-        self._batches: dict[tuple[int, int], tuple[tuple[Box, ...], list[tuple[ReadItem, ...]]]] = {}
-        self._key_ids: dict[object, int] = {}  # grid key -> a small int (cheap to hash per box)
-        self._grid_key: dict[str, int | None] = {}
-        self.cover_calls = 0  # covers actually computed (tests bound it: a regression to per-tensor work shows)
-        for name in self.layouts:  # checked up front: a file lacking a tensor is an error whatever ranks are asked
-            self.grid(name)
 
     @staticmethod
     def _store(stored: dict[str, str], key: str, src: str) -> None:
@@ -151,11 +163,14 @@ def merge_orders(orders: Sequence[Sequence[str]]) -> list[str]:
     return out
 
 
+_NONE: Mapping[str, TensorEntry] = {}
+
+
 def full_shape(
     param: str, layout: ParamLayout, src_entries: Mapping[int, Mapping[str, TensorEntry]]
 ) -> tuple[tuple[int, ...], np.dtype]:
     """Infer the full shape from the first source rank holding `param` and check every other holder."""
-    holders = [r for r in layout.global_ranks() if param in src_entries.get(r, {})]
+    holders = [r for r in layout.rank_tuple if param in src_entries.get(r, _NONE)]
     if not holders:
         found = [r for r in sorted(src_entries) if param in src_entries[r]]
         raise PlanError(
@@ -166,7 +181,7 @@ def full_shape(
     blocks = layout.blocks_per_dim(len(first.shape))
     if len(layout.spec) > len(first.shape):
         raise LayoutError(f"{first.path}: parameter {param!r} has {len(first.shape)} dims but its source spec has more")
-    shape = tuple(s * k for s, k in zip(first.shape, blocks))
+    shape = tuple(map(mul, first.shape, blocks))
     for rank in holders[1:]:
         entry = src_entries[rank][param]
         if entry.shape != first.shape or entry.dtype != first.dtype:

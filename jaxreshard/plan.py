@@ -44,6 +44,25 @@ class LayoutLike(Protocol):
     def resolve(self, params: Iterable[str]) -> dict[str, ParamLayout]: ...
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A layout with its parameters already resolved (over all names at once): resolving them again, or a
+    subset, is a lookup. Names it has not seen are resolved by the layout itself."""
+
+    layout: LayoutLike
+    layouts: Mapping[str, ParamLayout] = field(repr=False)
+
+    @property
+    def num_ranks(self) -> int:
+        return self.layout.num_ranks
+
+    def resolve(self, params: Iterable[str]) -> dict[str, ParamLayout]:
+        names = list(params)
+        if not all(map(self.layouts.__contains__, names)):
+            return self.layout.resolve(names)
+        return dict(zip(names, map(self.layouts.__getitem__, names)))
+
+
 class Restorer(Protocol):
     """A reader that restores whole arrays straight into any sharding itself (orbax_io.OrbaxSource)."""
 
@@ -146,6 +165,7 @@ def make_plan(
     strict: bool = True,
     rules: Rules | None = None,
     reverse: bool = False,
+    shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None,
 ) -> Plan:
     """Plan a conversion; raises `PlanError`/`LayoutError`/`FormatError` before anything is written.
 
@@ -153,7 +173,8 @@ def make_plan(
     `None` layouts mean complete. `dst_ranks` restricts the plan to some destination ranks. `strict=False`
     accepts rank files that lack parameters a replica holds (checkpoints saved with redundancy removed).
     `rules` (transforms, applied `reverse`d if asked) rename and compose source tensors: the destination layout
-    speaks of the transformed names and shapes.
+    speaks of the transformed names and shapes. `shapes`: the full shape and dtype of every source tensor, when
+    the caller has them already (`full_shape` of each).
     """
     names = merge_orders([list(src_entries[rank]) for rank in sorted(src_entries)])
     src_params = src_layout.resolve(names) if src_layout is not None else {p: COMPLETE for p in names}
@@ -170,7 +191,8 @@ def make_plan(
             f"the source layout has {src_total} ranks but rank folders {format_ranks(missing)} are missing; "
             "copy them in (or convert only some destination ranks)"
         )
-    shapes = {p: full_shape(p, src_params[p], src_entries) for p in names}
+    if shapes is None or not all(map(shapes.__contains__, names)):
+        shapes = {p: full_shape(p, src_params[p], src_entries) for p in names}
     targets = apply_rules(rules, names, shapes, reverse) if rules is not None else None
     sources = ParamSources(names, shapes, src_params, src_entries, targets, strict)
     dst_params = dst_layout.resolve(list(sources.params)) if dst_layout is not None else \
