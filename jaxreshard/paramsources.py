@@ -50,8 +50,12 @@ class ParamSources:
         self._key_ids: dict[object, int] = {}  # grid key -> a small int (cheap to hash per box)
         self._grid_key: dict[str, int | None] = {}
         self.cover_calls = 0  # covers actually computed (tests bound it: a regression to per-tensor work shows)
-        for name in self.layouts:  # checked up front: a file lacking a tensor is an error whatever ranks are asked
-            self.grid(name)
+        for name, (shape, layout) in self.layouts.items():  # checked up front: a file lacking a tensor is an error
+            if all(name in self.entries.get(r, _NONE) for r in layout.rank_tuple):  # whatever ranks are asked
+                # held by every rank its layout names: the grid is that of (shape, layout), built when first needed
+                self._grid_key[name] = self._key_ids.setdefault((shape, layout), len(self._key_ids))
+            else:
+                self.grid(name)
 
     def _targets(self, names: Sequence[str], shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                  layouts: Mapping[str, ParamLayout], src_entries: Mapping[int, Mapping[str, TensorEntry]],
@@ -85,7 +89,9 @@ class ParamSources:
         if name not in self._grids:
             shape, layout = self.layouts[name]
             grid = self._grids[name] = source_grid(name, shape, layout, self.entries, strict=self.strict)
-            self._grid_key[name] = None if grid.key is None else self._key_ids.setdefault(grid.key, len(self._key_ids))
+            if name not in self._grid_key:
+                key = None if grid.key is None else ("partial", grid.key)
+                self._grid_key[name] = None if key is None else self._key_ids.setdefault(key, len(self._key_ids))
         return self._grids[name]
 
     def shard(self, param: str, box: Box) -> tuple[tuple[ReadItem, ...], tuple[Piece, ...]]:

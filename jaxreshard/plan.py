@@ -198,8 +198,11 @@ def make_plan(
     dst_params = dst_layout.resolve(list(sources.params)) if dst_layout is not None else \
         {p: COMPLETE for p in sources.params}  # fmt: skip
     infos = {}
+    checked: set[tuple[tuple[int, ...], ParamLayout]] = set()  # check_shape is pure in these: once per case
     for param, (shape, dtype, layout, composed) in sources.params.items():
-        dst_params[param].check_shape(param, shape)
+        if (shape, dst_params[param]) not in checked:
+            dst_params[param].check_shape(param, shape)
+            checked.add((shape, dst_params[param]))
         source = READS if composed is None else composed
         infos[param] = ParamInfo(param, shape, dtype, layout, dst_params[param], source=source)
 
