@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Benchmark: `jaxreshard plan` of a DeepSeek-V3-shaped checkpoint (about 1.3 TB in 314 safetensors files) to a
-64-rank and a 1024-rank destination layout.
+"""Benchmark: `jaxreshard plan` of a DeepSeek-V3-shaped checkpoint (314 safetensors files) to a 64-rank and a
+1024-rank destination layout.
 
-    python tools/bench/plan_scale.py [--data DIR] [--ranks 64 1024] [--profile]
+    python tools/bench/plan_scale.py [--data DIR] [--ranks 64 1024] [--weights fp8 bf16] [--profile]
 
 The source folder is built from DeepSeek-V3's config (61 layers, the first 3 dense, 256 routed experts + 1
-shared, MLA attention, FP8 e4m3 weights with 128 x 128 `weight_scale_inv` block scales where DeepSeek has
-them, bf16 embeddings, norms and router) as SPARSE files: each file gets its real safetensors header and is then
-`os.truncate`d to its full size, so the 1.3 TB cost no disk (planning reads headers only). Each case runs
+shared, MLA attention; bf16 embeddings, norms and router) in two variants: `fp8`, as DeepSeek-V3 ships (FP8 e4m3
+weights with 128 x 128 `weight_scale_inv` block scales: 90k tensors, 0.6 TiB) and `bf16` (dequantized weights,
+no scales: 45k tensors, 1.2 TiB). Files are SPARSE: each gets its real safetensors header and is then
+`os.truncate`d to its full size, so the terabyte costs no disk (planning reads headers only). Each case runs
 `python -m jaxreshard plan` in a fresh process; wall time and peak RSS come from `os.wait4`. `--profile` also
 runs each case under cProfile and prints the top functions by cumulative time. Prints a Markdown table.
 """
@@ -40,8 +41,14 @@ BF16, F32, FP8 = np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(ml
 Tensor = tuple[str, np.dtype, tuple[int, ...]]
 
 
+WEIGHTS = "fp8"  # --weights: "fp8" as DeepSeek-V3 ships (90k tensors, 0.6 TiB), "bf16" (45k tensors, 1.2 TiB)
+
+
 def fp8_weight(name: str, shape: tuple[int, int]) -> list[Tensor]:
-    """An FP8 weight and its block scale (one float32 per 128 x 128 block), as DeepSeek-V3 stores them."""
+    """An FP8 weight and its block scale (one float32 per 128 x 128 block), as DeepSeek-V3 stores them; with
+    `--weights bf16`, the dequantized bf16 weight alone."""
+    if WEIGHTS == "bf16":
+        return [(name, BF16, shape)]
     scale = tuple(-(-n // BLOCK) for n in shape)
     return [(name, FP8, shape), (name + "_scale_inv", F32, scale)]
 
@@ -105,9 +112,10 @@ def build_source(folder: Path) -> tuple[int, int]:
         weight_map.update({t[0]: name for t in part})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-              "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                      "weight_block_size": [BLOCK, BLOCK]}}
+    config: dict[str, object] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
+    if WEIGHTS == "fp8":
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [BLOCK, BLOCK]}
     (folder / "config.json").write_text(json.dumps(config))
     return len(tensors), total
 
@@ -153,30 +161,35 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=None, help="folder for the sparse source (default: a temp dir)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[64, 1024], choices=[64, 1024])
+    ap.add_argument("--weights", choices=["fp8", "bf16"], nargs="+", default=["fp8", "bf16"],
+                    help="fp8: as DeepSeek-V3 ships, with block scales; bf16: dequantized, no scales")
     ap.add_argument("--profile", action="store_true", help="also profile each case (cProfile, top 25)")
     args = ap.parse_args()
+    global WEIGHTS
     with tempfile.TemporaryDirectory(prefix="plan_scale_") as tmp:
         data = args.data or Path(tmp)
-        src = data / "deepseek_v3"
-        t0 = time.perf_counter()
-        count, total = build_source(src)
-        print(f"built {src}: {count} tensors in {FILES} sparse files, {total / 2**40:.2f} TiB "
-              f"({time.perf_counter() - t0:.1f} s)")
         rows = []
-        for ranks in args.ranks:
-            layout = data / f"deepseek_{ranks}.yaml"
-            layout.write_text(layout_yaml(ranks // 64))
-            wall, rss, rc, lines = run_case(src, layout, None)
-            rows.append(f"| {ranks} | {count} | {wall:.1f} | {rss / 2**20:.0f} | {rc} | {lines} |")
-            if args.profile:
-                prof = data / f"plan_{ranks}.prof"
-                run_case(src, layout, prof)
-                import pstats
+        for WEIGHTS in args.weights:
+            src = data / f"deepseek_v3_{WEIGHTS}"
+            t0 = time.perf_counter()
+            count, total = build_source(src)
+            print(f"built {src}: {count} tensors in {FILES} sparse files, {total / 2**40:.2f} TiB "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+            for ranks in args.ranks:
+                layout = data / f"deepseek_{ranks}.yaml"
+                layout.write_text(layout_yaml(ranks // 64))
+                wall, rss, rc, lines = run_case(src, layout, None)
+                rows.append(f"| {WEIGHTS} | {count} | {total / 2**40:.2f} | {ranks} | {wall:.1f} | "
+                            f"{rss / 2**20:.0f} | {rc} | {lines} |")
+                if args.profile:
+                    prof = data / f"plan_{WEIGHTS}_{ranks}.prof"
+                    run_case(src, layout, prof)
+                    import pstats
 
-                pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(25)
+                    pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(25)
     print(f"\n{platform.node()} ({os.cpu_count()} CPUs), Python {platform.python_version()}\n")
-    print("| destination ranks | tensors | plan wall (s) | peak RSS (MiB) | exit | output |")
-    print("|---:|---:|---:|---:|---:|---|")
+    print("| weights | tensors | TiB (sparse) | destination ranks | plan wall (s) | peak RSS (MiB) | exit | output |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(rows))
     return 0
 
