@@ -197,15 +197,7 @@ def make_plan(
     sources = ParamSources(names, shapes, src_params, src_entries, targets, strict)
     dst_params = dst_layout.resolve(list(sources.params)) if dst_layout is not None else \
         {p: COMPLETE for p in sources.params}  # fmt: skip
-    infos = {}
-    checked: set[tuple[tuple[int, ...], ParamLayout]] = set()  # check_shape is pure in these: once per case
-    for param, (shape, dtype, layout, composed) in sources.params.items():
-        if (shape, dst_params[param]) not in checked:
-            dst_params[param].check_shape(param, shape)
-            checked.add((shape, dst_params[param]))
-        source = READS if composed is None else composed
-        infos[param] = ParamInfo(param, shape, dtype, layout, dst_params[param], source=source)
-
+    infos = param_infos(sources, dst_params)
     dst_total = dst_layout.num_ranks if dst_layout is not None else 1
     wanted = dst_rank_list(dst_ranks, dst_total)
 
@@ -215,6 +207,20 @@ def make_plan(
 
     ranks = rank_plans(infos, wanted, prefix, suffix, shards)
     return Plan(infos, ranks, sources.entries)
+
+
+def param_infos(sources: ParamSources, dst_params: Mapping[str, ParamLayout]) -> dict[str, ParamInfo]:
+    """Every destination parameter's `ParamInfo`, its shape checked against its destination layout (once per
+    distinct shape and layout: the check is pure in them)."""
+    infos = {}
+    checked: set[tuple[tuple[int, ...], ParamLayout]] = set()
+    for param, (shape, dtype, layout, composed) in sources.params.items():
+        if (shape, dst_params[param]) not in checked:
+            dst_params[param].check_shape(param, shape)
+            checked.add((shape, dst_params[param]))
+        source = READS if composed is None else composed
+        infos[param] = ParamInfo(param, shape, dtype, layout, dst_params[param], source=source)
+    return infos
 
 
 def dst_rank_list(dst_ranks: Iterable[int] | None, total: int, what: str = "layout") -> list[int]:
