@@ -13,7 +13,9 @@ covered) is read in paramsources.py.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from itertools import repeat
 from pathlib import Path
@@ -154,6 +156,21 @@ class Plan:
         return self.src_entries[read.src_rank][param].path
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector: planning a 90k-tensor checkpoint makes about a million long-lived
+    objects and no reference cycles, which the collector would otherwise rescan many times over (a third of the
+    planning time). It resumes, as it was, on the way out."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@gc_paused()
 def make_plan(
     src_entries: Mapping[int, Mapping[str, TensorEntry]],
     src_layout: LayoutLike | None,

@@ -9,7 +9,7 @@ import numpy as np
 
 from .box import Box
 from .coverage import ReadItem
-from .plan import Plan, ShardPlan
+from .plan import Plan, ShardPlan, gc_paused
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,7 @@ class PlanStats:
     peak_param: str
 
 
+@gc_paused()
 def plan_stats(plan: Plan) -> PlanStats:
     """The numbers `jaxreshard plan` prints; pure arithmetic over the plan.
 

@@ -31,6 +31,7 @@ from ..plan import (
     ShardPlan,
     TextRecord,
     full_shape,
+    gc_paused,
     make_plan,
     merge_orders,
 )
@@ -88,6 +89,7 @@ class NativePlanner:
             self._sources = ParamSources(names, shapes, layouts, self.source.entries, targets)
         return self._sources
 
+    @gc_paused()
     def plan(self, request: FileRequest) -> Plan:
         source = self.source
         self._check_scales()
