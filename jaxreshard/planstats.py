@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import attrgetter, getitem, itemgetter, mul
+from operator import attrgetter, itemgetter, mul
 
 import numpy as np
 
@@ -71,6 +71,9 @@ class _Tally:
         self._sizes: dict[int, int] = {}  # id(box) -> elements
         self._reads: dict[int, tuple[int, tuple[int, ...]]] = {}  # id(reads) -> (elements, source ranks in order)
         self._keep: list[object] = []
+        self._composed = False  # a rank went through `_rank_composed`, which memoises nothing
+        # the last rank's parameters, their source and destination item sizes, its files per source ranks read
+        self._last: tuple[list[str], list[int], list[int], dict[tuple[int, ...], tuple[str, ...]]] = ([], [], [], {})
 
     def _box_sizes(self, boxes: list[Box]) -> list[int]:
         ids = list(map(id, boxes))
@@ -95,20 +98,29 @@ class _Tally:
             return self._rank_composed(shards)
         params, boxes = list(map(_PARAM, shards)), list(map(_BOX, shards))
         self.distinct.update(zip(zip(params, map(_START, boxes), map(_STOP, boxes)), shards))
-        write = sum(map(mul, self._box_sizes(boxes), map(self._dst.__getitem__, params)))
+        if params != self._last[0]:  # ranks of one stage hold the same parameters: their lookups are shared
+            self._last = (params, list(map(self._src.__getitem__, params)), list(map(self._dst.__getitem__, params)),
+                          {})  # fmt: skip
+        _, src, dst, files_by_ranks = self._last
+        write = sum(map(mul, self._box_sizes(boxes), dst))
         memos = self._own_reads(list(map(_READS, shards)))
-        read = sum(map(mul, map(itemgetter(0), memos), map(self._src.__getitem__, params)))
-        entries = self.plan.src_entries
+        read = sum(map(mul, map(itemgetter(0), memos), src))
         ranks = list(map(itemgetter(1), memos))
-        if all(len(r) == 1 for r in set(ranks)):  # each shard read from one source rank: all at C speed
-            paths = list(map(_PATH, map(getitem, map(entries.__getitem__, map(itemgetter(0), ranks)), params)))
-        else:
+        one = set(ranks)
+        key = next(iter(one)) if len(one) == 1 else None  # every shard read from the same source rank(s)
+        if key is None or key not in files_by_ranks:
+            entries = self.plan.src_entries
             paths = [entries[r][param].path for param, rs in zip(params, ranks) for r in rs]
-        unique = dict(zip(map(id, paths), paths)).values()
-        return tuple(dict.fromkeys(map(str, unique))), read, write
+            unique = dict(zip(map(id, paths), paths)).values()
+            files = tuple(dict.fromkeys(map(str, unique)))
+            if key is None:
+                return files, read, write
+            files_by_ranks[key] = files
+        return files_by_ranks[key], read, write
 
     def _rank_composed(self, shards: tuple[ShardPlan, ...]) -> tuple[tuple[str, ...], int, int]:
         """`rank` for shards some of which are composed of pieces of other tensors (transform rules)."""
+        self._composed = True
         read = write = 0
         files: dict[str, None] = {}
         for shard in shards:
@@ -125,8 +137,12 @@ class _Tally:
         distinct boxes first appear) and bytes read in all."""
         shards = list(self.distinct.values())
         params = list(map(_PARAM, shards))
-        sizes = self._box_sizes(list(map(_BOX, shards)))
-        elems = map(itemgetter(0), self._own_reads(list(map(_READS, shards))))
+        if self._composed:  # some boxes and reads were not memoised by `rank`
+            sizes = self._box_sizes(list(map(_BOX, shards)))
+            elems = map(itemgetter(0), self._own_reads(list(map(_READS, shards))))
+        else:  # every distinct shard passed through `rank`: its box and reads are memoised
+            sizes = list(map(self._sizes.__getitem__, map(id, map(_BOX, shards))))
+            elems = map(itemgetter(0), map(self._reads.__getitem__, map(id, map(_READS, shards))))
         read_total = sum(map(mul, elems, map(self._src.__getitem__, params)))
         for shard in filter(_PIECES, shards):
             pieces = sum(item.region.size for piece in shard.pieces for item in piece.reads)
