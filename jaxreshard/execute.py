@@ -106,9 +106,12 @@ class _Run:
         self.position = {p: i for i, p in enumerate(plan.params)}
         self.order = [p for p in plan.params if self.users[p]]
         self.last_of: dict[str, list[int]] = {}  # parameter -> ranks whose file is complete once it is written
+        lasts: dict[int, str | None] = {}  # per shared shards tuple
         for rank in plan.ranks:
-            mine = {s.param for s in rank.shards}
-            last = next((p for p in reversed(self.order) if p in mine), None)
+            if id(rank.shards) not in lasts:
+                mine = {s.param for s in rank.shards}
+                lasts[id(rank.shards)] = next((p for p in reversed(self.order) if p in mine), None)
+            last = lasts[id(rank.shards)]
             if last is not None:
                 self.last_of.setdefault(last, []).append(rank.dst_rank)
         self.meshes: dict[tuple[tuple[str, int], ...], Any] = {}
