@@ -139,8 +139,9 @@ def merge_orders(orders: Sequence[Sequence[str]]) -> list[str]:
     so a topological merge of the per-file orders recovers it; ties go to the name seen first. If the files
     disagree (a cycle), the remaining names follow first appearance.
     """
+    orders = list(dict.fromkeys(map(tuple, orders)))  # rank files of one stage list the same names: merge once
     if len(orders) == 1 and len(set(orders[0])) == len(orders[0]):
-        return list(orders[0])  # one file (a complete source): its order, as the merge below would give
+        return list(orders[0])  # one order (a complete source, or replicas only): as the merge below would give
     first_seen: dict[str, int] = {}
     successors: dict[str, set[str]] = {}
     indegree: dict[str, int] = {}
