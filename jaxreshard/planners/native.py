@@ -93,7 +93,8 @@ class NativePlanner:
     def plan(self, request: FileRequest) -> Plan:
         source = self.source
         self._check_scales()
-        dst = None if self.dst_layout is None else Resolved(self.dst_layout, self._dst_params())
+        resolved = self._dst_params()
+        dst = None if self.dst_layout is None or resolved is None else Resolved(self.dst_layout, resolved)
         plan = make_plan(source.entries, self.src_layout, dst, prefix=request.prefix,
                          suffix=request.suffix, dst_ranks=request.dst_ranks, rules=self.rules, reverse=self.reverse,
                          shapes=self._src_shapes())
