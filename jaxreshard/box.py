@@ -8,6 +8,7 @@ is read from its source file at byte offsets that `byte_runs` computes. Pure mat
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -37,11 +38,11 @@ class Box:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(b - a for a, b in zip(self.start, self.stop))
+        return tuple(map(operator.sub, self.stop, self.start))
 
     @property
     def size(self) -> int:
-        return math.prod(self.shape)
+        return math.prod(map(operator.sub, self.stop, self.start))
 
     def intersect(self, other: Box) -> Box | None:
         """The common box, or None when they do not overlap (0-d boxes always overlap)."""

@@ -8,8 +8,9 @@ intersection (DCP's `_shards_get_overlap_region_wrt_saved_tensor`, done on the g
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .box import Box
 from .errors import PlanError
@@ -33,8 +34,10 @@ class ReadItem:
 class SourceGrid:
     param: str
     block: tuple[int, ...]  # block size per dim (0 for empty dims)
-    holders: dict[Cell, list[int]]  # block coords -> global source ranks holding it, ascending
+    holders: dict[Cell, list[int]]  # block coords -> global source ranks holding it, ascending (read-only: shared)
     missing: dict[Cell, list[int]]  # block coords no file holds -> ranks that should
+    # equal keys mean equal `block` and `holders`, so a box's cover can be computed once for all such grids
+    key: Hashable = field(default=None, compare=False)
 
 
 def lowest_rank(cell: Cell, holders: Sequence[int]) -> int:
@@ -51,25 +54,48 @@ def source_grid(
     strict: bool = True,
 ) -> SourceGrid:
     """The grid of `param` under its source layout. With `strict`, a rank file that exists but lacks the
-    parameter its layout says it holds is an error even if a replica could stand in."""
+    parameter its layout says it holds is an error even if a replica could stand in.
+
+    The rank -> block map is computed once per (layout, ndim) and, when every rank holds the parameter (the
+    usual case), the holders map is shared by all such grids: building a grid costs one dict lookup per rank.
+    """
     ndim = len(shape)
-    n = layout.devices_per_stage
-    holders: dict[Cell, list[int]] = {}
-    expected: dict[Cell, list[int]] = {}
-    for rank in layout.global_ranks():
-        cell = layout.block_coords(rank % n, ndim)
-        expected.setdefault(cell, []).append(rank)
-        if param in src_entries.get(rank, {}):
-            holders.setdefault(cell, []).append(rank)
-        elif strict and rank in src_entries:
-            path = next(iter(src_entries[rank].values())).path if src_entries[rank] else f"rank {rank}"
-            raise PlanError(
-                f"{path}: parameter {param!r} is missing on source rank {rank}, which its layout says holds "
-                f"block {layout.box(shape, rank % n)}; the file is incomplete or the layout is wrong"
-            )
-    missing = {cell: ranks for cell, ranks in expected.items() if cell not in holders}
+    cells, expected = _cells(layout, ndim)
+    absent = [rank for rank, _ in cells if param not in src_entries.get(rank, _EMPTY)]
+    if strict:
+        for rank in absent:
+            if rank in src_entries:
+                path = next(iter(src_entries[rank].values())).path if src_entries[rank] else f"rank {rank}"
+                raise PlanError(
+                    f"{path}: parameter {param!r} is missing on source rank {rank}, which its layout says holds "
+                    f"block {layout.box(shape, rank % layout.devices_per_stage)}; the file is incomplete or the "
+                    "layout is wrong"
+                )
     block = tuple(s // k for s, k in zip(shape, layout.blocks_per_dim(ndim)))
-    return SourceGrid(param, block, {c: sorted(r) for c, r in holders.items()}, missing)
+    if not absent:
+        return SourceGrid(param, block, expected, {}, (block, layout, ()))
+    gone = set(absent)
+    holders: dict[Cell, list[int]] = {}
+    for rank, cell in cells:
+        if rank not in gone:
+            holders.setdefault(cell, []).append(rank)
+    missing = {cell: ranks for cell, ranks in expected.items() if cell not in holders}
+    return SourceGrid(param, block, {c: sorted(r) for c, r in holders.items()}, missing, (block, layout, tuple(absent)))
+
+
+_EMPTY: Mapping[str, TensorEntry] = {}
+
+
+@lru_cache(maxsize=4096)
+def _cells(layout: ParamLayout, ndim: int) -> tuple[tuple[tuple[int, Cell], ...], dict[Cell, list[int]]]:
+    """Every global rank of `layout` with the block it holds, and block -> its ranks ascending (shared:
+    callers must not mutate it)."""
+    n = layout.devices_per_stage
+    cells = tuple((rank, layout.block_coords(rank % n, ndim)) for rank in layout.global_ranks())
+    expected: dict[Cell, list[int]] = {}
+    for rank, cell in cells:
+        expected.setdefault(cell, []).append(rank)
+    return cells, {c: sorted(r) for c, r in expected.items()}
 
 
 def cover(grid: SourceGrid, dst_box: Box, pick: Pick = lowest_rank) -> tuple[ReadItem, ...]:

@@ -11,7 +11,7 @@ from .formats.orbax_io import read_orbax_metadata
 from .layout import format_spec
 from .mindspore import param_layout
 from .plan import LayoutLike, Plan, format_ranks, make_plan
-from .planstats import plan_stats
+from .planstats import RankStats, plan_stats
 
 
 def human_bytes(n: float) -> str:
@@ -22,17 +22,28 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+LISTED_RANKS = 16  # plans with more destination ranks list ranks with equal numbers as one line
+LISTED_GROUPS = 32  # ... and at most this many such lines
+LISTED_FILES = 8  # a rank reading more source files names the first and last of them only
+
+
 def describe_plan(plan: Plan) -> Iterator[str]:
-    """Per destination rank: file, source files, parameters, bytes to read and write; then totals."""
+    """Per destination rank: file, source files, parameters, bytes to read and write; then totals.
+
+    A plan of more than `LISTED_RANKS` ranks (a 1024-rank layout of a 90k-tensor model) is summarised: ranks
+    with the same numbers and source files share one line, so the output stays a screenful; `--ranks` lists
+    chosen ranks one by one."""
     stats = plan_stats(plan)
     yield f"{len(stats.ranks)} destination rank(s), {len(plan.params)} parameter(s)"
-    for rank in stats.ranks:
-        yield (
-            f"rank {rank.dst_rank}: {rank.dst_file}  params {rank.params}  read {human_bytes(rank.read_bytes)}  "
-            f"write {human_bytes(rank.write_bytes)}"
-        )
-        for src in rank.src_files:
-            yield f"    from {src}"
+    if len(stats.ranks) <= LISTED_RANKS:
+        for rank in stats.ranks:
+            yield (
+                f"rank {rank.dst_rank}: {rank.dst_file}  params {rank.params}  read {human_bytes(rank.read_bytes)}  "
+                f"write {human_bytes(rank.write_bytes)}"
+            )
+            yield from _source_files(rank.src_files)
+    else:
+        yield from _rank_groups(stats.ranks)
     yield f"total: read {human_bytes(stats.read_bytes)} once, write {human_bytes(stats.write_bytes)}"
     composed = [i.source for i in plan.params.values() if isinstance(i.source, Composed)]
     if composed:
@@ -43,6 +54,28 @@ def describe_plan(plan: Plan) -> Iterator[str]:
         f"predicted peak tensor memory: {human_bytes(stats.peak_buffer_bytes)} "
         f"(largest parameter in flight: {stats.peak_param or '-'})"
     )
+
+
+def _source_files(files: tuple[str, ...]) -> Iterator[str]:
+    if len(files) <= LISTED_FILES:
+        yield from (f"    from {src}" for src in files)
+    else:
+        yield f"    from {len(files)} source files: {files[0]} ... {files[-1]}"
+
+
+def _rank_groups(ranks: tuple[RankStats, ...]) -> Iterator[str]:
+    """One line per set of ranks with equal parameters, bytes and source files (data-parallel replicas)."""
+    groups: dict[tuple[int, int, int, tuple[str, ...]], list[RankStats]] = {}
+    for rank in ranks:
+        groups.setdefault((rank.params, rank.read_bytes, rank.write_bytes, rank.src_files), []).append(rank)
+    for (params, read, write, files), members in list(groups.items())[:LISTED_GROUPS]:
+        numbers = [r.dst_rank for r in members]
+        yield (f"ranks {format_ranks(numbers)} ({len(numbers)} rank(s), e.g. {members[0].dst_file}): params {params}  "
+               f"read {human_bytes(read)}  write {human_bytes(write)} each")
+        yield from _source_files(files)
+    if len(groups) > LISTED_GROUPS:
+        rest = sum(len(m) for m in list(groups.values())[LISTED_GROUPS:])
+        yield f"... {len(groups) - LISTED_GROUPS} more group(s) of {rest} rank(s); list some with --ranks"
 
 
 def describe_source(source: SourceCheckpoint, src_layout: LayoutLike | None) -> Iterator[str]:

@@ -92,15 +92,26 @@ class _Run:
         self.writers: dict[int, RankWriter] = {}
         self.files = {rank.dst_rank: rank.dst_file for rank in plan.ranks}
         self.users: dict[str, dict[ShardPlan, list[int]]] = {p: {} for p in plan.params}
-        for rank in plan.ranks:
-            for shard in rank.shards:
-                self.users[shard.param].setdefault(shard, []).append(rank.dst_rank)
+        sharing: dict[int, tuple[tuple[ShardPlan, ...], list[int]]] = {}  # replicas share one shards tuple:
+        for rank in plan.ranks:  # each tuple is walked once, not once per rank (90k shards x 1024 ranks)
+            sharing.setdefault(id(rank.shards), (rank.shards, []))[1].append(rank.dst_rank)
+        for shards, ranks in sharing.values():
+            for shard in shards:
+                self.users[shard.param].setdefault(shard, []).extend(ranks)
+        if len(sharing) > 1:
+            place = {rank.dst_rank: i for i, rank in enumerate(plan.ranks)}
+            for users in self.users.values():
+                for holders in users.values():
+                    holders.sort(key=place.__getitem__)  # in the plan's rank order, as listed rank by rank
         self.position = {p: i for i, p in enumerate(plan.params)}
         self.order = [p for p in plan.params if self.users[p]]
         self.last_of: dict[str, list[int]] = {}  # parameter -> ranks whose file is complete once it is written
+        lasts: dict[int, str | None] = {}  # per shared shards tuple
         for rank in plan.ranks:
-            mine = {s.param for s in rank.shards}
-            last = next((p for p in reversed(self.order) if p in mine), None)
+            if id(rank.shards) not in lasts:
+                mine = {s.param for s in rank.shards}
+                lasts[id(rank.shards)] = next((p for p in reversed(self.order) if p in mine), None)
+            last = lasts[id(rank.shards)]
             if last is not None:
                 self.last_of.setdefault(last, []).append(rank.dst_rank)
         self.meshes: dict[tuple[tuple[str, int], ...], Any] = {}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping, Sequence
+from itertools import repeat
+from operator import mul
 
 import numpy as np
 
@@ -31,9 +33,35 @@ class ParamSources:
                  targets: Mapping[str, Target] | None, strict: bool = True) -> None:  # fmt: skip
         self.params: dict[str, tuple[tuple[int, ...], np.dtype, ParamLayout, Composed | None]] = {}  # None: read
         self.layouts: dict[str, tuple[tuple[int, ...], ParamLayout]] = {}  # by name in `entries`
+        if targets is None:  # no transform rules: every tensor read as it is stored
+            for param in names:
+                shape, dtype = shapes[param]
+                self.params[param] = (shape, dtype, layouts[param], None)
+                self.layouts[param] = (shape, layouts[param])
+            self.entries = src_entries
+        else:
+            self._targets(names, shapes, layouts, src_entries, targets)
+        self.strict = strict
+        self._grids: dict[str, SourceGrid] = {}
+        # a box's reads depend on the grid's blocks and holders, not on the parameter's name: parameters with the
+        # same shape and source layout share one cover per box (planning is per layout, not per tensor)
+        self._covers: dict[tuple[int, Box], tuple[ReadItem, ...]] = {}
+        self._batches: dict[tuple[int, int], tuple[tuple[Box, ...], list[tuple[ReadItem, ...]]]] = {}
+        self._key_ids: dict[object, int] = {}  # grid key -> a small int (cheap to hash per box)
+        self._grid_key: dict[str, int | None] = {}
+        self.cover_calls = 0  # covers actually computed (tests bound it: a regression to per-tensor work shows)
+        for name, (shape, layout) in self.layouts.items():  # checked up front: a file lacking a tensor is an error
+            if all(name in self.entries.get(r, _NONE) for r in layout.rank_tuple):  # whatever ranks are asked
+                # held by every rank its layout names: the grid is that of (shape, layout), built when first needed
+                self._grid_key[name] = self._key_ids.setdefault((shape, layout), len(self._key_ids))
+            else:
+                self.grid(name)
+
+    def _targets(self, names: Sequence[str], shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                 layouts: Mapping[str, ParamLayout], src_entries: Mapping[int, Mapping[str, TensorEntry]],
+                 targets: Mapping[str, Target]) -> None:  # fmt: skip
+        """`params`, `layouts` and `entries` under transform rules: renamed or composed tensors."""
         stored: dict[str, str] = {}  # name in `entries` -> source name
-        if targets is None:
-            targets = {p: Target(*shapes[p], (), None) for p in names}
         for param, target in targets.items():
             part = target.parts[0] if len(target.parts) == 1 else None
             if target.rule is None or (part is not None and part.is_whole(shapes[part.src_param][0])):
@@ -49,10 +77,6 @@ class ParamSources:
         renamed = any(k != src for k, src in stored.items()) or len(stored) < len(names)
         self.entries = {r: {k: e[src] for k, src in stored.items() if src in e} for r, e in src_entries.items()} \
             if renamed else src_entries  # fmt: skip
-        self.strict = strict
-        self._grids: dict[str, SourceGrid] = {}
-        for name in self.layouts:  # checked up front: a file lacking a tensor is an error whatever ranks are asked
-            self.grid(name)
 
     @staticmethod
     def _store(stored: dict[str, str], key: str, src: str) -> None:
@@ -64,7 +88,10 @@ class ParamSources:
     def grid(self, name: str) -> SourceGrid:
         if name not in self._grids:
             shape, layout = self.layouts[name]
-            self._grids[name] = source_grid(name, shape, layout, self.entries, strict=self.strict)
+            grid = self._grids[name] = source_grid(name, shape, layout, self.entries, strict=self.strict)
+            if name not in self._grid_key:
+                key = None if grid.key is None else ("partial", grid.key)
+                self._grid_key[name] = None if key is None else self._key_ids.setdefault(key, len(self._key_ids))
         return self._grids[name]
 
     def shard(self, param: str, box: Box) -> tuple[tuple[ReadItem, ...], tuple[Piece, ...]]:
@@ -72,8 +99,35 @@ class ParamSources:
         (a `ShardPlan`'s `reads` and `pieces`)."""
         source = self.params[param][3]
         if source is not None:
-            return (), pieces(source, box, lambda name, b: cover(self.grid(name), b))
-        return cover(self.grid(param), box), ()
+            return (), pieces(source, box, lambda name, b: self.cover(name, b))
+        return self.cover(param, box), ()
+
+    def shards(self, param: str, boxes: tuple[Box, ...]) -> tuple[Sequence[tuple[ReadItem, ...]],
+                                                                  Sequence[tuple[Piece, ...]]]:  # fmt: skip
+        """`shard` of each of `boxes` as (reads per box, pieces per box). A layout group's boxes tuple is one
+        object, so the covers of a plain tensor are looked up once per (grid key, boxes), not once per box."""
+        kid = self._grid_key.get(param)
+        if self.params[param][3] is not None or kid is None:
+            done = [self.shard(param, box) for box in boxes]
+            return [d[0] for d in done], [d[1] for d in done]
+        key = (kid, id(boxes))
+        hit = self._batches.get(key)
+        if hit is None:  # the value keeps `boxes` alive, so its id is not reused while the key exists
+            hit = self._batches[key] = (boxes, [self.cover(param, box) for box in boxes])
+        return hit[1], repeat((), len(boxes))  # type: ignore[return-value]
+
+    def cover(self, name: str, box: Box) -> tuple[ReadItem, ...]:
+        """`coverage.cover` of `box` from the tensor `name`, computed once per (grid key, box)."""
+        kid = self._grid_key.get(name)
+        if kid is None:
+            self.cover_calls += 1
+            return cover(self.grid(name), box)
+        key = (kid, box)
+        reads = self._covers.get(key)
+        if reads is None:
+            self.cover_calls += 1
+            reads = self._covers[key] = cover(self.grid(name), box)
+        return reads
 
 
 
@@ -85,6 +139,9 @@ def merge_orders(orders: Sequence[Sequence[str]]) -> list[str]:
     so a topological merge of the per-file orders recovers it; ties go to the name seen first. If the files
     disagree (a cycle), the remaining names follow first appearance.
     """
+    orders = list(dict.fromkeys(map(tuple, orders)))  # rank files of one stage list the same names: merge once
+    if len(orders) == 1 and len(set(orders[0])) == len(orders[0]):
+        return list(orders[0])  # one order (a complete source, or replicas only): as the merge below would give
     first_seen: dict[str, int] = {}
     successors: dict[str, set[str]] = {}
     indegree: dict[str, int] = {}
@@ -113,11 +170,14 @@ def merge_orders(orders: Sequence[Sequence[str]]) -> list[str]:
     return out
 
 
+_NONE: Mapping[str, TensorEntry] = {}
+
+
 def full_shape(
     param: str, layout: ParamLayout, src_entries: Mapping[int, Mapping[str, TensorEntry]]
 ) -> tuple[tuple[int, ...], np.dtype]:
     """Infer the full shape from the first source rank holding `param` and check every other holder."""
-    holders = [r for r in layout.global_ranks() if param in src_entries.get(r, {})]
+    holders = [r for r in layout.rank_tuple if param in src_entries.get(r, _NONE)]
     if not holders:
         found = [r for r in sorted(src_entries) if param in src_entries[r]]
         raise PlanError(
@@ -128,7 +188,7 @@ def full_shape(
     blocks = layout.blocks_per_dim(len(first.shape))
     if len(layout.spec) > len(first.shape):
         raise LayoutError(f"{first.path}: parameter {param!r} has {len(first.shape)} dims but its source spec has more")
-    shape = tuple(s * k for s, k in zip(first.shape, blocks))
+    shape = tuple(map(mul, first.shape, blocks))
     for rank in holders[1:]:
         entry = src_entries[rank][param]
         if entry.shape != first.shape or entry.dtype != first.dtype:

@@ -75,3 +75,41 @@ def test_inspect_a_file_that_is_neither_names_the_strategy_reader(capsys, tmp_pa
     path.write_bytes(b"\x08\x01\x12\xff")
     code, _, err = _run(capsys, ["inspect", path])
     assert code == 2 and "not a MindSpore strategy file" in err
+
+
+def _fake_plan(dp: int, files: int):
+    """A plan of `dp` x mp 4 ranks over a complete source whose 2 * `files` tensors lie in `files` files."""
+    from jaxreshard.formats.base import TensorEntry
+    from jaxreshard.layout import layout_from_dict
+    from jaxreshard.plan import make_plan
+
+    f32 = np.dtype(np.float32)
+    entries = {0: {f"t{i}.{k}": TensorEntry(f"t{i}.{k}", f32, (8, 2), Path(f"/fake/part_{i}.st"), ((0, 0),))
+                   for i in range(files) for k in "ab"}}
+    layout = layout_from_dict({"mesh": {"dp": dp, "mp": 4}, "params": [{"match": r".*\.a", "spec": ["mp", None]}]})
+    return make_plan(entries, None, layout)
+
+
+def test_plan_of_many_ranks_lists_equal_ranks_as_one_line_and_many_files_by_first_and_last():
+    from jaxreshard.describe import describe_plan
+
+    lines = list(describe_plan(_fake_plan(dp=8, files=10)))
+    # every rank writes 10 row blocks of 2x2 floats and 10 whole 8x2 tensors, reading all 10 files
+    per_rank = 10 * (2 * 2 + 8 * 2) * 4
+    assert lines[:3] == [
+        "32 destination rank(s), 20 parameter(s)",
+        f"ranks 0-31 (32 rank(s), e.g. rank_0/checkpoint_0.safetensors): params 20  read {per_rank} B  "
+        f"write {per_rank} B each",
+        "    from 10 source files: /fake/part_0.st ... /fake/part_9.st",
+    ]
+    assert lines[3].startswith("total: ") and len(lines) == 5
+
+
+def test_plan_of_few_ranks_still_lists_every_rank_and_file():
+    from jaxreshard.describe import describe_plan
+
+    lines = list(describe_plan(_fake_plan(dp=2, files=3)))
+    assert lines[0] == "8 destination rank(s), 6 parameter(s)"
+    assert lines[1] == "rank 0: rank_0/checkpoint_0.safetensors  params 6  read 240 B  write 240 B"
+    assert lines[2:5] == [f"    from /fake/part_{i}.st" for i in range(3)]
+    assert sum(line.startswith("rank ") for line in lines) == 8

@@ -113,6 +113,7 @@ BLOCKS = [
     ("FP8", "~/models/DeepSeek-V3", "bash", "run", ""),
     ("FP8", "write_fp8_checkpoint", "python", "tested", "tests/test_fp8.py::test_readme_fp8_example_runs"),
     ("Performance", "tools/bench/bench.py", "bash", "synopsis", "a benchmark of GiBs (and MindSpore)"),
+    ("Performance", "tools/bench/plan_scale.py", "bash", "synopsis", "a benchmark of terabyte-sized sparse folders"),
     ("Development", "library API", "", "diagram", "the layers"),
     ("Development", "class HelloOptions", "python", "tested",
      "tests/test_commands.py::test_readme_adding_a_command_example_runs"),

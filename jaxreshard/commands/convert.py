@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import api, describe, remote
+from ..plan import gc_paused
 from . import common
 from .options import PROCESS_COUNT, PROCESS_INDEX, Command, flag, option, parse_rank_list
 
@@ -64,6 +65,7 @@ def _planning(opts: PlanOptions) -> dict[str, Any]:
     return {name: getattr(opts, name) for name in names}
 
 
+@gc_paused()  # reading 300 headers and planning 90k tensors makes a million objects and no cycles
 @remote.option_views(sources=("src",))
 def run_plan(opts: PlanOptions) -> int:
     for line in describe.describe_plan(api.plan_conversion(opts.src, ranks=opts.ranks, **_planning(opts)).plan):

@@ -27,9 +27,11 @@ from ..plan import (
     ParamInfo,
     Plan,
     RankPlan,
+    Resolved,
     ShardPlan,
     TextRecord,
     full_shape,
+    gc_paused,
     make_plan,
     merge_orders,
 )
@@ -64,6 +66,9 @@ class NativePlanner:
         src_layout = as_layout(src, ndims)
         self.src_layout: LayoutLike | None = source_layout(source, fp8.following(src_layout) if scaled else src_layout)
         self._resolved: dict[str, ParamLayout] | None = None
+        self._names: list[str] | None = None
+        self._dst_resolved: dict[str, ParamLayout] | None = None
+        self._shapes: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._sources: ParamSources | None = None
         if source.distributed and self.src_layout is None:
             raise ConfigError(
@@ -79,16 +84,20 @@ class NativePlanner:
         """Every destination tensor of the transform rules and where its bytes come from (once)."""
         if self._sources is None:
             names, layouts = self._src_names(), self._src_params()
-            shapes = {p: full_shape(p, layouts[p], self.source.entries) for p in names}
+            shapes = self._src_shapes()
             targets = apply_rules(self.rules, names, shapes, self.reverse) if self.rules is not None else None
             self._sources = ParamSources(names, shapes, layouts, self.source.entries, targets)
         return self._sources
 
+    @gc_paused()
     def plan(self, request: FileRequest) -> Plan:
         source = self.source
         self._check_scales()
-        plan = make_plan(source.entries, self.src_layout, self.dst_layout, prefix=request.prefix,
-                         suffix=request.suffix, dst_ranks=request.dst_ranks, rules=self.rules, reverse=self.reverse)
+        resolved = self._dst_params()
+        dst = None if self.dst_layout is None or resolved is None else Resolved(self.dst_layout, resolved)
+        plan = make_plan(source.entries, self.src_layout, dst, prefix=request.prefix,
+                         suffix=request.suffix, dst_ranks=request.dst_ranks, rules=self.rules, reverse=self.reverse,
+                         shapes=self._src_shapes())
         texts = tuple(TextRecord(k, v) for k, v in source.extras.get(min(source.entries), {}).items())
         if texts:
             plan = replace(plan, ranks=tuple(replace(r, texts=texts) for r in plan.ranks))
@@ -101,18 +110,32 @@ class NativePlanner:
         if not pairs:
             return
         block = fp8.block_size(self.source.root)
-        dst = self.dst_layout.resolve(list(pairs.values())) if self.dst_layout is not None else {}
+        dst = self._dst_params() or {}
+        src = self._src_params()
+        checked: set[tuple[object, ...]] = set()  # the check is pure in these, so once per distinct case
         for scale, weight in pairs.items():
-            layouts = {"source": self._src_params()[weight], "destination": dst.get(weight, COMPLETE)}
-            fp8.check_scale_blocks(scale, weight, self.full_shape(weight)[0], self.full_shape(scale)[0], layouts,
-                                   block)
+            layouts = {"source": src[weight], "destination": dst.get(weight, COMPLETE)}
+            shape, scale_shape = self.full_shape(weight)[0], self.full_shape(scale)[0]
+            case = (shape, scale_shape, layouts["source"], layouts["destination"])
+            if case not in checked:
+                fp8.check_scale_blocks(scale, weight, shape, scale_shape, layouts, block)
+                checked.add(case)
+
+    def _dst_params(self) -> dict[str, ParamLayout] | None:
+        """Every destination parameter's layout, resolved over all names at once, once (None: complete)."""
+        if self._dst_resolved is None and self.dst_layout is not None:
+            self._dst_resolved = self.dst_layout.resolve(self.params())
+        return self._dst_resolved
 
     def params(self) -> list[str]:
         """The parameters a load can ask for: the transformed names under transform rules."""
         return list(self.transformed().params) if self.rules is not None else self._src_names()
 
     def _src_names(self) -> list[str]:
-        return merge_orders([list(self.source.entries[r]) for r in sorted(self.source.entries)])
+        """The source's parameter names in order (merged once; a copy each call)."""
+        if self._names is None:
+            self._names = merge_orders([list(self.source.entries[r]) for r in sorted(self.source.entries)])
+        return list(self._names)
 
     def _src_params(self) -> dict[str, ParamLayout]:
         """Every source parameter's layout, resolved over all names at once (a layout's stages may depend on
@@ -131,7 +154,17 @@ class NativePlanner:
         if self.rules is not None:
             shape, dtype, *_ = self.transformed().params[param]
             return shape, dtype
-        return full_shape(param, self._src_params()[param], self.source.entries)
+        if param not in self._shapes:  # one at a time: a load asks for a few tensors of a large checkpoint
+            self._shapes[param] = full_shape(param, self._src_params()[param], self.source.entries)
+        return self._shapes[param]
+
+    def _src_shapes(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Every source tensor's full shape and dtype (checked across its holders), each computed once."""
+        layouts, entries, shapes, names = self._src_params(), self.source.entries, self._shapes, self._src_names()
+        for p in names:
+            if p not in shapes:
+                shapes[p] = full_shape(p, layouts[p], entries)
+        return {p: shapes[p] for p in names}
 
     def plan_arrays(self, wanted: Mapping[str, ArrayRequest]) -> Plan:
         if self.rules is not None:

@@ -42,7 +42,8 @@ class RestorePlanner:
             infos[name] = ParamInfo(name, shape, dtype, COMPLETE, dst[name], Restore(self.reader))
         total = self.dst_layout.num_ranks if self.dst_layout is not None else 1
         wanted = dst_rank_list(request.dst_ranks, total)
-        ranks = rank_plans(infos, wanted, request.prefix, request.suffix, lambda name, box: ShardPlan(name, box, ()))
+        ranks = rank_plans(infos, wanted, request.prefix, request.suffix,
+                           lambda name, boxes: [ShardPlan(name, box, ()) for box in boxes])
         return Plan(infos, ranks, {})
 
     def plan_arrays(self, wanted: Mapping[str, ArrayRequest]) -> Plan:
