@@ -39,11 +39,11 @@ CACHE_ENV = "JAXRESHARD_REMOTE_CACHE_MIB"
 
 
 def cache_bytes() -> int:
-    """The block cache's capacity: `JAXRESHARD_REMOTE_CACHE_MIB` MiB, 256 by default (bounded memory)."""
+    """The block cache's capacity: `JAXRESHARD_REMOTE_CACHE_MIB` MiB, 128 by default (bounded memory)."""
     try:
-        return max(int(os.environ.get(CACHE_ENV, "256")), 16) << 20
+        return max(int(os.environ.get(CACHE_ENV, "128")), 16) << 20
     except ValueError:
-        return 256 << 20
+        return 128 << 20
 
 
 class _Shared:
