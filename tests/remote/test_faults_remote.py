@@ -393,3 +393,56 @@ def test_an_object_replaced_mid_run_is_not_read_half_old_half_new(bucket, s3_pro
             return
     out = (tmp_path / "out" / "rank_0" / "checkpoint_0.safetensors").read_bytes()
     assert out in (old, new), "the output is neither the old object nor the new one"
+
+
+# --- endpoints that are not an S3 server ------------------------------------------------------------------------
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("side", ["src", "dst"])
+def test_an_unreachable_endpoint_is_exit_2_naming_the_url(llama, s3_env, monkeypatch, tmp_path, few_retries, side):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")  # connection refused
+    url = "s3://jr-unreachable/x"
+    src, dst = (url, str(tmp_path / "out")) if side == "src" else (str(llama), url)
+    code, _, err = run_cli(["convert", "--src", src, "--dst", dst])
+    line = error_line(code, err)
+    assert url in line and "unreachable" in line, line
+
+
+def test_an_endpoint_that_is_not_s3_is_exit_2_naming_the_url(llama, s3_env, monkeypatch, tmp_path, few_retries):
+    import http.server
+    import threading
+
+    class Html(http.server.BaseHTTPRequestHandler):
+        def _page(self) -> None:
+            body = b"<html>captive portal</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _page
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Html)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        code, _, err = run_cli(["convert", "--src", "s3://jr-portal/src", "--dst", str(tmp_path / "out")])
+        assert "s3://jr-portal/src" in error_line(code, err)
+        code, _, err = run_cli(["convert", "--src", str(llama), "--dst", "s3://jr-portal/out"])
+        assert "s3://jr-portal/out" in error_line(code, err)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
