@@ -8,6 +8,7 @@ holding whatever the case's setup put there; `_NOW` hands the setups the bucket,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ MISSING = "jr-no-such-bucket-4d2e"  # never created on the test server
 
 
 @pytest.fixture(autouse=True)
-def _remote(bucket, s3_proxy, monkeypatch, llama) -> None:  # noqa: F811 - the imported fixtures
+def _remote(bucket, s3_proxy, monkeypatch, llama) -> Iterator[None]:  # noqa: F811 - the imported fixtures
     _NOW.update(bucket=bucket, proxy=s3_proxy, monkeypatch=monkeypatch, llama=llama)
     yield
     _NOW.clear()

@@ -430,7 +430,7 @@ def test_an_endpoint_that_is_not_s3_is_exit_2_naming_the_url(llama, s3_env, monk
 
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _page
 
-        def log_message(self, *args: object) -> None:
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Html)

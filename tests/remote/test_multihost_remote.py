@@ -207,7 +207,8 @@ def wait_for(ready: Callable[[], bool], proc: subprocess.Popen, timeout: float =
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before the instant: {proc.stderr.read()}")
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the instant: {err}")
         if time.monotonic() > deadline:
             raise AssertionError("the instant never came")
         time.sleep(0.05)
@@ -303,7 +304,8 @@ def test_resume_from_s3_to_local_disk(llama, bucket, tmp_path):
 
 
 @pytest.mark.parametrize("instant", [pytest.param("parts-uploaded", marks=pytest.mark.xfail(strict=True, reason=(
-    "BUG: SIGTERM while a rank file's multipart upload is being completed leaves the upload in progress (lock removed, exit 143 in time). Likely: "
+    "BUG: SIGTERM while a rank file's multipart upload is being completed leaves the upload in progress (the lock "
+    "is removed and exit 143 comes in time). Likely: "
     "SafetensorsWriter.close (formats/safetensors_write.py) sets self._out = None BEFORE out.close(), and "
     "RemoteWriter.close (remote/objects.py) is interrupted in self._thread.join(); the caller's abort() then finds "
     "no writer, RemoteWriter.abort never runs, and the daemon upload thread dies with the process. RemoteWriter.close "

@@ -98,8 +98,8 @@ def test_bad_bucket_names_are_refused(bucket):
     assert "bucket" in message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: urls._BUCKET ends in '$', which also matches before a final newline, "
-                                       "so parse_url takes 'bucket\\n' for a valid bucket name (use re.fullmatch / \\Z)")
+@pytest.mark.xfail(strict=True, reason="BUG: urls._BUCKET ends in '$', which also matches before a final newline, so "
+                                       "parse_url takes 'bucket\\n' for a valid bucket name (re.fullmatch or \\Z)")
 def test_a_bucket_name_ending_in_a_newline_is_refused():
     one_line_error("s3://bucket\n/prefix")
 
