@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import jaxreshard as jr
-from jaxreshard.formats.manifest import MANIFEST_NAME
 from jaxreshard.example import LlamaShape, write_llama_checkpoint
+from jaxreshard.formats.manifest import MANIFEST_NAME
 from jaxreshard.formats.safetensors_io import SafetensorsWriter
 from jaxreshard.remote import urls
 from tests.corpus.harness import run_cli
