@@ -181,6 +181,12 @@ CASES = [
          marks=(pytest.mark.xfail(strict=True, reason=(
              "BUG: a destination inside the source prefix (s3://b/src/out from s3://b/src) is not refused; the "
              "overlap check compares the local views, never the URLs")),)),
+    Case("s3-src-inside-dst", ["convert", "--src", "s3://{bucket}/src", "--dst", "s3://{bucket}", "--overwrite",
+                               "--dst-layout", DP2MP4], 2, r"overlaps the source", _source(),
+         marks=(pytest.mark.xfail(strict=True, reason=(
+             "BUG: a destination holding the source (the bucket root, from s3://b/src) is not refused; with "
+             "--overwrite the run then deletes every object of the bucket the new output lacks, the source "
+             "included")),)),
     # options an object-store destination cannot honour
     Case("s3-dst-ranks", _dst("s3://{bucket}/out", "--dst-layout", DP2MP4, "--ranks", "0-3"), 2,
          r"--ranks with an object-store destination is not supported", _source()),

@@ -468,3 +468,20 @@ def test_a_ckpt_index_is_read_in_a_few_requests(bucket, s3_proxy, tmp_path):
     assert (tmp_path / "back" / "rank_0" / "checkpoint_0.safetensors").read_bytes() == src.read_bytes()
     index_reads = [e for e in s3_proxy.log if e.method == "GET" and ".ckpt" in e.path and e.sent <= PRIME_BLOCK]
     assert len(index_reads) <= 8, f"{len(index_reads)} GETs to index one .ckpt"
+
+
+# --- verify reads the objects, not what the run remembers -------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_verify_finds_a_damaged_object(llama, bucket, damage):
+    jr.convert(llama, bucket.url("o"), dst_layout=DP2MP4)
+    key = "o/rank_3/checkpoint_3.safetensors"
+    data = bytearray(bucket.get(key))
+    if damage == "flipped":
+        data[-100] ^= 0x40  # a tensor byte, same size
+    else:
+        del data[-100:]
+    bucket.put(key, bytes(data))
+    code, _, err = run_cli(["verify", bucket.url("o")])
+    line = error_line(code, err)
+    assert bucket.url(key) in line and "jaxreshard-" not in line, line
