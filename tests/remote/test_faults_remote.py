@@ -485,3 +485,29 @@ def test_verify_finds_a_damaged_object(llama, bucket, damage):
     code, _, err = run_cli(["verify", bucket.url("o")])
     line = error_line(code, err)
     assert bucket.url(key) in line and "jaxreshard-" not in line, line
+
+
+# --- a source that fails while the destination is mid-upload ----------------------------------------------------
+
+def test_a_source_failing_mid_run_aborts_the_destination_upload(bucket, s3_proxy, tmp_path, few_retries):
+    import json
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in (1, 2):  # two shards of 10 MiB: t1 is written (a part goes up) before t2's read fails
+        writer = SafetensorsWriter(folder / f"model-0000{i}-of-00002.safetensors",
+                                   [(f"t{i}", np.dtype(np.float32), (1280, 2048))])
+        writer.write(f"t{i}", rng.standard_normal((1280, 2048)).astype(np.float32))
+        writer.close()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {f"t{i}": f"model-0000{i}-of-00002.safetensors" for i in (1, 2)}}))
+    bucket.upload(folder, "src")
+    second = r"/src/model-00002-of-00002\.safetensors$"
+    s3_proxy.delay(0, times=1, method="GET", path=second)  # its header, read when the source is listed
+    s3_proxy.fail(503, times=10_000, method="GET", path=second)  # its tensor bytes: never
+    code, _, err = run_cli(["convert", "--src", bucket.url("src"), "--dst", bucket.url("out")])
+    assert bucket.url("src/model-00002-of-00002.safetensors") in error_line(code, err)
+    assert any(e.method == "POST" and "uploads" in e.path for e in s3_proxy.log)  # the upload had started
+    assert_left_clean(bucket, "out")
+    assert bucket.keys("out") == []
