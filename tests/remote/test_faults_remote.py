@@ -29,6 +29,20 @@ OBJECT_GET = r"/src/model\.safetensors$"  # a GET of the source object (not a li
 PART_PUT = r"partNumber="  # an UploadPart request (PUT ...?partNumber=N&uploadId=...)
 
 
+@pytest.fixture(autouse=True)
+def _no_blocks_of_earlier_tests() -> None:
+    """Start each test with an empty block cache: it is keyed by id(store), which CPython reuses for a new store
+    once an old one is freed, so blocks an earlier test read could be served as this test's (the bug that
+    test_faults_remote.test_a_replaced_object_is_read_anew_by_the_next_run shows; drop this once it is fixed)."""
+    from jaxreshard.remote import objects
+
+    shared = objects._SHARED
+    if shared is not None:
+        with shared.lock:
+            shared.blocks.clear()
+            shared.held = 0
+
+
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
     """A 24 MiB checkpoint: several 8 MiB blocks to read and multipart parts to upload, with an odd-sized tail."""
@@ -511,3 +525,22 @@ def test_a_source_failing_mid_run_aborts_the_destination_upload(bucket, s3_proxy
     assert any(e.method == "POST" and "uploads" in e.path for e in s3_proxy.log)  # the upload had started
     assert_left_clean(bucket, "out")
     assert bucket.keys("out") == []
+
+
+# --- the block cache outlives a run -----------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG (silent): objects.RemoteReader keys the process-wide block cache by (id(store), key) and nothing clears "
+    "it when a view closes; CPython gives a new store the id of a freed one, so the next run (or jr.load) on the "
+    "same key gets the previous object's bytes. Seen in the full suite as wrong bytes in a later test. Key the cache "
+    "by a token unique to the mount (or the listed ETag and size) and drop a mount's blocks at unmount"))
+def test_a_replaced_object_is_read_anew_by_the_next_run(bucket, tmp_path):
+    """Each run reads the object as it is now: the process-wide block cache must not serve the bytes of an object
+    read by an earlier run (same key, a new store object)."""
+    for version in range(20):  # CPython soon gives a new store the address (id) of a freed one
+        data = bytearray(_two_tensor_file(tmp_path / f"v{version}.safetensors", ("a", "b")))
+        data[-1] = version  # the same size and header, a different last byte each time
+        bucket.put("src/model.safetensors", bytes(data))
+        out = tmp_path / f"out{version}"
+        jr.convert(bucket.url("src"), out)
+        assert (out / "rank_0" / "checkpoint_0.safetensors").read_bytes() == bytes(data), version
