@@ -544,3 +544,31 @@ def test_a_replaced_object_is_read_anew_by_the_next_run(bucket, tmp_path):
         out = tmp_path / f"out{version}"
         jr.convert(bucket.url("src"), out)
         assert (out / "rank_0" / "checkpoint_0.safetensors").read_bytes() == bytes(data), version
+
+
+# --- what consoles leave beside a checkpoint --------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a console's zero-byte folder marker ('src/rank_0/', what the S3 and OBS consoles make for 'Create "
+    "folder') is listed by obstore without its trailing '/', so catalogue.list_objects' marker check "
+    "(`rel.endswith('/') and size == 0`) never matches and _check_aliases refuses 'src/rank_0' as both an object "
+    "and a folder: a checkpoint uploaded through a console cannot be read. Skip zero-byte objects whose name is "
+    "also a folder of other objects"))
+def test_console_folder_markers_are_ignored(llama, bucket, tmp_path):
+    jr.convert(llama, tmp_path / "split", dst_layout=DP2MP4)
+    bucket.upload(tmp_path / "split", "src")
+    for rank in range(8):
+        bucket.put(f"src/rank_{rank}/", b"")
+    jr.convert(bucket.url("src"), tmp_path / "merged")
+    assert (tmp_path / "merged" / "rank_0" / "checkpoint_0.safetensors").read_bytes() == llama.read_bytes()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: the zero-byte marker of the prefix itself ('src/') is listed as the relative name '' and refused by "
+    "catalogue.check_key: \"'s3://b/src/': an object name that cannot be a file here ...; remove it from the "
+    "prefix\" (the marker check in list_objects runs after the slice that drops the '/')"))
+def test_the_prefix_own_folder_marker_is_ignored(llama, bucket, tmp_path):
+    bucket.upload(llama.parent, "src")
+    bucket.put("src/", b"")
+    jr.convert(bucket.url("src"), tmp_path / "out")
+    assert (tmp_path / "out" / "rank_0" / "checkpoint_0.safetensors").read_bytes() == llama.read_bytes()
