@@ -592,3 +592,18 @@ def test_an_endpoint_with_a_password_in_it_is_never_printed(llama, s3_env, monke
         code, out, err = run_cli(argv)
         assert code == 2, err
         assert "EndpointPassw0rd" not in out + err and "admin:" not in out + err
+
+
+# --- key characters that URLs encode ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["model v1+%41.safetensors", "modèle #1?.safetensors", "a&b=c;d.safetensors"])
+def test_names_that_urls_encode_are_read_as_written(llama, bucket, tmp_path, local_split, name):
+    bucket.put(f"src dir+%/{name}", llama.read_bytes())
+    bucket.put("src dir+%/notes & more.json", b"{}")
+    jr.convert(bucket.url("src dir+%"), tmp_path / "out", dst_layout=DP2MP4)
+    got = tree(tmp_path / "out")
+    assert got.pop("notes & more.json") == b"{}"  # a companion file, copied beside the ranks
+    assert {k: v for k, v in got.items() if k.startswith("rank_")} == \
+        {k: v for k, v in local_split.items() if k.startswith("rank_")}
+    jr.convert(llama, bucket.url("out dir+%"), dst_layout=DP2MP4)
+    assert f"out dir+%/{MANIFEST_NAME}" in bucket.keys("out dir+%")
