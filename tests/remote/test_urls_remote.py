@@ -152,8 +152,8 @@ def test_non_strings_are_refused():
 
 @pytest.mark.xfail(strict=True, reason=(
     "GAP (silent surprise): a URL passed as a pathlib.Path (Path('s3://bucket/out') == Path('s3:/bucket/out')) is "
-    "taken for a local path and the output is written to ./s3:/bucket/out; a local path whose first part is 's3:' or 'gs:' is "
-    "almost surely a collapsed URL and should be refused with a line saying to pass the URL as a str"))
+    "taken for a local path and the output is written to ./s3:/bucket/out; a local path whose first part is 's3:' or "
+    "'gs:' is almost surely a collapsed URL and should be refused with a line saying to pass the URL as a str"))
 def test_a_url_collapsed_by_pathlib_is_refused(llama, tmp_path, monkeypatch):
     import jaxreshard as jr
 
