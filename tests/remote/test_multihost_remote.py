@@ -34,6 +34,20 @@ ROW_SPLIT = ("embed_tokens", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj
 COL_SPLIT = ("o_proj", "down_proj")  # spec [null, mp]
 
 
+@pytest.fixture(autouse=True)
+def _no_blocks_of_earlier_tests() -> None:
+    """Start each test with an empty block cache: it is keyed by id(store), which CPython reuses for a new store
+    once an old one is freed, so blocks an earlier test read could be served as this test's (the bug that
+    test_faults_remote.test_a_replaced_object_is_read_anew_by_the_next_run shows; drop this once it is fixed)."""
+    from jaxreshard.remote import objects
+
+    shared = objects._SHARED
+    if shared is not None:
+        with shared.lock:
+            shared.blocks.clear()
+            shared.held = 0
+
+
 def host(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
     """`python -m jaxreshard ARGV` as a separate host would run it (its own environment, from the repo root)."""
     return subprocess.Popen([sys.executable, "-m", "jaxreshard", *argv], env=env, cwd=REPO,
@@ -207,7 +221,8 @@ def wait_for(ready: Callable[[], bool], proc: subprocess.Popen, timeout: float =
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (exit {proc.returncode}) before the instant: {proc.stderr.read()}")
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the instant: {err}")
         if time.monotonic() > deadline:
             raise AssertionError("the instant never came")
         time.sleep(0.05)
@@ -303,7 +318,8 @@ def test_resume_from_s3_to_local_disk(llama, bucket, tmp_path):
 
 
 @pytest.mark.parametrize("instant", [pytest.param("parts-uploaded", marks=pytest.mark.xfail(strict=True, reason=(
-    "BUG: SIGTERM while a rank file's multipart upload is being completed leaves the upload in progress (lock removed, exit 143 in time). Likely: "
+    "BUG: SIGTERM while a rank file's multipart upload is being completed leaves the upload in progress (the lock "
+    "is removed and exit 143 comes in time). Likely: "
     "SafetensorsWriter.close (formats/safetensors_write.py) sets self._out = None BEFORE out.close(), and "
     "RemoteWriter.close (remote/objects.py) is interrupted in self._thread.join(); the caller's abort() then finds "
     "no writer, RemoteWriter.abort never runs, and the daemon upload thread dies with the process. RemoteWriter.close "
