@@ -94,7 +94,7 @@ def views(*, sources: tuple[str, ...] = (), destination: str | None = None) -> C
         @functools.wraps(func)
         def call(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
-            names = [n for n in (*sources, destination) if n and is_url(bound.arguments.get(n))]
+            names = [n for n in (*sources, destination) if n and _is_location(bound.arguments.get(n))]
             if not names:
                 return func(*args, **kwargs)
             with contextlib.ExitStack() as stack, _messages_name_urls():
@@ -112,7 +112,7 @@ def option_views(*, sources: tuple[str, ...] = (), destination: str | None = Non
     def wrap(func: F) -> F:
         @functools.wraps(func)
         def call(opts: Any) -> Any:
-            if not any(is_url(getattr(opts, n, None)) for n in (*sources, destination) if n):
+            if not any(_is_location(getattr(opts, n, None)) for n in (*sources, destination) if n):
                 return func(opts)
             values = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
             with contextlib.ExitStack() as stack, _messages_name_urls():
@@ -122,6 +122,14 @@ def option_views(*, sources: tuple[str, ...] = (), destination: str | None = Non
         return call  # type: ignore[return-value]
 
     return wrap
+
+
+def _is_location(value: Any) -> bool:
+    """Whether `value` is an object-store URL; one mangled into a `Path` (which merges '//') is refused."""
+    if isinstance(value, Path) and re.match(r"(s3|gs):/[^/]", str(value)):
+        raise ConfigError(f"{value}: an object-store URL given as a Path (which merges its '//'); pass it as a "
+                          "string, e.g. 's3://bucket/prefix'")
+    return is_url(value)
 
 
 def _enter(stack: contextlib.ExitStack, values: dict[str, Any], sources: tuple[str, ...],

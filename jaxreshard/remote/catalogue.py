@@ -25,7 +25,7 @@ from ..formats.companions import WEIGHT_SUFFIXES
 from ..formats.manifest import MANIFEST_NAME
 from ..formats.safetensors_io import MAX_HEADER_BYTES
 from ..formats.storage import LocalReader, Location, register_mount
-from .objects import RemoteReader
+from .objects import RemoteReader, get_run
 from .urls import RemoteError, Url, remote_error
 
 MAX_OBJECTS = 1_000_000
@@ -49,12 +49,12 @@ def list_objects(store: Any, url: Url, mtimes: dict[str, float] | None = None,
         for batch in obstore.list(store, prefix=f"{url.prefix}/" if url.prefix else None, chunk_size=1000):
             for meta in batch:
                 rel = meta["path"][len(url.prefix) + 1 :] if url.prefix else meta["path"]
-                if rel.endswith("/") and meta["size"] == 0:
-                    continue  # a console's folder marker
+                if meta["size"] == 0 and (rel.endswith("/") or not rel):
+                    continue  # a console's folder marker (obstore lists 'a/' as 'a': see _check_aliases)
                 found[check_key(url, rel)] = int(meta["size"])
                 if mtimes is not None and versions is not None:
                     mtimes[rel] = meta["last_modified"].timestamp()
-                    versions[rel] = str(meta.get("e_tag") or meta["last_modified"].isoformat())
+                    versions[rel] = meta.get("e_tag") or ""
                 if len(found) > MAX_OBJECTS:
                     raise RemoteError(f"{url}: more than {MAX_OBJECTS} objects under the prefix; name the checkpoint's "
                                       "own folder")
@@ -82,10 +82,15 @@ def check_key(url: Url, rel: str) -> str:
 
 
 def _check_aliases(url: Url, names: dict[str, int]) -> None:
+    """A name that is also the folder of other names: an empty one is a console's folder marker (obstore lists
+    'a/' as 'a') and is dropped; one holding bytes cannot be both, and is refused."""
     folders = {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
     clash = sorted(folders & names.keys())
-    if clash:
-        raise FormatError(f"{url.child(clash[0])}: is both an object and the folder of other objects; remove one")
+    for name in clash:
+        if names[name]:
+            raise FormatError(f"{url.child(name)}: is both an object and the folder of other objects (perhaps a key "
+                              f"'{name}/' holding bytes); remove one")
+        del names[name]
 
 
 def mount_source(store: Any, url: Url, root: Path) -> Path:
@@ -95,7 +100,7 @@ def mount_source(store: Any, url: Url, root: Path) -> Path:
     versions: dict[str, str] = {}
     names = list_objects(store, url, mtimes, versions)
     if not names:
-        single = _head(store, url)
+        single = head_object(store, url)
         if single is None:
             raise RemoteError(f"{url}: no such object or prefix (nothing is listed under it); check the URL")
         base, leaf = url.prefix.rpartition("/")[0], url.prefix.rpartition("/")[2]
@@ -119,7 +124,7 @@ def mount_source(store: Any, url: Url, root: Path) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(16, thread_name_prefix="jaxreshard-list") as pool:
         jobs = [pool.submit(_download, store, url, root, n) for n in small]
-        jobs += [pool.submit(_placeholder, store, url, root, n, s) for n, s in remote.items()]
+        jobs += [pool.submit(_placeholder, store, url, root, n, s, versions.get(n) or None) for n, s in remote.items()]
         for job in jobs:
             job.result()
     for name, mtime in mtimes.items():
@@ -133,27 +138,22 @@ def _is_weight(name: str) -> bool:
     return leaf.endswith(WEIGHT_SUFFIXES) and not (leaf.endswith(".ckpt") and "strategy" in leaf)
 
 
-def _head(store: Any, url: Url) -> tuple[int, str] | None:
+def head_object(store: Any, url: Url) -> tuple[int, str] | None:
     import obstore
 
     if not url.prefix:
         return None
     try:
         meta = obstore.head(store, url.prefix)
-        return int(meta["size"]), str(meta.get("e_tag") or meta["last_modified"].isoformat())
+        return int(meta["size"]), meta.get("e_tag") or ""
     except FileNotFoundError:
         return None
     except Exception as e:
         raise remote_error(e, str(url), "looking it up") from None
 
 
-def _fetch(store: Any, url: Url, name: str, start: int, length: int) -> bytes:
-    import obstore
-
-    try:
-        return bytes(obstore.get_range(store, url.key(name), start=start, length=length))
-    except Exception as e:
-        raise remote_error(e, url.child(name), f"reading bytes {start}-{start + length}") from None
+def _fetch(store: Any, url: Url, name: str, start: int, length: int, etag: str | None) -> bytes:
+    return bytes(get_run(store, url.key(name), url.child(name), start, start + length, etag))
 
 
 def _download(store: Any, url: Url, root: Path, name: str) -> None:
@@ -161,33 +161,37 @@ def _download(store: Any, url: Url, root: Path, name: str) -> None:
 
     try:
         data = bytes(obstore.get(store, url.key(name)).bytes())
+    except FileNotFoundError:  # listed, yet not there by that name: a key 'name/' holding bytes, or deleted since
+        raise RemoteError(f"{url.child(name)}: listed under the prefix but cannot be read by that name (a key ending "
+                          "in '/' that holds bytes, or an object deleted meanwhile); remove it") from None
     except Exception as e:
         raise remote_error(e, url.child(name), "downloading") from None
     (root / name).write_bytes(data)
 
 
-def _placeholder(store: Any, url: Url, root: Path, name: str, size: int) -> None:
+def _placeholder(store: Any, url: Url, root: Path, name: str, size: int, etag: str | None) -> None:
     """A sparse file of `size` bytes holding only what the format's indexer reads of the object."""
     path = root / name
     with open(path, "wb") as f:
         f.truncate(size)
-        for offset, data in _header_regions(store, url, name, size, path):
+        for offset, data in _header_regions(lambda start, n: _fetch(store, url, name, start, n, etag), name, size,
+                                            path):
             f.seek(offset)
             f.write(data)
 
 
-def _header_regions(store: Any, url: Url, name: str, size: int, path: Path) -> list[tuple[int, bytes]]:
+def _header_regions(fetch: Any, name: str, size: int, path: Path) -> list[tuple[int, bytes]]:
     if size == 0:
         return []
     if name.endswith(".safetensors"):
-        head = _fetch(store, url, name, 0, min(size, HEAD_BYTES))
+        head = fetch(0, min(size, HEAD_BYTES))
         if len(head) >= 8:
             want = 8 + struct.unpack("<Q", head[:8])[0]
             if len(head) < want <= min(size, 8 + MAX_HEADER_BYTES):
-                head += _fetch(store, url, name, len(head), want - len(head))
+                head += fetch(len(head), want - len(head))
         return [(0, head)]
     if name.endswith(".ckpt"):
-        buffer = _LazyBuffer(lambda start, n: _fetch(store, url, name, start, n), size)
+        buffer = _LazyBuffer(fetch, size)
         try:
             mindspore_ckpt.index_buffer(path, buffer)
         except FormatError:
@@ -237,7 +241,8 @@ class SourceStorage:
         known = self._remote.get(rel)
         if known is None:
             return LocalReader(location)
-        return RemoteReader(self._store, self._url.key(rel), known[0], self._url.child(rel), known[1])
+        version = known[1] or str(id(self))  # without an ETag: this listing's own identity
+        return RemoteReader(self._store, self._url.key(rel), known[0], self._url.child(rel), version, known[1] or None)
 
     def create(self, location: Location, size: int) -> Any:
         raise RemoteError(f"{location}: a source is read-only")

@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import OutputExistsError
 from ..formats.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from ..formats.storage import LOCAL, LocalReader, Location, register_mount
-from .catalogue import LOCK_NAME, list_objects
+from .catalogue import LOCK_NAME, head_object, list_objects
 from .locks import LockObject
 from .objects import RemoteReader, RemoteWriter
 from .urls import RemoteError, Url, remote_error
@@ -109,6 +109,8 @@ class DestinationMount:
         """Take the lock, check what is there (deleting the old manifest first under `--overwrite`), register the
         mount; the local folder to write (a fresh destination: it does not exist yet; `shared`: it holds the
         root manifest and an empty folder per rank folder already in the store)."""
+        if head_object(self.store, self.url) is not None:
+            raise OutputExistsError(f"{self.url}: exists and is an object, not a folder; choose another destination")
         self.lock.take()
         try:
             self.existing = {n: s for n, s in list_objects(self.store, self.url).items()

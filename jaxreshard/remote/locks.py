@@ -37,8 +37,9 @@ class LockObject:
         import obstore
         from obstore.exceptions import AlreadyExistsError
 
+        token = secrets.token_hex(8)
         body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-                           "ranks": self.ranks, "group": self.group}).encode()  # fmt: skip
+                           "ranks": self.ranks, "group": self.group, "token": token}).encode()  # fmt: skip
         for attempt in range(2):
             try:
                 obstore.put(self.store, self.url.key(self.name), body, mode="create")
@@ -51,6 +52,10 @@ class LockObject:
             except Exception as e:
                 raise remote_error(e, self.url.child(self.name), "creating the lock object") from None
         self.held = True
+        if self._lock_body(self.name).get("token") != token:  # a store that ignores If-None-Match: both wrote
+            self.held = False
+            raise RemoteError(f"{self.url}: another run wrote the lock object {self.url.child(self.name)} at the same "
+                              "time (this store does not honour conditional writes); run one at a time")
         other = self._conflicting_lock()
         if other is not None:
             self.release()

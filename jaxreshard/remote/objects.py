@@ -1,7 +1,8 @@
 """Bytes of stored objects: ranged reads through a shared block cache, and uploads that stream as they are written.
 
-Reads: an object is read in `BLOCK`-sized blocks (aligned to the object), fetched with `obstore.get_ranges`
-(adjacent blocks coalesce into one request; up to `FETCH_THREADS` requests in flight), kept in one process-wide
+Reads: an object is read in `BLOCK`-sized blocks (aligned to the object), adjacent missing blocks fetched by one
+ranged GET (at most `COALESCE_BLOCKS`; up to `FETCH_THREADS` requests in flight; `If-Match` on the listed ETag,
+so a replaced object is an error, never a mix of versions), kept in one process-wide
 LRU cache of at most `cache_bytes()` so that many small reads (a column block is one read per row) cost one
 request per block, and `prefetch` hints (the executor gives the next parameter's ranges) overlap the network
 with the current parameter's work. A read failing mid-transfer (a dropped connection) is requested again.
@@ -81,37 +82,57 @@ def drop_cache() -> None:
         sh.held = 0
 
 
-def _get_ranges(store: Any, key: str, where: str, starts: list[int], lengths: list[int]) -> list[Any]:
+def get_run(store: Any, key: str, where: str, start: int, end: int, etag: str | None) -> Any:
+    """Bytes `start..end` of the object in one GET, of the version listed (`If-Match` on its ETag: an object
+    replaced mid-run is an error, never a mix of two versions)."""
     import obstore
     from obstore import exceptions as x
 
+    options: dict[str, Any] = {"range": (start, end)}
+    if etag:
+        options["if_match"] = etag
     for attempt in range(READ_ATTEMPTS):
         try:
-            return obstore.get_ranges(store, key, starts=starts, lengths=lengths)
+            return obstore.get(store, key, options=options).bytes()  # type: ignore[arg-type]
+        except x.PreconditionError:
+            raise RemoteError(f"{where}: changed while this run was reading it (its ETag is not the one listed); "
+                              "run again once nothing writes it") from None
         except (x.GenericError, OSError) as e:  # a dropped connection or a body cut short: ask again (an HTTP
             # status means obstore's own retries, with backoff and a time budget, are spent: no more attempts)
             if isinstance(e, FileNotFoundError) or attempt == READ_ATTEMPTS - 1 or re.search(r"status", str(e)):
-                raise remote_error(e, where, f"reading bytes {starts[0]}-{starts[-1] + lengths[-1]}") from None
+                raise remote_error(e, where, f"reading bytes {start}-{end}") from None
             time.sleep(0.2 * 2**attempt)
         except Exception as e:
-            raise remote_error(e, where, f"reading bytes {starts[0]}-{starts[-1] + lengths[-1]}") from None
+            raise remote_error(e, where, f"reading bytes {start}-{end}") from None
     raise AssertionError("unreachable")
+
+
+def _runs(blocks: list[int]) -> list[list[int]]:
+    """`blocks` (ascending) cut into runs of adjacent blocks, at most `COALESCE_BLOCKS` long."""
+    runs: list[list[int]] = []
+    for b in blocks:
+        if runs and runs[-1][-1] == b - 1 and len(runs[-1]) < COALESCE_BLOCKS:
+            runs[-1].append(b)
+        else:
+            runs.append([b])
+    return runs
 
 
 class RemoteReader:
     """A `ByteReader` of one object of known size (the listing gave it)."""
 
-    def __init__(self, store: Any, key: str, size: int, where: str, version: str) -> None:
+    def __init__(self, store: Any, key: str, size: int, where: str, version: str, etag: str | None = None) -> None:
         """`where`: the object's URL, and with `version` (its ETag, or a token of this run's upload) the
-        identity of its bytes in the shared cache."""
-        self._store, self._key, self._size, self._where = store, key, size, where
+        identity of its bytes in the shared cache; `etag`: every read is of that version (If-Match)."""
+        self._store, self._key, self._size, self._where, self._etag = store, key, size, where, etag
         self._id = (where, size, version)
 
     def size(self) -> int:
         return self._size
 
     def _blocks(self, first: int, last: int) -> dict[int, tuple[Future, int]]:
-        """Futures of blocks `first..last` (cached, in flight, or submitted now in coalesced runs)."""
+        """(future, offset in its result) of blocks `first..last`: cached, in flight, or submitted now as runs of
+        adjacent blocks, one GET each."""
         sh = shared()
         found: dict[int, tuple[Future, int]] = {}
         missing: list[int] = []
@@ -123,15 +144,14 @@ class RemoteReader:
                 else:
                     sh.blocks.move_to_end((*self._id, b))
                     found[b] = hit[:2]
-            runs = [missing[i : i + COALESCE_BLOCKS] for i in range(0, len(missing), COALESCE_BLOCKS)]
-            for run in runs:
-                starts = [b * BLOCK for b in run]
-                lengths = [min(BLOCK, self._size - s) for s in starts]
-                future = sh.pool.submit(_get_ranges, self._store, self._key, self._where, starts, lengths)
-                for i, (b, n) in enumerate(zip(run, lengths)):
-                    sh.blocks[(*self._id, b)] = (future, i, n)
+            for run in _runs(missing):
+                start, end = run[0] * BLOCK, min(self._size, (run[-1] + 1) * BLOCK)
+                future = sh.pool.submit(get_run, self._store, self._key, self._where, start, end, self._etag)
+                for b in run:
+                    n = min(BLOCK, self._size - b * BLOCK)
+                    sh.blocks[(*self._id, b)] = (future, b * BLOCK - start, n)
                     sh.held += n
-                    found[b] = (future, i)
+                    found[b] = (future, b * BLOCK - start)
             sh.evict()
         return found
 
@@ -144,8 +164,8 @@ class RemoteReader:
         for lo in range(first, last + 1, window):
             blocks = self._blocks(lo, min(last, lo + window - 1))
             for b in sorted(blocks):
-                future, i = blocks[b]
-                data = memoryview(future.result()[i])
+                future, at = blocks[b]
+                data = memoryview(future.result())[at : at + BLOCK]
                 start = max(offset, b * BLOCK)
                 stop = min(offset + n, b * BLOCK + len(data))
                 buffer[start - offset : stop - offset] = data[start - b * BLOCK : stop - b * BLOCK]
