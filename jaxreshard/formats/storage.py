@@ -87,7 +87,10 @@ def pwrite_all(fd: int, buffers: Sequence[Buffer], offset: int) -> None:
 
 
 class LocalReader:
-    """A read-only file descriptor (sources are never written)."""
+    """A read-only file descriptor (sources are never written). `readinto` may be called from several threads
+    at once (`preadv` keeps no file position)."""
+
+    coalesce_gap = 16 << 10  # runs this close are read as one range: the pages between are read anyway
 
     def __init__(self, path: Location) -> None:
         self._fd = os.open(path, os.O_RDONLY)
