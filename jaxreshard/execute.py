@@ -144,9 +144,10 @@ class _Run:
             return
         self.unsynced = 0
         states: dict[str, tuple[int, str]] = {}
-        for writer in self.writers.values():
+        for rank, writer in self.writers.items():
             sync = getattr(writer, "sync", None)  # an optional RankWriter method (safetensors has it)
-            state = sync() if sync is not None else None
+            with _writing(self.files[rank]):  # a write behind may fail here: it names its file
+                state = sync() if sync is not None else None
             if state is None:
                 return  # written out of file order: nothing a rerun could continue
             states.update({Path(p).relative_to(self.dst_dir).as_posix(): v for p, v in state.items()})
