@@ -29,7 +29,7 @@ DEFAULT_INFLIGHT_BYTES = 256 << 20
 def _env_int(name: str, default: int, scale: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
-        return default
+        return default * scale
     try:
         value = int(raw)
     except ValueError:

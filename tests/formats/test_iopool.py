@@ -89,3 +89,11 @@ def test_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("JAXRESHARD_IO_INFLIGHT_MIB", "7")
     pool = iopool.pool("write")
     assert (pool.threads, pool.max_bytes) == (3, 7 << 20) and iopool.pool("write") is pool
+
+
+def test_the_defaults_are_eight_threads_and_256_mib(monkeypatch):
+    monkeypatch.setattr(iopool, "_POOLS", {})
+    monkeypatch.delenv("JAXRESHARD_IO_THREADS", raising=False)
+    monkeypatch.delenv("JAXRESHARD_IO_INFLIGHT_MIB", raising=False)
+    pool = iopool.pool("read")
+    assert (pool.threads, pool.max_bytes) == (8, 256 << 20)
