@@ -73,6 +73,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per step; the median wall time is reported")
     ap.add_argument("--caches", default="cold,warm")
     args = ap.parse_args()
+    args.data = args.data.resolve()
+    args.data.mkdir(parents=True, exist_ok=True)
+    os.chdir(args.data)  # `python -m jaxreshard` imports from the working folder first: never a source tree's
     root = args.data / f"{args.size_gib:g}gib_local_io"
     src = root / "complete" / "rank_0" / "checkpoint_0.safetensors"
     if not src.exists():
