@@ -75,3 +75,44 @@ def test_inspect_a_file_that_is_neither_names_the_strategy_reader(capsys, tmp_pa
     path.write_bytes(b"\x08\x01\x12\xff")
     code, _, err = _run(capsys, ["inspect", path])
     assert code == 2 and "not a MindSpore strategy file" in err
+
+
+# --- host memory next to the plan's predicted peak (the local I/O engine's slice of issue 12) ---
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path):
+    from jaxreshard.describe import available_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24684084 kB\nMemFree:  100 kB\nMemAvailable:   23407732 kB\n")
+    assert available_memory(meminfo) == 23407732 * 1024
+    meminfo.write_text("MemTotal:       24684084 kB\n")  # a kernel without the field
+    assert available_memory(meminfo) is None
+    assert available_memory(tmp_path / "absent") is None
+
+
+def test_the_host_memory_line_warns_once_when_the_peak_would_not_fit(caplog, monkeypatch):
+    import logging
+
+    from jaxreshard import describe
+
+    monkeypatch.setattr(describe, "io_buffer_bytes", lambda: 64 << 20)
+    with caplog.at_level(logging.WARNING, logger="jaxreshard.describe"):
+        fits = describe.host_memory_line(1 << 30, 4 << 30)
+        assert caplog.records == []
+        tight = describe.host_memory_line(4 << 30, 4 << 30)
+    assert fits == "host memory: predicted peak 1.06 GiB (tensors + I/O buffers), available 4.00 GiB (fits)"
+    assert tight.endswith("available 4.00 GiB (DOES NOT FIT)") and "4.06 GiB" in tight
+    (record,) = caplog.records
+    assert "4.06 GiB exceeds this host's available memory 4.00 GiB" in record.getMessage()
+    assert "\n" not in record.getMessage()
+    assert describe.host_memory_line(0, None).endswith("available memory unknown (no /proc/meminfo MemAvailable)")
+
+
+def test_plan_prints_the_host_memory_line(capsys, llama):
+    from jaxreshard.describe import available_memory
+
+    code, out, _ = _run(capsys, ["plan", "--src", llama, "--dst-layout", "configs/layouts/llama_dp2mp4.yaml"])
+    assert code == 0
+    (line,) = [x for x in out.splitlines() if x.startswith("host memory: predicted peak ")]
+    assert available_memory() is None or re.search(r"available [\d.]+ [KMGT]iB \((fits|DOES NOT FIT)\)$", line)
