@@ -113,3 +113,14 @@ def test_a_failed_slab_read_surfaces_after_the_others_settle(source, monkeypatch
     with pytest.raises(OSError, match="Input/output"):
         fill_all(make_plan(entries, None, Cols()))
     assert len(calls) == 5  # nothing was read after the failure
+
+
+def test_o_direct_reads_fill_the_same_bytes(source, monkeypatch):
+    from jaxreshard.formats import storage
+
+    full, entries = source
+    monkeypatch.setenv(storage.DIRECT_ENV, "1")
+    monkeypatch.setattr(fill, "SLAB_BYTES", 3 * 40)
+    out = fill_all(make_plan(entries, None, Cols()))
+    for r in range(5):
+        assert out[r].tobytes() == np.ascontiguousarray(full[:, 2 * r : 2 * r + 2]).tobytes()
