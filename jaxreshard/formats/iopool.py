@@ -46,10 +46,10 @@ class IoPool:
     def __init__(self, name: str, threads: int, max_bytes: int) -> None:
         self.name, self.threads, self.max_bytes = name, threads, max_bytes
         self.peak_bytes = 0
+        self.made_in = os.getpid()
         self._in_flight = 0
         self._cond = threading.Condition()
         self._executor: ThreadPoolExecutor | None = None
-        self._pid = 0
 
     @property
     def in_flight(self) -> int:
@@ -70,9 +70,8 @@ class IoPool:
 
     def run(self, task: Callable[[], None]) -> Future:
         """Run `task` on a pool thread, counting no bytes (the caller reserved them)."""
-        if self._executor is None or self._pid != os.getpid():
+        if self._executor is None:
             self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix=f"jaxreshard-{self.name}")
-            self._pid = os.getpid()
         return self._executor.submit(task)
 
     def submit(self, task: Callable[[], None], nbytes: int) -> Future:
@@ -123,7 +122,7 @@ _POOLS: dict[str, IoPool] = {}
 def pool(name: str) -> IoPool:
     """The process's pool `name` ("read" or "write"), made on first use from the environment's settings."""
     found = _POOLS.get(name)
-    if found is None:
+    if found is None or found.made_in != os.getpid():  # a forked child: its parent's counts and locks are not its
         threads = _env_int("JAXRESHARD_IO_THREADS", DEFAULT_THREADS)
         max_bytes = _env_int("JAXRESHARD_IO_INFLIGHT_MIB", DEFAULT_INFLIGHT_BYTES >> 20, 1 << 20)
         found = _POOLS[name] = IoPool(name, threads, max_bytes)

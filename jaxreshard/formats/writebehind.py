@@ -108,5 +108,8 @@ class WriteBehind:
         self._out.close()
 
     def abort(self) -> None:
+        """Drop the writes not yet started, wait for the one running, then `out.abort()`."""
+        with self._idle:
+            self._discard_locked()
         self._settle()
         self._out.abort()

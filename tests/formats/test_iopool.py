@@ -97,3 +97,10 @@ def test_the_defaults_are_eight_threads_and_256_mib(monkeypatch):
     monkeypatch.delenv("JAXRESHARD_IO_INFLIGHT_MIB", raising=False)
     pool = iopool.pool("read")
     assert (pool.threads, pool.max_bytes) == (8, 256 << 20)
+
+
+def test_a_forked_child_gets_pools_of_its_own(monkeypatch):
+    parent = IoPool("read", 2, 100)
+    parent.made_in = -1  # as if made by the process this one was forked from
+    monkeypatch.setattr(iopool, "_POOLS", {"read": parent})
+    assert iopool.pool("read") is not parent and iopool.pool("read") is iopool.pool("read")

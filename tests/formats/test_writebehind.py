@@ -159,3 +159,23 @@ def test_local_files_through_write_behind_read_back(tmp_path):
     writer.write_at(0, [b"abc"])
     writer.close()
     assert (tmp_path / "f.bin").read_bytes() == b"abcdef"
+
+
+def test_abort_drops_the_writes_not_yet_started():
+    started, release = threading.Event(), threading.Event()
+
+    def hold():
+        started.set()
+        release.wait(30)
+
+    out = _Recording(100, hold=hold)
+    pool = IoPool("w", 2, 1 << 20)
+    writer = WriteBehind(out, pool)
+    writer.write_at(0, [b"a"])
+    started.wait(30)  # the first write is running (held); the next ones are queued behind it
+    writer.write_at(1, [b"b"])
+    writer.write_at(2, [b"c"])
+    real_settle = writer._settle
+    writer._settle = lambda: (release.set(), real_settle())  # let the running write end once abort dropped the rest
+    writer.abort()
+    assert out.calls == [("write", 0), ("abort",)] and pool.in_flight == 0
