@@ -122,8 +122,9 @@ def read_box(handles: FileHandles, entry: TensorEntry, box: Box, out: np.ndarray
     """Read `box` (in the entry's own coordinates) of `entry` into `out`, a C-contiguous array of box shape.
 
     Each contiguous run of the box is read with `readinto` (locally `preadv`) straight into its place in `out`,
-    long runs as `READ_CHUNK` pieces in parallel on the read pool; runs closer in the file than the reader's
-    `coalesce_gap` (an optional attribute, 0 if absent) are read as one range and cut apart. Inside
+    long runs as pieces in parallel on the read pool; runs closer in the file than the reader's `coalesce_gap`
+    are read as one range and cut apart. Both are optional reader attributes (`coalesce_gap`, default 0: no
+    byte more than wanted; `read_chunk`, default `READ_CHUNK`: the most one request reads). Inside
     `handles.batch()` the reads are only submitted; otherwise they are done when this returns.
     """
     if out.shape != box.shape or not out.flags.c_contiguous:
@@ -137,7 +138,7 @@ def read_box(handles: FileHandles, entry: TensorEntry, box: Box, out: np.ndarray
             runs.append((file_offset, chunk, pos))
             pos += chunk
     with handles.batch() as batch:
-        for group in coalesce(runs, getattr(reader, "coalesce_gap", 0), READ_CHUNK):
+        for group in coalesce(runs, getattr(reader, "coalesce_gap", 0), getattr(reader, "read_chunk", READ_CHUNK)):
             span = group[-1][0] + group[-1][1] - group[0][0]
             batch.submit(functools.partial(_read_group, reader, entry, group, dst), span)
 

@@ -6,6 +6,12 @@ Locations without a registered scheme (every path today) are local files, served
 same system calls the formats made before this seam existed (`preadv` into the caller's buffer, `O_EXCL`
 create, `ftruncate`, `pwritev` loops, `fsync`), so behaviour and speed are unchanged.
 
+Concurrency (the local I/O engine, issue 12): `readinto` of one reader is called from several threads of the read
+pool at once (locally `preadv`, which keeps no file position); a reader may set two optional attributes the
+engine reads with a default: `coalesce_gap` (bytes; wanted runs this close are read as one range, default 0)
+and `read_chunk` (the most one request reads, default 8 MiB). A `ByteWriter` is called from one thread at a
+time, in the order the caller wrote (rank writers queue their writes behind, `writebehind.py`).
+
 Call sequence (the contract a `Storage` keeps, as torch DCP's `StorageWriter` spells its own):
   reading:  `open_read(loc)` -> `size()`, `readinto(offset, buffer)` any number of times, in any order, also
             `prefetch(offset, nbytes)` hints -> `close()`.

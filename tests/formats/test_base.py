@@ -159,3 +159,13 @@ def test_inside_a_batch_reads_are_only_submitted(tmp_path):
             assert batch.pending and not out.any()  # the read waits on the gate: not done yet
             gate.set()
         assert out.tolist() == array.tolist()  # the batch was waited for at its end
+
+
+def test_a_reader_may_ask_for_larger_requests(tmp_path):
+    array = np.arange(1 << 16, dtype="<i4")  # 256 KiB
+    entry = _entry(tmp_path / "w.bin", array)
+    reader = _Recorder(entry.path, 0)
+    reader.read_chunk = 100 << 10
+    out = _read(entry, Box.full(array.shape), reader)
+    assert out.tobytes() == array.tobytes()
+    assert sorted(reader.requests) == [(24, 100 << 10), (24 + (100 << 10), 100 << 10), (24 + (200 << 10), 56 << 10)]
