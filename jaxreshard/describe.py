@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import fill
 from .composed import Composed
-from .formats import SourceCheckpoint
+from .formats import SourceCheckpoint, iopool
 from .formats.orbax_io import read_orbax_metadata
 from .layout import format_spec
 from .mindspore import param_layout
 from .plan import LayoutLike, Plan, format_ranks, make_plan
 from .planstats import RankStats, plan_stats
+
+log = logging.getLogger(__name__)
 
 
 def human_bytes(n: float) -> str:
@@ -54,6 +58,39 @@ def describe_plan(plan: Plan) -> Iterator[str]:
         f"predicted peak tensor memory: {human_bytes(stats.peak_buffer_bytes)} "
         f"(largest parameter in flight: {stats.peak_param or '-'})"
     )
+    yield host_memory_line(stats.peak_buffer_bytes, available_memory())
+
+
+# --- host memory (the local I/O engine's slice of issue 12; kept apart from the plan rendering above) ---
+
+def io_buffer_bytes() -> int:
+    """Memory the I/O engine may hold beside the tensors: writes queued behind, and the read slabs."""
+    return iopool.pool("write").max_bytes + fill.PIPELINE_DEPTH * fill.SLAB_BYTES
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The host's `MemAvailable` in bytes (what the kernel can give without swapping), None where unknown."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def host_memory_line(tensor_bytes: int, available: int | None) -> str:
+    """The run's predicted peak (tensors + I/O buffers) next to the host's `available` memory; one warning
+    (not an error: the estimate is not exact, and memory may be freed by then) when it would not fit."""
+    peak = tensor_bytes + io_buffer_bytes()
+    line = f"host memory: predicted peak {human_bytes(peak)} (tensors + I/O buffers), "
+    if available is None:
+        return line + "available memory unknown (no /proc/meminfo MemAvailable)"
+    if peak > available:
+        log.warning("the predicted peak memory %s exceeds this host's available memory %s (MemAvailable): the run "
+                    "may swap or be killed; free memory or convert on a larger host", human_bytes(peak),
+                    human_bytes(available))
+    return line + f"available {human_bytes(available)} ({'fits' if peak <= available else 'DOES NOT FIT'})"
 
 
 def _source_files(files: tuple[str, ...]) -> Iterator[str]:

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from .transforms import cast_box
 __all__ = ["WriterFactory", "execute"]
 
 PROGRESS_BYTES = 512 << 20  # with on_progress: fsync and journal the open files' state this often (--resume)
+SYNC_THREADS = 8  # files fsynced at once for a progress report
 GC_BYTES = 4 << 20  # collect the young generation after parameters this big (1 ms), so buffers never pile up
 
 WriterFactory = Callable[[Path, list[tuple[str, np.dtype, tuple[int, ...]]], RankPlan], RankWriter]
@@ -154,10 +156,16 @@ class _Run:
         if self.on_progress is None or self.unsynced < PROGRESS_BYTES or not self.writers:
             return
         self.unsynced = 0
+        if not all(hasattr(writer, "sync") for writer in self.writers.values()):  # optional (safetensors has it)
+            return
+        syncs = {rank: writer.sync for rank, writer in self.writers.items()}  # pyright: ignore[reportAttributeAccessIssue]
+        # the files' fsyncs overlap (each writer on one thread of its own pool: the write pool drains them)
+        with ThreadPoolExecutor(min(SYNC_THREADS, len(syncs)), thread_name_prefix="jaxreshard-sync") as pool:
+            pending = {rank: pool.submit(sync) for rank, sync in syncs.items()}
         states: dict[str, tuple[int, str]] = {}
-        for writer in self.writers.values():
-            sync = getattr(writer, "sync", None)  # an optional RankWriter method (safetensors has it)
-            state = sync() if sync is not None else None
+        for rank, future in pending.items():
+            with _writing(self.files[rank]):  # a write behind may fail here: it names its file
+                state = future.result()
             if state is None:
                 return  # written out of file order: nothing a rerun could continue
             states.update({Path(p).relative_to(self.dst_dir).as_posix(): v for p, v in state.items()})

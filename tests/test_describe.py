@@ -102,7 +102,7 @@ def test_plan_of_many_ranks_lists_equal_ranks_as_one_line_and_many_files_by_firs
         f"write {per_rank} B each",
         "    from 10 source files: /fake/part_0.st ... /fake/part_9.st",
     ]
-    assert lines[3].startswith("total: ") and len(lines) == 5
+    assert lines[3].startswith("total: ") and len(lines) == 6  # then the peak, and the host memory line
 
 
 def test_plan_of_few_ranks_still_lists_every_rank_and_file():
@@ -113,3 +113,44 @@ def test_plan_of_few_ranks_still_lists_every_rank_and_file():
     assert lines[1] == "rank 0: rank_0/checkpoint_0.safetensors  params 6  read 240 B  write 240 B"
     assert lines[2:5] == [f"    from /fake/part_{i}.st" for i in range(3)]
     assert sum(line.startswith("rank ") for line in lines) == 8
+
+
+# --- host memory next to the plan's predicted peak (the local I/O engine's slice of issue 12) ---
+
+
+def test_available_memory_is_read_from_meminfo(tmp_path):
+    from jaxreshard.describe import available_memory
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24684084 kB\nMemFree:  100 kB\nMemAvailable:   23407732 kB\n")
+    assert available_memory(meminfo) == 23407732 * 1024
+    meminfo.write_text("MemTotal:       24684084 kB\n")  # a kernel without the field
+    assert available_memory(meminfo) is None
+    assert available_memory(tmp_path / "absent") is None
+
+
+def test_the_host_memory_line_warns_once_when_the_peak_would_not_fit(caplog, monkeypatch):
+    import logging
+
+    from jaxreshard import describe
+
+    monkeypatch.setattr(describe, "io_buffer_bytes", lambda: 64 << 20)
+    with caplog.at_level(logging.WARNING, logger="jaxreshard.describe"):
+        fits = describe.host_memory_line(1 << 30, 4 << 30)
+        assert caplog.records == []
+        tight = describe.host_memory_line(4 << 30, 4 << 30)
+    assert fits == "host memory: predicted peak 1.06 GiB (tensors + I/O buffers), available 4.00 GiB (fits)"
+    assert tight.endswith("available 4.00 GiB (DOES NOT FIT)") and "4.06 GiB" in tight
+    (record,) = caplog.records
+    assert "4.06 GiB exceeds this host's available memory 4.00 GiB" in record.getMessage()
+    assert "\n" not in record.getMessage()
+    assert describe.host_memory_line(0, None).endswith("available memory unknown (no /proc/meminfo MemAvailable)")
+
+
+def test_plan_prints_the_host_memory_line(capsys, llama):
+    from jaxreshard.describe import available_memory
+
+    code, out, _ = _run(capsys, ["plan", "--src", llama, "--dst-layout", "configs/layouts/llama_dp2mp4.yaml"])
+    assert code == 0
+    (line,) = [x for x in out.splitlines() if x.startswith("host memory: predicted peak ")]
+    assert available_memory() is None or re.search(r"available [\d.]+ [KMGT]iB \((fits|DOES NOT FIT)\)$", line)

@@ -82,3 +82,45 @@ def test_row_blocks_read_in_place(source, monkeypatch):
     out = fill_all(make_plan(entries, None, Rows()))
     assert [out[r].tobytes() for r in range(4)] == [full[6 * r : 6 * r + 6].tobytes() for r in range(4)]
     assert calls == [Box((6 * r, 0), (6 * r + 6, 10)) for r in range(4)]
+
+
+@pytest.mark.parametrize("slab", [fill.SLAB_BYTES, 40])
+def test_sparse_regions_are_read_in_pipelined_groups(source, monkeypatch, slab):
+    full, entries = source
+    monkeypatch.setattr(fill, "SLAB_BYTES", slab)
+    calls = []
+    real = fill.read_box
+    monkeypatch.setattr(fill, "read_box", lambda *a: (calls.append(a[2]), real(*a)))
+    plan = make_plan(entries, None, Cols(), dst_ranks=[1, 3])
+    out = fill_all(plan)
+    assert out[1].tobytes() == np.ascontiguousarray(full[:, 2:4]).tobytes()
+    assert out[3].tobytes() == np.ascontiguousarray(full[:, 6:8]).tobytes()
+    assert calls == [Box((0, 2), (24, 4)), Box((0, 6), (24, 8))]
+
+
+def test_a_failed_slab_read_surfaces_after_the_others_settle(source, monkeypatch):
+    full, entries = source
+    monkeypatch.setattr(fill, "SLAB_BYTES", 40)
+    real, calls = fill.read_box, []
+
+    def failing(handles, entry, box, out):
+        calls.append(box)
+        if len(calls) == 5:
+            raise OSError(5, "Input/output error")
+        real(handles, entry, box, out)
+
+    monkeypatch.setattr(fill, "read_box", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        fill_all(make_plan(entries, None, Cols()))
+    assert len(calls) == 5  # nothing was read after the failure
+
+
+def test_o_direct_reads_fill_the_same_bytes(source, monkeypatch):
+    from jaxreshard.formats import storage
+
+    full, entries = source
+    monkeypatch.setenv(storage.DIRECT_ENV, "1")
+    monkeypatch.setattr(fill, "SLAB_BYTES", 3 * 40)
+    out = fill_all(make_plan(entries, None, Cols()))
+    for r in range(5):
+        assert out[r].tobytes() == np.ascontiguousarray(full[:, 2 * r : 2 * r + 2]).tobytes()

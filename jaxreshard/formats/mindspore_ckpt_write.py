@@ -1,7 +1,7 @@
 """Writing MindSpore `.ckpt` files whose bytes equal `mindspore.save_checkpoint`'s, streamed: every record is
 sized up front (fields in number order, unpacked dims, 512 MiB byte chunks with full dims in each, as
 `save_checkpoint` writes them), so each tensor is written at its offset when it arrives and no file is ever held
-in memory."""
+in memory. Writes go behind (`writebehind.py`): several rank files fill side by side."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 
 from .manifest import FileRecord, StreamingHash
 from .mindspore_ckpt import CRC_MARKER, ckpt_dtype_name
-from .storage import ByteWriter, storage_for
+from .storage import storage_for
+from .writebehind import WriteBehind
 
 RECORD_CHUNK_BYTES = 536_870_912  # save_checkpoint's byte chunk per record; read at use, so tests can shrink it
 
@@ -86,7 +87,7 @@ class CkptRankWriter:
         self._written: set[str] = set()
         self._hash = StreamingHash()  # in file order unless text entries sit between tensors (then re-read)
         trailer = len(CRC_MARKER) + 10 if crc else 0  # sized now, filled by `close`
-        self._out: ByteWriter | None = storage_for(self.path).create(self.path, pos + trailer)
+        self._out: WriteBehind | None = WriteBehind(storage_for(self.path).create(self.path, pos + trailer))
         for offset, record in strings:
             self._out.write_at(offset, [record])
             self._hash.update(offset, record)
@@ -124,6 +125,7 @@ class CkptRankWriter:
             raise ValueError(f"{self.path}: closed before parameters {missing} were written; the file is incomplete")
         if self._crc:
             try:
+                self._out.flush()  # the CRC is read back from the file: every record must be in it
                 trailer = CRC_MARKER + self._crc32().to_bytes(10, "big")
                 self._out.write_at(self.size, [trailer])
             except BaseException:

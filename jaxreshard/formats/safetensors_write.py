@@ -2,7 +2,8 @@
 
 Files we write are ordinary safetensors files that `safetensors.safe_open` reads; they are written header first
 and filled at computed offsets, so no rank file is ever held in memory. The bytes are hashed as they go, for
-the manifest and `--resume`.
+the manifest and `--resume`. Writes go behind (`writebehind.py`): `write` returns while its bytes are
+written on the write pool, so rank files fill side by side; `sync` and `close` wait for them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ..errors import FormatError
 from .manifest import FileRecord, StreamingHash
 from .safetensors_dtypes import DTYPE_CODES
 from .storage import ByteWriter, storage_for
+from .writebehind import WriteBehind
 
 
 def header_bytes(params: Sequence[tuple[str, np.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
@@ -62,13 +64,13 @@ class SafetensorsWriter:
         self._hash = StreamingHash(resume)
         if resume is not None:
             self._pending = {p for p, (o, d, shp) in self._slots.items() if o + math.prod(shp) * d.itemsize > resume[0]}
-            self._out: ByteWriter | None = storage_for(self.path).reopen(self.path)
+            self._out: ByteWriter | None = WriteBehind(storage_for(self.path).reopen(self.path))
             if self._out.size() != offset:
                 self._out.abort()
                 raise FormatError(f"{self.path}: cannot be continued: it is not {offset} bytes long")
             return
         self._pending = set(self._slots)
-        self._out = storage_for(self.path).create(self.path, offset)
+        self._out = WriteBehind(storage_for(self.path).create(self.path, offset))
         self._out.write_at(0, [head])
         self._hash.update(0, head)
 

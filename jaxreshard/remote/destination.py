@@ -28,7 +28,8 @@ from ..formats.manifest import MANIFEST_NAME, read_manifest, write_manifest
 from ..formats.storage import LOCAL, LocalReader, Location, register_mount
 from .catalogue import LOCK_NAME, head_object, list_objects
 from .locks import LockObject
-from .objects import RemoteReader, RemoteWriter
+from .objects import RemoteReader
+from .uploads import RemoteWriter
 from .urls import RemoteError, Url, remote_error
 
 log = logging.getLogger(__name__)

@@ -149,3 +149,48 @@ def test_a_registered_scheme_serves_its_locations(tmp_path, monkeypatch):
     with FileHandles() as handles:
         read_box(handles, TensorEntry("w", entry.dtype, entry.shape, loc, entry.segments), Box.full((3,)), out)
     assert out.tolist() == [0, 1, 2] and recording.calls == ["create", "read", "read"]
+
+
+@pytest.mark.parametrize(("offset", "length"), [(0, 4096), (1, 10), (4095, 2), (5000, 30000), (60000, 9000),
+                                                (65535, 100), (70000, 10)])  # fmt: skip
+def test_o_direct_reads_equal_buffered_reads(tmp_path, monkeypatch, offset, length):
+    monkeypatch.setattr(storage, "DIRECT_CHUNK", 8192)  # several scratch rounds per read
+    payload = np.random.default_rng(1).integers(0, 256, 65536 + 7, dtype=np.uint8).tobytes()
+    path = tmp_path / "f.bin"
+    path.write_bytes(payload)
+    reader = storage.LocalReader(path, direct=True)
+    try:
+        if not reader.direct:
+            pytest.skip("this file system does not support O_DIRECT")
+        buf = bytearray(length)
+        got = reader.readinto(offset, memoryview(buf))
+        want = payload[offset : offset + length]
+        assert got == len(want) and bytes(buf[:got]) == want  # short only where the file ends
+    finally:
+        reader.close()
+
+
+def test_o_direct_is_chosen_by_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 10)
+    monkeypatch.delenv(storage.DIRECT_ENV, raising=False)
+    reader = storage.LocalReader(path)
+    assert not reader.direct
+    reader.close()
+    monkeypatch.setenv(storage.DIRECT_ENV, "1")
+    reader = LOCAL.open_read(path)
+    try:
+        buf = bytearray(10)
+        assert reader.readinto(0, memoryview(buf)) == 10 and bytes(buf) == b"x" * 10
+        assert reader.direct or os.uname().sysname != "Linux" or _no_o_direct(path)
+    finally:
+        reader.close()
+    reader.close()  # twice is harmless
+
+
+def _no_o_direct(path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return True
+    return False

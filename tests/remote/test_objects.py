@@ -12,8 +12,9 @@ import pytest
 from obstore.store import MemoryStore
 
 from jaxreshard.formats.storage import LOCAL
-from jaxreshard.remote import objects
-from jaxreshard.remote.objects import MIN_PART, RemoteReader, RemoteWriter
+from jaxreshard.remote import objects, uploads
+from jaxreshard.remote.objects import RemoteReader
+from jaxreshard.remote.uploads import MIN_PART, RemoteWriter
 
 
 def upload(tmp_path, data: bytes, pieces: list[tuple[int, int]], store) -> list[str]:
@@ -51,7 +52,7 @@ def test_closing_while_a_part_is_being_read_keeps_the_tail(tmp_path, monkeypatch
         time.sleep(0.05)
         return real(fd, n, offset)
 
-    monkeypatch.setattr(objects.os, "pread", slow)
+    monkeypatch.setattr(uploads.os, "pread", slow)
     data = os.urandom(2 * MIN_PART + 999)
     store = MemoryStore()
     upload(tmp_path, data, [(0, len(data))], store)
