@@ -70,8 +70,10 @@ class SafetensorsWriter:
                 raise FormatError(f"{self.path}: cannot be continued: it is not {offset} bytes long")
             return
         self._pending = set(self._slots)
-        self._out = WriteBehind(storage_for(self.path).create(self.path, offset))
-        self._out.write_at(0, [head])
+        out = WriteBehind(storage_for(self.path).create(self.path, offset))
+        out.write_at(0, [head])
+        out.flush()  # the header is on disk before any tensor: a new file is a valid (zero-filled) one at once
+        self._out = out
         self._hash.update(0, head)
 
     def _open(self) -> ByteWriter:
