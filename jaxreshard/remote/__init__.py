@@ -135,10 +135,11 @@ def _is_location(value: Any) -> bool:
 def _enter(stack: contextlib.ExitStack, values: dict[str, Any], sources: tuple[str, ...],
            destination: str | None) -> None:  # fmt: skip
     """Replace the URLs among `values[sources]` and `values[destination]` by views held open by `stack`."""
+    if destination is not None and is_url(values.get(destination)):
+        _check_apart([values.get(n) for n in sources], values[destination])
     for name in sources:
         values[name] = stack.enter_context(source_view(values.get(name)))
     if destination is not None and is_url(values.get(destination)):
-        _check_apart([values.get(n) for n in sources], values[destination])
         values[destination] = stack.enter_context(destination_view(values[destination], **_writing(values)))
 
 

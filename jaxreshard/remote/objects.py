@@ -107,7 +107,12 @@ def _runs(blocks: list[int]) -> list[list[int]]:
 
 
 class RemoteReader:
-    """A `ByteReader` of one object of known size (the listing gave it)."""
+    """A `ByteReader` of one object of known size (the listing gave it). `readinto` may be called from several
+    threads; the read engine (formats/base.read_box) hands it runs of up to `read_chunk` bytes (one GET of
+    adjacent blocks each) and merges runs closer than `coalesce_gap` (a column block's rows: one request)."""
+
+    read_chunk = COALESCE_BLOCKS * BLOCK
+    coalesce_gap = 1 << 20
 
     def __init__(self, store: Any, key: str, size: int, where: str, version: str, etag: str | None = None) -> None:
         """`where`: the object's URL, and with `version` (its ETag, or a token of this run's upload) the

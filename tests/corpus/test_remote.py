@@ -96,21 +96,15 @@ def _dst(url: str, *more: str) -> list[str]:
 
 
 _DEEP = "src/" + "/".join(f"d{i}" for i in range(20)) + "/x.json"
-_NAME_RULE = r"an object name that cannot be a file here.*remove it from the prefix"
-_BUG_LISTING = pytest.mark.xfail(strict=True, reason=(
-    "BUG: obstore.list itself raises InvalidPathError on a key with a '.', '..' or empty part, before "
-    "catalogue.check_key sees it; list_objects turns it into 'listing failed after retries: InvalidPathError; "
-    "the store is unreachable or kept failing' naming only the prefix: wrong cause, and the key is not named (also "
-    "for control characters, which obstore refuses in paths too)"))
+# refused by our own check, or (keys the client itself cannot list: '.', '..', empty parts, control characters)
+# from the client's refusal, still naming the key
+_NAME_RULE = (r"(an object name that cannot be a file here.*remove it from the prefix"
+              r"|has a name that cannot be a path.*remove or rename it)")
 
 CASES = [
     # missing things
     Case("s3-missing-bucket-src", ["convert", "--src", f"s3://{MISSING}/src", "--dst", "{tmp}/out"], 2,
-         rf"s3://{MISSING}/src: listing: no such bucket or object; check the URL", _source(),
-         marks=(pytest.mark.xfail(strict=True, reason=(
-             "BUG: listing a missing bucket fails with obstore GenericError carrying HTTP 404 (NoSuchBucket), not "
-             "NotFoundError; urls.remote_error maps only NotFound classes and '403', so the line says 'listing "
-             "failed after retries: GenericError (HTTP 404); the store is unreachable or kept failing'")),)),
+         rf"s3://{MISSING}/src: listing: no such bucket or object; check the URL", _source()),
     Case("s3-missing-bucket-dst", _dst(f"s3://{MISSING}/out"), 2,
          rf"s3://{MISSING}/out/\.jaxreshard\.lock: creating the lock object: no such bucket", _source()),
     Case("s3-missing-prefix", _src()[:2] + ["s3://{bucket}/nope", "--dst", "{tmp}/out"], 2,
@@ -137,23 +131,16 @@ CASES = [
     Case("s3-dotdot-prefix", ["convert", "--src", "s3://{bucket}/src/../etc", "--dst", "{tmp}/out"], 2,
          r"the prefix has an empty, '\.' or '\.\.' part", _source()),
     # hostile object names under the source prefix
-    Case("s3-key-dotdot", _src(), 2, r"src/a/\.\./b.*" + _NAME_RULE, _source(("src/a/../b", b"{}")),
-         marks=(_BUG_LISTING,)),
-    Case("s3-key-dot", _src(), 2, r"src/\./c.*" + _NAME_RULE, _source(("src/./c", b"{}")), marks=(_BUG_LISTING,)),
-    Case("s3-key-empty-part", _src(), 2, r"src//d.*" + _NAME_RULE, _source(("src//d", b"{}")),
-         marks=(_BUG_LISTING,)),
-    Case("s3-key-control-char", _src(), 2, r"src/x\\x01y.*" + _NAME_RULE, _source(("src/x\x01y", b"{}")),
-         marks=(_BUG_LISTING,)),
-    Case("s3-key-del-char", _src(), 2, r"src/x\\x7fy.*" + _NAME_RULE, _source(("src/x\x7fy", b"{}")),
-         marks=(_BUG_LISTING,)),
+    Case("s3-key-dotdot", _src(), 2, r"src/a/\.\./b.*" + _NAME_RULE, _source(("src/a/../b", b"{}"))),
+    Case("s3-key-dot", _src(), 2, r"src/\./c.*" + _NAME_RULE, _source(("src/./c", b"{}"))),
+    Case("s3-key-empty-part", _src(), 2, r"src//d.*" + _NAME_RULE, _source(("src//d", b"{}"))),
+    Case("s3-key-control-char", _src(), 2, r"src/x\\x01y.*" + _NAME_RULE, _source(("src/x\x01y", b"{}"))),
+    Case("s3-key-del-char", _src(), 2, r"src/x\\x7fy.*" + _NAME_RULE, _source(("src/x\x7fy", b"{}"))),
     Case("s3-key-backslash", _src(), 2, r"src/x\\\\y.*" + _NAME_RULE, _source(("src/x\\y", b"{}"))),
     Case("s3-key-long-part", _src(), 2, _NAME_RULE, _source(("src/" + "n" * 256 + ".json", b"{}"))),
     Case("s3-key-too-deep", _src(), 2, r"src/d0/d1/.*" + _NAME_RULE, _source((_DEEP, b"{}"))),
-    Case("s3-key-trailing-slash-with-bytes", _src(), 2, r"src/e/.*" + _NAME_RULE, _source(("src/e/", b"data")),
-         marks=(pytest.mark.xfail(strict=True, reason=(
-             "BUG: obstore lists the key 'src/e/' (4 bytes) as 'src/e', so check_key never sees the empty part; the "
-             "run then fails with 's3://.../src/e: downloading: no such bucket or object', naming a key that does "
-             "not exist and not the one to remove")),)),
+    Case("s3-key-trailing-slash-with-bytes", _src(), 2, r"src/e.*(a key 'e/' holding bytes|a key ending in '/')",
+         _source(("src/e/", b"data"))),
     Case("s3-key-file-and-folder", _src(), 2,
          r"s3://jr-[\w-]+/src/a: is both an object and the folder of other objects",
          _source(("src/a", b"{}"), ("src/a/b.json", b"{}"))),
@@ -186,33 +173,17 @@ CASES = [
          _patched("MAX_OBJECTS", 3, *((f"src/n{i}.json", b"{}") for i in range(4)))),
     # destinations that overlap their source (refused locally: 'the destination overlaps the source')
     Case("s3-dst-is-src", ["convert", "--src", "s3://{bucket}/src", "--dst", "s3://{bucket}/src", "--overwrite",
-                           "--dst-layout", DP2MP4], 2, r"overlaps the source", _source(),
-         marks=(pytest.mark.xfail(strict=True, reason=(
-             "BUG: convert s3://b/src -> s3://b/src --overwrite is not refused: the overlap check compares the two "
-             "local views (different temporary folders); the run overwrites the objects it is reading")),)),
+                           "--dst-layout", DP2MP4], 2, r"overlaps the source", _source()),
     Case("s3-dst-inside-src", ["convert", "--src", "s3://{bucket}/src", "--dst", "s3://{bucket}/src/out",
-                               "--dst-layout", DP2MP4], 2, r"overlaps the source", _source(),
-         marks=(pytest.mark.xfail(strict=True, reason=(
-             "BUG: a destination inside the source prefix (s3://b/src/out from s3://b/src) is not refused; the "
-             "overlap check compares the local views, never the URLs")),)),
+                               "--dst-layout", DP2MP4], 2, r"overlaps the source", _source()),
     Case("s3-src-inside-dst", ["convert", "--src", "s3://{bucket}/src", "--dst", "s3://{bucket}", "--overwrite",
-                               "--dst-layout", DP2MP4], 2, r"overlaps the source", _source(),
-         marks=(pytest.mark.xfail(strict=True, reason=(
-             "BUG: a destination holding the source (the bucket root, from s3://b/src) is not refused; with "
-             "--overwrite the run then deletes every object of the bucket the new output lacks, the source "
-             "included")),)),
+                               "--dst-layout", DP2MP4], 2, r"overlaps the source", _source()),
     Case("s3-dst-is-an-object", _dst("s3://{bucket}/src/model.safetensors"), 2,
-         r"s3://jr-[\w-]+/src/model\.safetensors: .*(object|file)", _source(),
-         marks=(pytest.mark.xfail(strict=True, reason=(
-             "BUG: a destination URL naming an existing object is written as a folder beside it (keys "
-             "'src/model.safetensors/rank_0/...'), so the object is then also a folder and the source prefix can no "
-             "longer be read ('is both an object and the folder of other objects'); locally a destination that is "
-             "a file is refused. DestinationMount.open should HEAD the prefix itself")),)),
+         r"s3://jr-[\w-]+/src/model\.safetensors: .*(object|file)", _source()),
     # options an object-store destination cannot honour
-    Case("s3-dst-ranks", _dst("s3://{bucket}/out", "--dst-layout", DP2MP4, "--ranks", "0-3"), 2,
-         r"--ranks with an object-store destination is not supported", _source()),
     Case("s3-dst-resume", _dst("s3://{bucket}/out", "--dst-layout", DP2MP4, "--resume"), 2,
-         r"--resume with an object-store destination is not supported", _source()),
+         r"--resume continues files on local disk; an object-store output is written again from the start",
+         _source()),
 ]
 
 test_case = corpus_test(CASES)
