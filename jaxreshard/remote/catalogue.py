@@ -34,6 +34,7 @@ MAX_SMALL_FILE = 64 << 20  # a non-weight file is downloaded whole up to this si
 MAX_SMALL_TOTAL = 1 << 30
 HEAD_BYTES = 1 << 20  # the first ranged GET of a safetensors file (its header is usually all in it)
 PRIME_BLOCK = 64 << 10
+PRIME_AHEAD = 64  # blocks (4 MiB): the most one read-ahead fetch of record headers takes
 LOCK_NAME = ".jaxreshard.lock"
 
 
@@ -203,18 +204,29 @@ def _header_regions(fetch: Any, name: str, size: int, path: Path) -> list[tuple[
 
 class _LazyBuffer:
     """Byte indexing and slicing of an object, fetched in `PRIME_BLOCK` blocks on first touch (for an indexer
-    written against an mmap); the blocks touched are kept to be written into the placeholder."""
+    written against an mmap); the blocks fetched are kept to be written into the placeholder.
+
+    Read-ahead adapts: a miss within four fetch-lengths after the last fetch doubles the next fetch (up to
+    `PRIME_AHEAD` blocks), a longer jump over a tensor's bytes starts again at one block. A file of many small
+    records is indexed in a few requests, one of big tensors in one small request per record, never downloading
+    the tensors."""
 
     def __init__(self, fetch, size: int) -> None:
         self._fetch, self._size, self.blocks = fetch, size, {}
+        self._next, self._ahead = -1, 1  # the block after the last fetch, and the next fetch's length
 
     def __len__(self) -> int:
         return self._size
 
     def _block(self, b: int) -> bytes:
         if b * PRIME_BLOCK not in self.blocks:
+            near = 0 <= b - self._next <= 4 * self._ahead  # records close together: read further ahead
+            self._ahead = min(2 * self._ahead, PRIME_AHEAD) if near else 1
             start = b * PRIME_BLOCK
-            self.blocks[start] = self._fetch(start, min(PRIME_BLOCK, self._size - start))
+            data = self._fetch(start, min(self._ahead * PRIME_BLOCK, self._size - start))
+            for i in range(0, len(data), PRIME_BLOCK):
+                self.blocks.setdefault(start + i, data[i : i + PRIME_BLOCK])
+            self._next = b + max(1, -(-len(data) // PRIME_BLOCK))
         return self.blocks[b * PRIME_BLOCK]
 
     def __getitem__(self, index: int | slice) -> Any:
