@@ -25,7 +25,7 @@ from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
-from . import manifests, resume
+from . import manifests, remote, resume
 from .arrays import build_arrays
 from .devices import cpu_devices, ensure_cpu_devices
 from .errors import ConfigError, FormatError, OutputError
@@ -171,7 +171,7 @@ def worker_pool(n: int) -> Iterator[ProcessPoolExecutor]:
     handles it), and are killed at once if the parent's work fails or is interrupted, so no worker goes on
     writing for nobody."""
     pool = ProcessPoolExecutor(n, mp_context=get_context("spawn"), initializer=_worker_init,
-                               initargs=(os.getpid(),))
+                               initargs=(os.getpid(), remote.source_mounts()))  # fmt: skip
     try:
         yield pool
     except BaseException:
@@ -191,7 +191,8 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _worker_init(parent: int) -> None:
+def _worker_init(parent: int, mounts: dict) -> None:
+    remote.adopt_source_mounts(mounts)  # an object-store source's views: else its holes read as zeros
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):

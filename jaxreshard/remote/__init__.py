@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from ..errors import ConfigError, JaxreshardError
 from ..formats.storage import register_mount
 from ..values import parse_ranks
-from .catalogue import mount_source
+from .catalogue import MOUNTED, mount_again, mount_source
 from .destination import DestinationMount
 from .objects import drop_cache
 from .urls import is_url, open_store, parse_url
@@ -54,6 +54,7 @@ def source_view(src: Any) -> Iterator[Any]:
         yield view
     finally:
         register_mount(root, None)
+        MOUNTED.pop(str(root), None)
         _NAMES.pop(str(root), None)
         drop_cache()
         shutil.rmtree(base, ignore_errors=True)
@@ -196,6 +197,17 @@ def _messages_name_urls() -> Iterator[None]:
         raise
 
 
+def source_mounts() -> dict[str, Any]:
+    """The source views of this process, for spawned workers (`adopt_source_mounts` in each)."""
+    return dict(MOUNTED)
+
+
+def adopt_source_mounts(mounts: dict[str, Any]) -> None:
+    """In a spawned worker: register the parent's source views (their bytes are read from the store)."""
+    for root, (url, remote) in mounts.items():
+        mount_again(root, url, remote)
+
+
 def published(tmp: Path, target: Path) -> bool:
     """If `target` stands for a remote destination, publish the complete `tmp` to it (the commit of an object
     store: see `destination`) and move `tmp` to `target` locally, for what the caller reads back; else False."""
@@ -231,5 +243,5 @@ def display(text: str) -> str:
     return text
 
 
-__all__ = ["views", "option_views", "source_view", "destination_view", "published", "updated_root", "display",
-           "is_url", "parse_url"]
+__all__ = ["views", "option_views", "source_mounts", "adopt_source_mounts", "source_view", "destination_view",
+           "published", "updated_root", "display", "is_url", "parse_url"]

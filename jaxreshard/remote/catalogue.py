@@ -36,6 +36,7 @@ HEAD_BYTES = 1 << 20  # the first ranged GET of a safetensors file (its header i
 PRIME_BLOCK = 64 << 10
 PRIME_AHEAD = 64  # blocks (4 MiB): the most one read-ahead fetch of record headers takes
 LOCK_NAME = ".jaxreshard.lock"
+MOUNTED: dict[str, tuple[Url, dict[str, tuple[int, str]]]] = {}  # view root -> what a worker needs to mount it
 
 
 def list_objects(store: Any, url: Url, mtimes: dict[str, float] | None = None,
@@ -131,6 +132,7 @@ def mount_source(store: Any, url: Url, root: Path) -> Path:
     for name, mtime in mtimes.items():
         os.utime(root / name, (mtime, mtime))
     register_mount(root, SourceStorage(store, url, root, {n: (s, versions[n]) for n, s in remote.items()}))
+    MOUNTED[str(root)] = (url, {n: (s, versions[n]) for n, s in remote.items()})
     return view
 
 
@@ -240,6 +242,15 @@ class _LazyBuffer:
             raise FormatError("a record too large to read while indexing")
         return b"".join(self._block(b)[max(start - b * PRIME_BLOCK, 0) : stop - b * PRIME_BLOCK]
                         for b in range(start // PRIME_BLOCK, (stop - 1) // PRIME_BLOCK + 1)) if stop > start else b""
+
+
+def mount_again(root: str, url: Url, remote: dict[str, tuple[int, str]]) -> None:
+    """Register in this process (a spawned worker) a source view its parent built: without it the worker would
+    read the placeholders' holes as zeros."""
+    from .urls import open_store
+
+    register_mount(Path(root), SourceStorage(open_store(url), url, Path(root), remote))
+    MOUNTED[root] = (url, remote)
 
 
 class SourceStorage:

@@ -159,3 +159,12 @@ def test_a_ranks_run_waits_for_no_one_but_refuses_overlapping_ranks(llama, bucke
         jr.convert(llama, bucket.url("busy"), dst_layout=DP2MP4, ranks="4-5")
     with pytest.raises(RemoteError, match=r"lock object .*lock-otherhost-1-ab exists, for the whole output"):
         jr.convert(llama, bucket.url("busy"), dst_layout=DP2MP4, overwrite=True)
+
+
+def test_worker_processes_read_an_s3_source_from_the_store(llama, bucket, tmp_path):
+    """--workers 2 spawns processes: they must read the source's bytes from the store too, never the view's holes
+    (the review found zeros in every rank file before the workers mounted their parent's views)."""
+    bucket.upload(llama.parent, "src")
+    jr.convert(llama, tmp_path / "local", dst_layout=DP2MP4)
+    jr.convert(bucket.url("src"), tmp_path / "two", dst_layout=DP2MP4, process_num=2)
+    assert tree(tmp_path / "two") == tree(tmp_path / "local")
