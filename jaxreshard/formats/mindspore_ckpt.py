@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import FormatError
 from .base import TensorEntry
+from .storage import storage_for
 from .untrusted import MAX_DIMS, NotACheckpoint, check_name, open_regular
 
 CRC_MARKER = b"crc_num"  # trailer: marker + 10-byte big-endian CRC-32 of all preceding bytes
@@ -154,6 +155,20 @@ def read_ckpt_index(path: Path, *, verify_crc: bool = False) -> CkptIndex:
             return _index(path, mm, verify_crc)
 
 
+def _crc32(path: Path, end: int) -> int:
+    """CRC-32 of the file's first `end` bytes, read through its storage (an object store's file is read from the
+    store: its local view holds only the record headers)."""
+    reader = storage_for(path).open_read(path)
+    try:
+        crc, buf = 0, memoryview(bytearray(min(16 << 20, max(end, 1))))
+        for offset in range(0, end, len(buf)):
+            n = reader.readinto(offset, buf[: min(len(buf), end - offset)])
+            crc = zlib.crc32(buf[:n], crc)
+        return crc
+    finally:
+        reader.close()
+
+
 def index_buffer(path: Path, buffer: Any) -> CkptIndex:
     """Index a `.ckpt` from any object that indexes and slices like its mmap (an object store's lazily fetched
     bytes: the indexer touches only record headers, so only they are fetched)."""
@@ -216,8 +231,7 @@ def _index(path: Path, mm: mmap.mmap, verify_crc: bool) -> CkptIndex:
     if size >= 17 and mm[size - 17 : size - 10] == CRC_MARKER:
         end, crc = size - 17, int.from_bytes(mm[size - 10 :], "big")
         if verify_crc:
-            with memoryview(mm) as whole, whole[:end] as body:
-                actual = zlib.crc32(body)
+            actual = _crc32(path, end)
             if actual != crc:
                 raise FormatError(f"{path}: CRC mismatch: the trailer says {crc:#010x}, the contents hash to "
                                   f"{actual:#010x}; the file is corrupt, copy it again from its source")

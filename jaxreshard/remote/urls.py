@@ -58,11 +58,12 @@ class Url:
 
 def parse_url(text: str) -> Url:
     """`text` as a `Url`, or ConfigError naming what is wrong (no credentials in URLs: use the environment)."""
-    match = _URL.fullmatch(text.strip(" ")) if isinstance(text, str) else None  # spaces only: a control
-    # character is part of what was written, and refused below
-    if match is None:
-        raise ConfigError(f"{str(text)[:200]!r} is not an object-store URL; write s3://bucket/prefix or "
-                          "gs://bucket/prefix")
+    text = text.strip(" ") if isinstance(text, str) else text  # spaces only: a control character is part of
+    scheme, sep, rest = text.partition("://") if isinstance(text, str) else ("", "", "")  # what was written
+    match = _URL.fullmatch(scheme.lower() + sep + rest) if sep else None
+    if match is None:  # nothing after the scheme is echoed: it may hold a key
+        shown = f"{scheme[:10]}://..." if sep else f"a {type(text).__name__}"
+        raise ConfigError(f"{shown} is not an object-store URL; write s3://bucket/prefix or gs://bucket/prefix")
     scheme, bucket, path = match.group(1), match.group(2), (match.group(3) or "").strip("/")
     if "@" in bucket or ":" in bucket:
         raise ConfigError(f"{scheme}://...: credentials or ports do not go into the URL; set AWS_ACCESS_KEY_ID, "

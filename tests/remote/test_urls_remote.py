@@ -128,10 +128,16 @@ def test_a_newline_inside_the_url_is_refused_in_one_line():
     assert "a\\nb" in message  # repr'd: the message stays one line
 
 
-def test_an_uppercase_scheme_is_refused_in_one_line():
-    # is_url takes it for a URL (the scheme is compared lower-cased), so it must be refused, not read as a path
-    assert is_url("S3://bucket/prefix")
-    assert "is not an object-store URL" in one_line_error("S3://bucket/prefix")
+def test_an_uppercase_scheme_is_the_same_scheme():
+    # is_url takes it for a URL (the scheme is compared lower-cased, as RFC 3986 says schemes are), and so does
+    # parse_url; what follows the scheme keeps its case
+    assert is_url("S3://bucket/Prefix")
+    assert parse_url("S3://bucket/Prefix") == Url("s3", "bucket", "Prefix")
+
+
+def test_a_refused_url_never_echoes_what_follows_the_scheme():
+    line = one_line_error("S3://AKIAXXXX:SECRETYYY@Bucket/p")
+    assert "AKIAXXXX" not in line and "SECRETYYY" not in line
 
 
 def test_a_huge_url_is_refused_with_a_bounded_message():
