@@ -13,6 +13,7 @@ Object stores cannot rename, so the local rules (a temporary sibling, an atomic 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -76,11 +77,14 @@ class DestinationStorage:
             for writer in writers:
                 writer.abort()  # nothing for those finished
 
-    def abort_uploads(self) -> None:
-        """A failed run: every upload not yet waited for is aborted (a closed file's too)."""
+    def abort_uploads(self) -> list[str]:
+        """A failed run: every upload not yet waited for is aborted (a closed file's too); the names of this
+        run's files that are in the store nevertheless (their uploads had completed)."""
         writers, self.writers = self.writers, []
         for writer in writers:
             writer.abort()
+        done = [self.relative(w.spool_path) for w in writers if w.completed]
+        return sorted({*done, *self.uploaded})
 
     def reopen(self, location: Location) -> Any:
         raise RemoteError(f"{self.url}: --resume keeps files on local disk only; rerun without --resume (an object "
@@ -101,6 +105,7 @@ class DestinationMount:
         self.storage = DestinationStorage(store, url, root)
         self.existing: dict[str, int] = {}
         self.lock = LockObject(store, url, shared=shared, ranks=ranks, group=group)
+        self.listed = False  # this run's files are named by a manifest in the store (then they stay)
 
     @property
     def target(self) -> Path:
@@ -142,6 +147,7 @@ class DestinationMount:
             replaced = folders & {f"rank_{r}" for r in self.ranks or ()}
             if self.overwrite and replaced:  # their old files stop being listed before new ones replace them
                 self.update_root(lambda: self._forget(replaced))
+                self.listed = False  # (that update named none of this run's files)
 
     def _forget(self, folders: set[str]) -> None:
         old = read_manifest(self.target)
@@ -179,6 +185,7 @@ class DestinationMount:
             mode: Any = "create" if etag is None else {"e_tag": etag}
             try:
                 obstore.put(self.store, self.url.key(MANIFEST_NAME), data, mode=mode)
+                self.listed = True
                 return
             except (AlreadyExistsError, PreconditionError):
                 time.sleep(0.05 + 0.1 * secrets.randbelow(10) / 10)  # another host merged first: merge again
@@ -205,6 +212,7 @@ class DestinationMount:
                 job.result()
         if MANIFEST_NAME in names:
             self._put(tmp / MANIFEST_NAME, MANIFEST_NAME)
+            self.listed = True
         stale = sorted(n for n in set(self.existing) - set(names) if n.startswith(base))
         if stale:
             self._delete(stale)
@@ -232,6 +240,9 @@ class DestinationMount:
     def close(self) -> None:
         """Release the mount and the lock (a lock left by a killed run is named by the next run's message); a
         failed run's uploads are aborted, never left to die with the process."""
-        self.storage.abort_uploads()
+        stored = self.storage.abort_uploads()
+        if stored and not self.listed:  # a failed run: its files must not stay to look like an output
+            with contextlib.suppress(RemoteError):
+                self._delete(stored)
         register_mount(self.root, None)
         self.lock.release()

@@ -43,6 +43,7 @@ class RemoteWriter:
         self._cond = threading.Condition()
         self._ranges: list[tuple[int, int]] = []  # written ranges beyond the frontier
         self._frontier, self._closing, self._aborted, self._done = 0, False, False, False
+        self.completed = False
         self._error: BaseException | None = None
         self._read_fd = os.open(spool.path, os.O_RDONLY)
         self._thread = threading.Thread(target=self._upload, name="jaxreshard-upload", daemon=True)
@@ -50,6 +51,10 @@ class RemoteWriter:
 
     def size(self) -> int:
         return self._size
+
+    @property
+    def spool_path(self):
+        return self._spool.path
 
     def write_at(self, offset: int, buffers: Sequence[Buffer]) -> None:
         self._spool.write_at(offset, buffers)
@@ -89,6 +94,7 @@ class RemoteWriter:
         try:
             obstore.put(self._store, self._key, self._chunks(), use_multipart=self._size > self._part,
                         chunk_size=self._part, max_concurrency=UPLOADS_PER_FILE)  # fmt: skip
+            self.completed = True  # the object exists now (a failed run deletes it: see destination.close)
         except BaseException as e:  # noqa: BLE001 - handed to the writing thread at close/abort
             self._error = e
 

@@ -168,3 +168,17 @@ def test_worker_processes_read_an_s3_source_from_the_store(llama, bucket, tmp_pa
     jr.convert(llama, tmp_path / "local", dst_layout=DP2MP4)
     jr.convert(bucket.url("src"), tmp_path / "two", dst_layout=DP2MP4, process_num=2)
     assert tree(tmp_path / "two") == tree(tmp_path / "local")
+
+
+def test_a_failed_run_removes_the_files_it_uploaded(llama, bucket, monkeypatch):
+    """Rank files complete their uploads before the manifest; a run failing in between takes them back, so the
+    prefix never holds rank files that a reader could take for an output."""
+    from jaxreshard import run
+
+    def broken(*args, **kwargs):
+        raise OSError("the disk holding the manifest failed")
+
+    monkeypatch.setattr(run, "write_manifest", broken)
+    with pytest.raises(OSError, match="manifest failed"):
+        jr.convert(llama, bucket.url("failed"), dst_layout=DP2MP4)
+    assert bucket.keys("failed") == [] and bucket.multipart_uploads() == []
