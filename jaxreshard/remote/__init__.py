@@ -35,7 +35,23 @@ _NAMES: dict[str, str] = {}  # a view's local root (and its spellings) -> the UR
 
 
 def _root(kind: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"jaxreshard-{kind}-")).resolve()
+    """A fresh private folder for a view, named with this process's pid; folders of views whose process is gone
+    (killed: its `finally` never ran) are removed first, so spools of killed runs do not pile up."""
+    _remove_orphans()
+    return Path(tempfile.mkdtemp(prefix=f"jaxreshard-{kind}-{os.getpid()}-")).resolve()
+
+
+def _remove_orphans() -> None:
+    for folder in Path(tempfile.gettempdir()).glob("jaxreshard-[sd][rs][ct]-*-*"):
+        pid = folder.name.split("-")[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass  # another user's live process: not ours to judge
 
 
 @contextlib.contextmanager
@@ -45,11 +61,12 @@ def source_view(src: Any) -> Iterator[Any]:
         yield src
         return
     url = parse_url(src)
+    store = open_store(url)
     base = _root("src")
     root = base / (url.prefix.rpartition("/")[2] or url.bucket)  # the view is named as the URL's last part
     root.mkdir()
     try:
-        view = mount_source(open_store(url), url, root)
+        view = mount_source(store, url, root)
         _NAMES[str(root)] = str(url) if view == root else str(url).rpartition("/")[0]
         yield view
     finally:
@@ -69,8 +86,9 @@ def destination_view(dst: Any, *, overwrite: bool, shared: bool = False, ranks: 
         yield dst
         return
     url = parse_url(dst)
+    store = open_store(url)  # (a refused configuration leaves no folder behind)
     root = _root("dst")
-    mount = DestinationMount(open_store(url), url, root, overwrite=overwrite, shared=shared, ranks=ranks,
+    mount = DestinationMount(store, url, root, overwrite=overwrite, shared=shared, ranks=ranks,
                              group=group)  # fmt: skip
     try:
         target = mount.open()

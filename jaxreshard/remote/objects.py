@@ -159,6 +159,9 @@ class RemoteReader:
             for b in sorted(blocks):
                 future, at = blocks[b]
                 data = memoryview(future.result())[at : at + BLOCK]
+                if len(data) != min(BLOCK, self._size - b * BLOCK):  # the store answered short: never zeros
+                    raise RemoteError(f"{self._where}: the store returned {len(data)} bytes of block {b}, not "
+                                      f"{min(BLOCK, self._size - b * BLOCK)}; the object changed or is damaged")
                 start = max(offset, b * BLOCK)
                 stop = min(offset + n, b * BLOCK + len(data))
                 buffer[start - offset : stop - offset] = data[start - b * BLOCK : stop - b * BLOCK]

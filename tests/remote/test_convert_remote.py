@@ -182,3 +182,19 @@ def test_a_failed_run_removes_the_files_it_uploaded(llama, bucket, monkeypatch):
     with pytest.raises(OSError, match="manifest failed"):
         jr.convert(llama, bucket.url("failed"), dst_layout=DP2MP4)
     assert bucket.keys("failed") == [] and bucket.multipart_uploads() == []
+
+
+def test_views_of_killed_runs_are_removed(llama, bucket, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"jaxreshard-dst-{int(dead.stdout)}-abcd"
+    (orphan / "out").mkdir(parents=True)
+    (orphan / "out" / "spool.safetensors").write_bytes(b"x" * 100)
+    jr.convert(llama, bucket.url("o"), dst_layout=DP2MP4)
+    assert not orphan.exists()
+    assert not list(tmp_path.glob("jaxreshard-*"))  # nor is anything of this run left
