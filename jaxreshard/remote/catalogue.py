@@ -26,7 +26,7 @@ from ..formats.manifest import MANIFEST_NAME
 from ..formats.safetensors_io import MAX_HEADER_BYTES
 from ..formats.storage import LocalReader, Location, register_mount
 from .objects import RemoteReader, get_run
-from .urls import RemoteError, Url, remote_error
+from .urls import RemoteError, Url, open_store, remote_error
 
 MAX_OBJECTS = 1_000_000
 MAX_DEPTH = 16
@@ -247,8 +247,6 @@ class _LazyBuffer:
 def mount_again(root: str, url: Url, remote: dict[str, tuple[int, str]]) -> None:
     """Register in this process (a spawned worker) a source view its parent built: without it the worker would
     read the placeholders' holes as zeros."""
-    from .urls import open_store
-
     register_mount(Path(root), SourceStorage(open_store(url), url, Path(root), remote))
     MOUNTED[root] = (url, remote)
 
