@@ -111,10 +111,10 @@ def mount_source(store: Any, url: Url, root: Path) -> Path:
         view = root / leaf
     else:
         view = root
-    lock = next((n for n in names if n.startswith(LOCK_NAME)), None)
+    lock = next((url.child(n) for n in names if n.startswith(LOCK_NAME)), None) or _lock_above(store, url)
     if lock is not None:
         raise RemoteError(f"{url}: is being written by a jaxreshard run (or one that was killed: its lock object "
-                          f"{url.child(lock)} is there); wait for it, or delete the lock object and the output")
+                          f"{lock} is there); wait for it, or delete the lock object and the output")
     remote = {n: s for n, s in names.items() if _is_weight(n)}
     small = {n: s for n, s in names.items() if n not in remote}
     big = next((n for n, s in small.items() if s > MAX_SMALL_FILE), None)
@@ -134,6 +134,24 @@ def mount_source(store: Any, url: Url, root: Path) -> Path:
     register_mount(root, SourceStorage(store, url, root, {n: (s, versions[n]) for n, s in remote.items()}))
     MOUNTED[str(root)] = (url, {n: (s, versions[n]) for n, s in remote.items()})
     return view
+
+
+def _lock_above(store: Any, url: Url) -> str | None:
+    """A lock object of a run writing a folder that holds `url` (`s3://b/out/rank_0` while `s3://b/out` is being
+    written): each folder above is listed at its own level (a few requests)."""
+    import obstore
+
+    parts = url.prefix.split("/") if url.prefix else []
+    for depth in range(len(parts)):
+        above = "/".join(parts[:depth])
+        try:
+            top = obstore.list_with_delimiter(store, prefix=above or None)["objects"]
+        except Exception as e:
+            raise remote_error(e, str(url), "listing the folders above") from None
+        lock = next((m["path"] for m in top if m["path"].rpartition("/")[2].startswith(LOCK_NAME)), None)
+        if lock is not None:
+            return f"{url.scheme}://{url.bucket}/{lock}"
+    return None
 
 
 def _is_weight(name: str) -> bool:

@@ -198,3 +198,10 @@ def test_views_of_killed_runs_are_removed(llama, bucket, tmp_path, monkeypatch):
     jr.convert(llama, bucket.url("o"), dst_layout=DP2MP4)
     assert not orphan.exists()
     assert not list(tmp_path.glob("jaxreshard-*"))  # nor is anything of this run left
+
+
+def test_a_folder_inside_an_output_being_written_is_refused(llama, bucket):
+    jr.convert(llama, bucket.url("out"), dst_layout=DP2MP4)
+    bucket.put("out/.jaxreshard.lock-otherhost-7-ab", b"{}")  # another host is rewriting some ranks
+    with pytest.raises(RemoteError, match=r"out/rank_0: is being written .*out/\.jaxreshard\.lock-otherhost-7-ab"):
+        jr.convert(bucket.url("out/rank_0"), bucket.url("copy"))
