@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import logging
 import os
 import re
 import shutil
@@ -207,12 +208,25 @@ def _writing(arguments: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _messages_name_urls() -> Iterator[None]:
-    """An error raised while views are held names the URLs, not the views' local folders."""
+    """An error raised, or a jaxreshard log line written, while views are held names the URLs, not the views'
+    local folders (log records are rewritten as they are made, in every thread, until the views are gone)."""
+    make = logging.getLogRecordFactory()
+
+    def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made = make(*args, **kwargs)
+        if made.name.startswith("jaxreshard") and _NAMES:
+            with contextlib.suppress(Exception):  # a malformed record is left for logging to report
+                made.msg, made.args = display(made.getMessage()), ()
+        return made
+
+    logging.setLogRecordFactory(record)
     try:
         yield
     except JaxreshardError as e:
         e.args = (display(str(e)),)
         raise
+    finally:
+        logging.setLogRecordFactory(make)
 
 
 def source_mounts() -> dict[str, Any]:

@@ -205,3 +205,21 @@ def test_a_folder_inside_an_output_being_written_is_refused(llama, bucket):
     bucket.put("out/.jaxreshard.lock-otherhost-7-ab", b"{}")  # another host is rewriting some ranks
     with pytest.raises(RemoteError, match=r"out/rank_0: is being written .*out/\.jaxreshard\.lock-otherhost-7-ab"):
         jr.convert(bucket.url("out/rank_0"), bucket.url("copy"))
+
+
+def test_log_lines_name_urls_not_views(llama, bucket, caplog):
+    import logging
+
+    from jaxreshard import remote
+
+    @remote.views(sources=("src",))
+    def probe(src):
+        logging.getLogger("jaxreshard.probe").warning("%s: two candidates, using the last", src / "model.safetensors")
+        return str(src)
+
+    bucket.upload(llama.parent, "src")
+    with caplog.at_level(logging.INFO, logger="jaxreshard"):
+        view = probe(bucket.url("src"))
+    assert "jaxreshard-src-" in view  # the function saw the local view...
+    assert [r.getMessage() for r in caplog.records if r.name == "jaxreshard.probe"] == [
+        f"{bucket.url('src')}/model.safetensors: two candidates, using the last"]  # ...its log names the URL
