@@ -24,6 +24,14 @@ from .urls import RemoteError, Url, remote_error
 log = logging.getLogger(__name__)
 
 
+def _pid_namespace() -> int | None:
+    """The pid namespace this process lives in (a pid is only judged gone by a process of the same one)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 class LockObject:
     """This run's lock object on `url` (see the module docstring)."""
 
@@ -39,7 +47,8 @@ class LockObject:
 
         token = secrets.token_hex(8)
         body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
-                           "ranks": self.ranks, "group": self.group, "token": token}).encode()  # fmt: skip
+                           "ranks": self.ranks, "group": self.group, "token": token,
+                           "pid_namespace": _pid_namespace()}).encode()  # fmt: skip
         for attempt in range(2):
             try:
                 obstore.put(self.store, self.url.key(self.name), body, mode="create")
@@ -102,7 +111,8 @@ class LockObject:
         has its pid (a run killed with SIGKILL). Locks of other hosts are never judged."""
         body = self._lock_body(name)
         pid = body.get("pid")
-        if body.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        if body.get("host") != socket.gethostname() or body.get("pid_namespace") != _pid_namespace() \
+                or not isinstance(pid, int) or pid == os.getpid():  # (containers share host names)
             return False
         try:
             os.kill(pid, 0)

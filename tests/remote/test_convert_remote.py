@@ -223,3 +223,26 @@ def test_log_lines_name_urls_not_views(llama, bucket, caplog):
     assert "jaxreshard-src-" in view  # the function saw the local view...
     assert [r.getMessage() for r in caplog.records if r.name == "jaxreshard.probe"] == [
         f"{bucket.url('src')}/model.safetensors: two candidates, using the last"]  # ...its log names the URL
+
+
+@pytest.mark.parametrize("same_namespace", [True, False])
+def test_a_dead_runs_lock_is_removed_only_from_its_own_pid_namespace(llama, bucket, same_namespace):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from jaxreshard.remote.locks import _pid_namespace
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    namespace = _pid_namespace() if same_namespace else -1  # another container with this host name
+    bucket.put("o/.jaxreshard.lock", json.dumps({"host": socket.gethostname(), "pid": dead,
+                                                 "pid_namespace": namespace}).encode())
+    if same_namespace:
+        jr.convert(llama, bucket.url("o"), dst_layout=DP2MP4)
+        assert not [k for k in bucket.keys("o") if "lock" in k]
+    else:
+        with pytest.raises(RemoteError, match=r"another jaxreshard run is writing it"):
+            jr.convert(llama, bucket.url("o"), dst_layout=DP2MP4)
+    assert os.getpid() != dead
