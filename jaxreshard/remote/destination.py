@@ -31,7 +31,7 @@ from .catalogue import LOCK_NAME, head_object, list_objects
 from .locks import LockObject
 from .objects import RemoteReader
 from .uploads import RemoteWriter
-from .urls import RemoteError, Url, remote_error
+from .urls import RemoteError, Url, delete_objects, remote_error
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ class DestinationMount:
                 what = "an output" if MANIFEST_NAME in self.existing else \
                     f"{len(self.existing)} objects but no {MANIFEST_NAME} (an incomplete output, or other files)"
                 raise OutputExistsError(f"{self.url}: already holds {what}; pass --overwrite to replace them")
-            elif MANIFEST_NAME in self.existing:
-                self._delete([MANIFEST_NAME])  # from now on the old output no longer looks complete
+            elif MANIFEST_NAME in self.existing:  # from now on the old output no longer looks complete
+                delete_objects(self.store, self.url, [MANIFEST_NAME])
             register_mount(self.root, self.storage)
         except BaseException:
             self.close()
@@ -215,7 +215,7 @@ class DestinationMount:
             self.listed = True
         stale = sorted(n for n in set(self.existing) - set(names) if n.startswith(base))
         if stale:
-            self._delete(stale)
+            delete_objects(self.store, self.url, stale)
 
     def _put(self, path: Path, name: str) -> None:
         import obstore
@@ -227,22 +227,12 @@ class DestinationMount:
         except Exception as e:
             raise remote_error(e, self.url.child(name), "uploading") from None
 
-    def _delete(self, names: list[str]) -> None:
-        import obstore
-
-        try:
-            obstore.delete(self.store, [self.url.key(n) for n in names])
-        except FileNotFoundError:
-            pass
-        except Exception as e:
-            raise remote_error(e, self.url.child(names[0]), "deleting") from None
-
     def close(self) -> None:
         """Release the mount and the lock (a lock left by a killed run is named by the next run's message); a
         failed run's uploads are aborted, never left to die with the process."""
         stored = self.storage.abort_uploads()
         if stored and not self.listed:  # a failed run: its files must not stay to look like an output
             with contextlib.suppress(RemoteError):
-                self._delete(stored)
+                delete_objects(self.store, self.url, stored)
         register_mount(self.root, None)
         self.lock.release()

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from .catalogue import LOCK_NAME
-from .urls import RemoteError, Url, remote_error
+from .urls import RemoteError, Url, delete_objects, remote_error
 
 log = logging.getLogger(__name__)
 
@@ -122,24 +122,14 @@ class LockObject:
         except OSError:
             return False
         log.warning("%s: removing the lock object of a killed run (pid %d on this host)", self.url.child(name), pid)
-        self._delete([name])
+        delete_objects(self.store, self.url, [name])
         return True
-
-    def _delete(self, names: list[str]) -> None:
-        import obstore
-
-        try:
-            obstore.delete(self.store, [self.url.key(n) for n in names])
-        except FileNotFoundError:
-            pass
-        except Exception as e:
-            raise remote_error(e, self.url.child(names[0]), "deleting") from None
 
     def release(self) -> None:
         """Remove this run's lock object (a failure is left for the next run's message to name)."""
         if self.held:
             self.held = False
             try:
-                self._delete([self.name])
+                delete_objects(self.store, self.url, [self.name])
             except RemoteError:
                 pass

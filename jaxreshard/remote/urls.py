@@ -130,3 +130,15 @@ def remote_error(e: BaseException, where: str, doing: str) -> JaxreshardError:
     if "403" in _kind(e):
         return RemoteError(f"{where}: {doing}: access denied (HTTP 403); check the credentials and their permissions")
     return RemoteError(f"{where}: {doing} failed after retries: {_kind(e)}; the store is unreachable or kept failing")
+
+
+def delete_objects(store: Any, url: Url, names: list[str]) -> None:
+    """Delete the objects `names` (relative to `url`); one already gone is no error."""
+    import obstore
+
+    try:
+        obstore.delete(store, [url.key(n) for n in names])
+    except FileNotFoundError:
+        pass
+    except Exception as e:
+        raise remote_error(e, url.child(names[0]), "deleting") from None
