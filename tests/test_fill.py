@@ -42,13 +42,19 @@ def fill_all(plan):
     return out
 
 
+def recorded_reads(monkeypatch) -> list:
+    """The boxes `fill` reads through `read_box`, in order (the reads still happen)."""
+    calls: list = []
+    real = fill.read_box
+    monkeypatch.setattr(fill, "read_box", lambda *a: (calls.append(a[2]), real(*a)))
+    return calls
+
+
 @pytest.mark.parametrize("slab", [fill.SLAB_BYTES, 3 * 40, 40])  # whole tensor, 3-row and 1-row slabs
 def test_dense_column_blocks_read_in_slabs(source, monkeypatch, slab):
     full, entries = source
     monkeypatch.setattr(fill, "SLAB_BYTES", slab)
-    calls = []
-    real = fill.read_box
-    monkeypatch.setattr(fill, "read_box", lambda *a: (calls.append(a[2]), real(*a)))
+    calls = recorded_reads(monkeypatch)
     out = fill_all(make_plan(entries, None, Cols()))
     for r in range(5):
         assert out[r].tobytes() == np.ascontiguousarray(full[:, 2 * r : 2 * r + 2]).tobytes()
@@ -59,9 +65,7 @@ def test_dense_column_blocks_read_in_slabs(source, monkeypatch, slab):
 
 def test_sparse_columns_read_only_their_runs(source, monkeypatch):
     full, entries = source
-    calls = []
-    real = fill.read_box
-    monkeypatch.setattr(fill, "read_box", lambda *a: (calls.append(a[2]), real(*a)))
+    calls = recorded_reads(monkeypatch)
     out = fill_all(make_plan(entries, None, Cols(), dst_ranks=[3]))
     assert out[3].tobytes() == np.ascontiguousarray(full[:, 6:8]).tobytes()
     assert calls == [Box((0, 6), (24, 8))]  # just the wanted columns (run by run inside read_box)
@@ -76,9 +80,7 @@ def test_row_blocks_read_in_place(source, monkeypatch):
         def resolve(self, names):
             return {n: ParamLayout((("mp", 4),), (("mp",),), (0,)) for n in names}
 
-    calls = []
-    real = fill.read_box
-    monkeypatch.setattr(fill, "read_box", lambda *a: (calls.append(a[2]), real(*a)))
+    calls = recorded_reads(monkeypatch)
     out = fill_all(make_plan(entries, None, Rows()))
     assert [out[r].tobytes() for r in range(4)] == [full[6 * r : 6 * r + 6].tobytes() for r in range(4)]
     assert calls == [Box((6 * r, 0), (6 * r + 6, 10)) for r in range(4)]
@@ -88,9 +90,7 @@ def test_row_blocks_read_in_place(source, monkeypatch):
 def test_sparse_regions_are_read_in_pipelined_groups(source, monkeypatch, slab):
     full, entries = source
     monkeypatch.setattr(fill, "SLAB_BYTES", slab)
-    calls = []
-    real = fill.read_box
-    monkeypatch.setattr(fill, "read_box", lambda *a: (calls.append(a[2]), real(*a)))
+    calls = recorded_reads(monkeypatch)
     plan = make_plan(entries, None, Cols(), dst_ranks=[1, 3])
     out = fill_all(plan)
     assert out[1].tobytes() == np.ascontiguousarray(full[:, 2:4]).tobytes()

@@ -24,20 +24,6 @@ MISSING = "jr-no-such-bucket-4d2e"  # never created on the test server
 
 
 @pytest.fixture(autouse=True)
-def _no_blocks_of_earlier_tests() -> None:
-    """Start each test with an empty block cache: it is keyed by id(store), which CPython reuses for a new store
-    once an old one is freed, so blocks an earlier test read could be served as this test's (the bug that
-    test_faults_remote.test_a_replaced_object_is_read_anew_by_the_next_run shows; drop this once it is fixed)."""
-    from jaxreshard.remote import objects
-
-    shared = objects._SHARED
-    if shared is not None:
-        with shared.lock:
-            shared.blocks.clear()
-            shared.held = 0
-
-
-@pytest.fixture(autouse=True)
 def _remote(bucket, s3_proxy, monkeypatch, llama) -> Iterator[None]:  # noqa: F811 - the imported fixtures
     _NOW.update(bucket=bucket, proxy=s3_proxy, monkeypatch=monkeypatch, llama=llama)
     yield

@@ -10,7 +10,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -20,7 +19,7 @@ from jaxreshard.formats.manifest import MANIFEST_NAME
 from jaxreshard.formats.safetensors_io import SafetensorsWriter
 from jaxreshard.remote import urls
 from tests.corpus.harness import run_cli
-from tests.remote.test_convert_remote import tree
+from tests.remote.test_convert_remote import big_checkpoint, tree
 
 REPO = Path(__file__).resolve().parents[2]
 DP2MP4 = str(REPO / "configs" / "layouts" / "llama_dp2mp4.yaml")
@@ -29,32 +28,10 @@ OBJECT_GET = r"/src/model\.safetensors$"  # a GET of the source object (not a li
 PART_PUT = r"partNumber="  # an UploadPart request (PUT ...?partNumber=N&uploadId=...)
 
 
-@pytest.fixture(autouse=True)
-def _no_blocks_of_earlier_tests() -> None:
-    """Start each test with an empty block cache: it is keyed by id(store), which CPython reuses for a new store
-    once an old one is freed, so blocks an earlier test read could be served as this test's (the bug that
-    test_faults_remote.test_a_replaced_object_is_read_anew_by_the_next_run shows; drop this once it is fixed)."""
-    from jaxreshard.remote import objects
-
-    shared = objects._SHARED
-    if shared is not None:
-        with shared.lock:
-            shared.blocks.clear()
-            shared.held = 0
-
-
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
     """A 24 MiB checkpoint: several 8 MiB blocks to read and multipart parts to upload, with an odd-sized tail."""
-    path = tmp_path_factory.mktemp("big") / "model.safetensors"
-    rng = np.random.default_rng(11)
-    params = [("a.weight", np.dtype(ml_dtypes.bfloat16), (4096, 2304)), ("b.bias", np.dtype(np.float32), (1001,)),
-              ("c.weight", np.dtype(np.float32), (1024, 1536))]
-    writer = SafetensorsWriter(path, params)
-    for name, dtype, shape in params:
-        writer.write(name, rng.standard_normal(shape).astype(dtype))
-    writer.close()
-    return path
+    return big_checkpoint(tmp_path_factory.mktemp("big") / "model.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -33,20 +33,6 @@ ROW_SPLIT = ("embed_tokens", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj
 COL_SPLIT = ("o_proj", "down_proj")  # spec [null, mp]
 
 
-@pytest.fixture(autouse=True)
-def _no_blocks_of_earlier_tests() -> None:
-    """Start each test with an empty block cache: it is keyed by id(store), which CPython reuses for a new store
-    once an old one is freed, so blocks an earlier test read could be served as this test's (the bug that
-    test_faults_remote.test_a_replaced_object_is_read_anew_by_the_next_run shows; drop this once it is fixed)."""
-    from jaxreshard.remote import objects
-
-    shared = objects._SHARED
-    if shared is not None:
-        with shared.lock:
-            shared.blocks.clear()
-            shared.held = 0
-
-
 def host(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
     """`python -m jaxreshard ARGV` as a separate host would run it (its own environment, from the repo root)."""
     return subprocess.Popen([sys.executable, "-m", "jaxreshard", *argv], env=env, cwd=REPO,
