@@ -32,7 +32,7 @@ from .urls import is_url, open_store, parse_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 _DESTINATIONS: dict[str, DestinationMount] = {}  # the local folder standing for a destination -> its mount
-_NAMES: dict[str, str] = {}  # a view's local root (and its spellings) -> the URL it stands for
+_NAMES: dict[str, str] = {}  # a view's local root -> the URL it stands for (for `display`)
 
 
 def _root(kind: str) -> Path:
